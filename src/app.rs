@@ -1,0 +1,91 @@
+//! Wiring: builds the parts from a [`Config`] and runs them until shutdown.
+
+use crate::config::{Config, ConfigErrors};
+use crate::delivery::{CommitLoop, DeliveryError};
+use crate::kafka::{SinkError, TransactionalSink};
+use crate::mqtt::{MqttError, MqttSession};
+use crate::route::RouteTable;
+use crate::telemetry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(String),
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
+    ShutdownTimeout(Duration),
+}
+
+/// How long to wait for the broker to take DISCONNECT before dropping the
+/// connection anyway.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the bridge until `shutdown` is cancelled or a fatal error occurs.
+///
+/// Shutdown order: stop taking messages from MQTT, commit the open
+/// transaction, acknowledge what it committed, disconnect keeping the
+/// session. Bounded by `delivery.shutdown_timeout_ms`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppError> {
+    let table = Arc::new(RouteTable::compile(&config)?);
+    for warning in &table.warnings {
+        tracing::warn!("{warning}");
+    }
+    if let Some(listen) = config.bridge.metrics.listen {
+        telemetry::serve_metrics(listen).map_err(|e| AppError::Metrics(e.to_string()))?;
+    }
+    let bridge = &config.bridge;
+    let sink = tokio::select! {
+        sink = TransactionalSink::connect(&bridge.kafka, &bridge.delivery) => sink?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    tracing::info!(transactional_id = %bridge.kafka.transactional_id, "Kafka producer ready");
+
+    let subscriptions = table.subscriptions();
+    for sub in &subscriptions {
+        tracing::info!(filter = %sub.filter, qos = sub.qos, "subscribing");
+    }
+    let session = MqttSession::new(&bridge.mqtt, subscriptions)?;
+    let acker = session.acker();
+    let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
+    let stop_intake = CancellationToken::new();
+    let finished = CancellationToken::new();
+    let mut intake = tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone()));
+
+    let commit_loop = CommitLoop::new(table, sink, acker.clone(), &bridge.delivery);
+    let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);
+    let run = commit_loop.run(rx, shutdown.clone());
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(shutdown_timeout).await;
+    };
+    let result = tokio::select! {
+        result = run => result.map_err(AppError::from),
+        _ = deadline => Err(AppError::ShutdownTimeout(shutdown_timeout)),
+    };
+
+    stop_intake.cancel();
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "bridge stopping");
+    }
+    let _ = tokio::time::timeout(DISCONNECT_GRACE, acker.disconnect()).await;
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut intake)
+        .await
+        .is_err()
+    {
+        finished.cancel();
+        let _ = intake.await;
+    }
+    tracing::info!("bridge stopped");
+    result
+}

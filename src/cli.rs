@@ -1,0 +1,166 @@
+//! The command line: `run`, `check`, `translate`, `demo`.
+
+use crate::app::{self, AppError};
+use crate::config::{Config, ConfigErrors};
+use crate::route::RouteTable;
+use crate::translate;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for configuration errors (`EX_CONFIG` from sysexits.h), so a
+/// supervisor can tell "fix the config" from "retry".
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mqtt-kafka-bridge",
+    version,
+    about = "MQTT-to-Kafka bridge and protocol translator"
+)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `mqtt_kafka_bridge=debug`.
+    #[arg(long, env = "BRIDGE_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the bridge.
+    Run {
+        #[arg(long, short, env = "BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Load and validate the configuration, print the route table.
+    Check {
+        #[arg(long, short, env = "BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Dry run: show what one MQTT message would become.
+    Translate {
+        #[arg(long, short, env = "BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The MQTT topic the message arrives on.
+        #[arg(long)]
+        topic: String,
+        /// The payload, or `@path` to read it from a file.
+        #[arg(long)]
+        payload: String,
+        /// MQTT 5 user property `name=value`; repeatable.
+        #[arg(long = "property", value_name = "NAME=VALUE")]
+        properties: Vec<String>,
+        /// MQTT QoS of the message.
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
+    /// Run everything in-process: MQTT broker, Kafka mock cluster, a fleet
+    /// of simulated HVAC units and the bridge with `mappings/hvac.yaml`.
+    Demo(crate::demo::DemoArgs),
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a command and maps its result to the process exit code.
+pub fn execute(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Translate {
+            config,
+            topic,
+            payload,
+            properties,
+            qos,
+        } => match translate::run(&config, &topic, &payload, &properties, qos) {
+            Ok(code) => code,
+            Err(e) => report(&e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            runtime().block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                match app::run(config, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(AppError::Config(e)) => config_error(&e),
+                    Err(e) => report(&anyhow::Error::new(e)),
+                }
+            })
+        }
+        Command::Demo(args) => runtime().block_on(async {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            match crate::demo::run(args, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(&e),
+            }
+        }),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let table = match Config::load(path).and_then(|c| RouteTable::compile(&c)) {
+        Ok(table) => table,
+        Err(e) => return config_error(&e),
+    };
+    println!("{}", translate::route_table_text(&table));
+    for warning in &table.warnings {
+        println!("warning: {warning}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn config_error(errors: &ConfigErrors) -> ExitCode {
+    eprintln!("error: {errors}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn report(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error:#}");
+    ExitCode::FAILURE
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts (only fails without OS threads)")
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM (what `docker stop` sends).
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+    token.cancel();
+}

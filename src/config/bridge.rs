@@ -1,0 +1,189 @@
+//! The bridge file: connections, delivery settings, where the mappings are.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Top level of `bridge.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    pub mqtt: MqttConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Glob patterns of mapping files, relative to the bridge file. Files are
+    /// loaded in sorted path order, which is also the route precedence order.
+    pub mappings: Vec<String>,
+}
+
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttProtocol {
+    /// MQTT 5: carries user properties and content type into Kafka headers,
+    /// and lets the bridge cap in-flight messages with Receive Maximum.
+    #[default]
+    V5,
+    /// MQTT 3.1.1, for brokers and gateways that speak nothing newer.
+    V311,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Must be stable across restarts: the broker keeps the persistent
+    /// session (unacknowledged messages) under this id.
+    pub client_id: String,
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Use TLS (the system's root certificates) to reach the broker.
+    #[serde(default)]
+    pub tls: bool,
+    /// `false` keeps the broker-side session across disconnects, so messages
+    /// published while the bridge is down are delivered when it returns.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// MQTT 5 session expiry after disconnect.
+    #[serde(default = "default_session_expiry_s")]
+    pub session_expiry_s: u32,
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Default subscription QoS for routes that do not set their own.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Messages received but not yet acknowledged. When the window is full
+    /// the bridge stops reading from the broker, which holds the backlog.
+    #[serde(default = "default_inflight_window")]
+    pub inflight_window: u16,
+    /// Delay before reconnecting after the connection drops.
+    #[serde(default = "default_reconnect_delay_ms")]
+    pub reconnect_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// Identity of this bridge's transactional producer. Two instances with
+    /// the same id fence each other: give every instance its own.
+    pub transactional_id: String,
+    /// Where payloads that fail parsing, validation or mapping go, with the
+    /// reason in headers. A route may override it.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Passed to librdkafka as they are (`security.protocol`,
+    /// `sasl.mechanisms`, `compression.type`, ...). The escape hatch for every
+    /// setting the bridge does not model itself.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// A transaction commits once it holds this many messages...
+    #[serde(default = "default_batch_max_messages")]
+    pub batch_max_messages: usize,
+    /// ...or this long after its first message, whichever comes first. This
+    /// bounds the latency a message spends waiting for its batch.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// librdkafka's `transaction.timeout.ms`: the broker aborts a transaction
+    /// left open longer than this (e.g. by a bridge that died mid-batch).
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+    /// How long a commit may take before the bridge treats it as failed.
+    #[serde(default = "default_commit_timeout_ms")]
+    pub commit_timeout_ms: u64,
+    /// Upper bound on graceful shutdown: finish the open transaction, ack,
+    /// disconnect.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_messages: default_batch_max_messages(),
+            commit_interval_ms: default_commit_interval_ms(),
+            transaction_timeout_ms: default_transaction_timeout_ms(),
+            commit_timeout_ms: default_commit_timeout_ms(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Payloads larger than this are dead-lettered with reason `too_large`.
+    /// The dead-letter record keeps the whole payload, so Kafka's
+    /// `message.max.bytes` must allow it. A route may set its own limit.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: default_max_payload_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus `/metrics` endpoint, e.g. `0.0.0.0:9464`.
+    /// Absent: no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_session_expiry_s() -> u32 {
+    3600
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_inflight_window() -> u16 {
+    1000
+}
+fn default_reconnect_delay_ms() -> u64 {
+    1000
+}
+fn default_dead_letter_topic() -> String {
+    "mqtt-bridge.dead-letter".into()
+}
+fn default_batch_max_messages() -> usize {
+    1000
+}
+fn default_commit_interval_ms() -> u64 {
+    100
+}
+fn default_transaction_timeout_ms() -> u64 {
+    60_000
+}
+fn default_commit_timeout_ms() -> u64 {
+    30_000
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_payload_bytes() -> usize {
+    1024 * 1024
+}

@@ -1,0 +1,132 @@
+//! Mapping files: the routes from MQTT topic trees to Kafka topics.
+//!
+//! This is plain data as the user wrote it; `route::RouteTable::compile`
+//! turns it into matchers, templates and validators, reporting every problem
+//! with the field path that `locate` maps back to a line.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// One mapping file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingFile {
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One route: which MQTT messages, how to read and reshape them, where they go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique across all mapping files; used in metrics labels, logs and the
+    /// dead-letter headers.
+    pub name: String,
+    pub mqtt: RouteMqttConfig,
+    #[serde(default)]
+    pub format: FormatConfig,
+    /// The pattern and field types for `format: text`.
+    pub text: Option<TextFormatConfig>,
+    /// JSON Schema file, relative to the mapping file. Draft from `$schema`
+    /// (2020-12 when absent); local `$ref`s resolve relative to the file.
+    pub schema: Option<String>,
+    /// Overrides `limits.max_payload_bytes` for this route.
+    pub max_payload_bytes: Option<usize>,
+    #[serde(default)]
+    pub transform: TransformConfig,
+    pub kafka: RouteKafkaConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMqttConfig {
+    /// MQTT topic filter; `{name}` matches one level like `+` and captures it.
+    pub filter: String,
+    /// Optional regex on the whole topic, for captures a level filter cannot
+    /// express. Its named groups become captures; no match means the route
+    /// does not apply and the next one is tried.
+    pub regex: Option<String>,
+    /// Subscription QoS; defaults to `mqtt.qos` of the bridge file.
+    pub qos: Option<u8>,
+}
+
+/// How the payload bytes become a JSON value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatConfig {
+    /// UTF-8 JSON (the default).
+    #[default]
+    Json,
+    /// Legacy text parsed by the regex in the route's `text` field.
+    Text,
+    /// Bytes passed through untouched: no schema, no transform.
+    Raw,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextFormatConfig {
+    /// Must match the whole payload; each named group becomes a field.
+    pub pattern: String,
+    /// Field types of named groups; undeclared groups are strings.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    String,
+    Integer,
+    Float,
+    Boolean,
+}
+
+/// Declarative reshaping, applied in field order: rename, drop, nest, set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// `from: to`; plain names or JSON pointers.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Names or JSON pointers to remove.
+    #[serde(default)]
+    pub drop: Vec<String>,
+    /// Wrap the (renamed, trimmed) payload under this key.
+    pub nest: Option<String>,
+    /// Fields to set: constants, or templates over captures, MQTT metadata
+    /// and payload fields. Keys are names or JSON pointers.
+    #[serde(default)]
+    pub set: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TransformConfig {
+    pub fn is_empty(&self) -> bool {
+        self.rename.is_empty() && self.drop.is_empty() && self.nest.is_none() && self.set.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteKafkaConfig {
+    /// Topic template, e.g. `hvac.telemetry` or `telemetry.{site}`.
+    pub topic: String,
+    /// Key template: `{device}` (a capture) or `{/device_id}` (a JSON pointer
+    /// into the record value). Absent: no key (round-robin partitions).
+    pub key: Option<String>,
+    /// Extra headers; values are templates.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `received` (default) or a JSON pointer to a field holding epoch
+    /// milliseconds or an RFC 3339 string.
+    pub timestamp: Option<String>,
+    /// Overrides `kafka.dead_letter_topic` of the bridge file.
+    pub dead_letter_topic: Option<String>,
+    /// Copy MQTT 5 user properties into record headers.
+    #[serde(default = "default_true")]
+    pub user_properties: bool,
+}
+
+fn default_true() -> bool {
+    true
+}

@@ -1,0 +1,345 @@
+//! Loading and checking configuration: one bridge file plus mapping files.
+//!
+//! Loading collects every problem it can find before giving up, each with
+//! file, line and field, because a user fixing a config wants the whole list
+//! in one `check` run.
+
+mod bridge;
+mod env;
+mod error;
+mod locate;
+mod mapping;
+
+pub use bridge::{
+    BridgeConfig, DeliveryConfig, KafkaConfig, LimitsConfig, MetricsConfig, MqttConfig,
+    MqttProtocol,
+};
+pub use error::{ConfigError, ConfigErrors};
+pub use locate::locate_all;
+pub use mapping::{
+    FieldType, FormatConfig, MappingFile, RouteConfig, RouteKafkaConfig, RouteMqttConfig,
+    TextFormatConfig, TransformConfig,
+};
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// A bridge file with its mapping files, parsed but not yet compiled.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bridge: BridgeConfig,
+    /// The bridge file, for messages.
+    pub path: PathBuf,
+    pub mappings: Vec<MappingSource>,
+}
+
+/// One mapping file with its text kept for locating later errors.
+#[derive(Debug, Clone)]
+pub struct MappingSource {
+    pub path: PathBuf,
+    pub text: String,
+    pub file: MappingFile,
+}
+
+impl MappingSource {
+    /// Parses a mapping file's text (after `${VAR}` interpolation).
+    pub fn parse(path: &Path, raw: &str) -> Result<Self, ConfigErrors> {
+        let text = env::interpolate(path, raw, |name| std::env::var(name).ok())?;
+        let file = parse_yaml(path, &text)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+            file,
+        })
+    }
+
+    /// Reads and parses a mapping file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        Self::parse(path, &read(path)?)
+    }
+}
+
+impl Config {
+    /// Reads the bridge file and every mapping file its globs name.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let raw = read(path)?;
+        let text = env::interpolate(path, &raw, |name| std::env::var(name).ok())?;
+        let bridge: BridgeConfig = parse_yaml(path, &text)?;
+        let mut errors = validate_bridge(path, &bridge);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut mappings = Vec::new();
+        for (index, pattern) in bridge.mappings.iter().enumerate() {
+            match expand_glob(base, pattern) {
+                Ok(paths) if paths.is_empty() => errors.push(ConfigError::field(
+                    path,
+                    format!("mappings[{index}]"),
+                    format!("`{pattern}` matches no file"),
+                )),
+                Ok(paths) => {
+                    for mapping_path in paths {
+                        if mappings
+                            .iter()
+                            .any(|m: &MappingSource| m.path == mapping_path)
+                        {
+                            continue;
+                        }
+                        match MappingSource::load(&mapping_path) {
+                            Ok(source) => mappings.push(source),
+                            Err(e) => errors.extend(e.0),
+                        }
+                    }
+                }
+                Err(message) => errors.push(ConfigError::field(
+                    path,
+                    format!("mappings[{index}]"),
+                    message,
+                )),
+            }
+        }
+        locate_all(&text, &mut errors);
+        if errors.is_empty() {
+            Ok(Self {
+                bridge,
+                path: path.to_path_buf(),
+                mappings,
+            })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Range checks serde cannot express.
+fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut check = |ok: bool, field: &str, message: &str| {
+        if !ok {
+            errors.push(ConfigError::field(path, field, message));
+        }
+    };
+    check(
+        !bridge.mqtt.host.is_empty(),
+        "mqtt.host",
+        "must not be empty",
+    );
+    check(
+        !bridge.mqtt.client_id.is_empty(),
+        "mqtt.client_id",
+        "must not be empty",
+    );
+    check(bridge.mqtt.qos <= 2, "mqtt.qos", "must be 0, 1 or 2");
+    check(
+        bridge.mqtt.inflight_window > 0,
+        "mqtt.inflight_window",
+        "must be at least 1",
+    );
+    check(
+        bridge.mqtt.keep_alive_s >= 5,
+        "mqtt.keep_alive_s",
+        "must be at least 5 seconds",
+    );
+    check(
+        !bridge.kafka.bootstrap_servers.is_empty(),
+        "kafka.bootstrap_servers",
+        "must not be empty",
+    );
+    check(
+        !bridge.kafka.transactional_id.is_empty(),
+        "kafka.transactional_id",
+        "must not be empty",
+    );
+    check(
+        crate::route::is_valid_kafka_topic(&bridge.kafka.dead_letter_topic),
+        "kafka.dead_letter_topic",
+        "is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)",
+    );
+    for reserved in ["transactional.id", "bootstrap.servers"] {
+        check(
+            !bridge.kafka.properties.contains_key(reserved),
+            &format!("kafka.properties.{reserved}"),
+            "is set by the bridge; use the `kafka` field of the same meaning",
+        );
+    }
+    check(
+        bridge.delivery.batch_max_messages > 0,
+        "delivery.batch_max_messages",
+        "must be at least 1",
+    );
+    check(
+        bridge.delivery.commit_interval_ms > 0,
+        "delivery.commit_interval_ms",
+        "must be at least 1",
+    );
+    check(
+        bridge.delivery.commit_timeout_ms <= bridge.delivery.transaction_timeout_ms,
+        "delivery.commit_timeout_ms",
+        "must not exceed delivery.transaction_timeout_ms",
+    );
+    check(
+        !bridge.mappings.is_empty(),
+        "mappings",
+        "names no mapping file",
+    );
+    errors
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::field(path, "", format!("cannot read file: {e}")))
+}
+
+fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let full = base.join(pattern);
+    let full = full.to_str().ok_or("path is not valid UTF-8")?;
+    let mut paths = glob::glob(full)
+        .map_err(|e| format!("`{pattern}` is not a valid glob: {e}"))?
+        .filter_map(Result::ok)
+        .filter(|p| p.is_file())
+        .collect::<Vec<_>>();
+    paths.sort();
+    Ok(paths)
+}
+
+/// Deserializes YAML, turning serde's error into file, line and field.
+pub(crate) fn parse_yaml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    serde_yaml_ng::from_str(text).map_err(|e| {
+        let full = e.to_string();
+        // serde_yaml_ng appends " at line L column C"; we print position first.
+        let message = match full.rfind(" at line ") {
+            Some(at) => full[..at].to_string(),
+            None => full,
+        };
+        let (field, message) = match message.split_once(": ") {
+            Some((field, rest))
+                if !field.contains(' ') && !field.is_empty() && field != "invalid type" =>
+            {
+                (field.to_string(), rest.to_string())
+            }
+            _ => (String::new(), message),
+        };
+        match e.location() {
+            Some(loc) => ConfigError::at(path, loc.line(), loc.column(), field, message),
+            None => ConfigError::field(path, field, message),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const BRIDGE: &str = "mqtt:\n  host: localhost\n  client_id: b1\nkafka:\n  bootstrap_servers: localhost:9092\n  transactional_id: b1\nmappings: ['m/*.yaml']\n";
+    const MAPPING: &str =
+        "routes:\n  - name: r\n    mqtt: { filter: 'a/{x}' }\n    kafka: { topic: t }\n";
+
+    #[test]
+    fn loads_bridge_and_sorted_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "m/b.yaml", MAPPING);
+        write(dir.path(), "m/a.yaml", MAPPING);
+        let path = write(dir.path(), "bridge.yaml", BRIDGE);
+        let config = Config::load(&path).unwrap();
+        let names: Vec<_> = config
+            .mappings
+            .iter()
+            .map(|m| m.path.file_name().unwrap().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["a.yaml", "b.yaml"]);
+        assert_eq!(config.bridge.delivery.batch_max_messages, 1000);
+        assert_eq!(config.bridge.mqtt.protocol, MqttProtocol::V5);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "m/a.yaml",
+            "routes:\n  - name: r\n    mqtt: { filter: a }\n    kafka:\n      topik: t\n",
+        );
+        let path = write(dir.path(), "bridge.yaml", BRIDGE);
+        let errors = Config::load(&path).unwrap_err();
+        let text = errors.0[0].to_string();
+        assert!(
+            text.contains("a.yaml:5:7: routes[0].kafka: unknown field `topik`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "bridge.yaml", "mqtt:\n  host: [unclosed\n");
+        let text = Config::load(&path).unwrap_err().0[0].to_string();
+        assert!(text.starts_with(&format!("{}:", path.display())), "{text}");
+        assert!(text.contains(":3:") || text.contains(":2:"), "{text}");
+    }
+
+    #[test]
+    fn range_errors_are_all_reported_with_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "m/a.yaml", MAPPING);
+        let bad = BRIDGE.replace(
+            "client_id: b1",
+            "client_id: b1\n  qos: 3\n  inflight_window: 0",
+        );
+        let path = write(dir.path(), "bridge.yaml", &bad);
+        let errors = Config::load(&path).unwrap_err().0;
+        let texts: Vec<_> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert!(
+            texts[0].ends_with(":4:8: mqtt.qos: must be 0, 1 or 2"),
+            "{texts:?}"
+        );
+        assert!(
+            texts[1].contains(":5:20: mqtt.inflight_window: must be at least 1"),
+            "{texts:?}"
+        );
+    }
+
+    #[test]
+    fn glob_matching_nothing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "bridge.yaml", BRIDGE);
+        let text = Config::load(&path).unwrap_err().0[0].to_string();
+        assert!(
+            text.contains("mappings[0]: `m/*.yaml` matches no file"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let text = Config::load(Path::new("/nonexistent/bridge.yaml"))
+            .unwrap_err()
+            .0[0]
+            .to_string();
+        assert!(
+            text.starts_with("/nonexistent/bridge.yaml: cannot read file"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reserved_kafka_properties_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "m/a.yaml", MAPPING);
+        let bad = BRIDGE.replace(
+            "transactional_id: b1",
+            "transactional_id: b1\n  properties:\n    transactional.id: other",
+        );
+        let path = write(dir.path(), "bridge.yaml", &bad);
+        let text = Config::load(&path).unwrap_err().0[0].to_string();
+        assert!(
+            text.contains("kafka.properties.transactional.id: is set by the bridge"),
+            "{text}"
+        );
+    }
+}

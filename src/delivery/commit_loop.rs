@@ -1,0 +1,215 @@
+//! The batch → commit → ack loop.
+
+use crate::config::DeliveryConfig;
+use crate::kafka::{SinkError, TransactionalSink};
+use crate::mqtt::{AckToken, Acker, Delivery, MqttError};
+use crate::route::{KafkaRecord, Outcome, RouteTable};
+use crate::telemetry;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+}
+
+/// Backoff between attempts to get a batch committed while Kafka is failing.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The messages of one open transaction.
+#[derive(Default)]
+struct Batch {
+    /// Kept until commit so an aborted transaction can be produced again.
+    records: Vec<KafkaRecord>,
+    /// In arrival order; QoS 0 messages have none.
+    acks: Vec<AckToken>,
+    messages: usize,
+    produced: HashMap<usize, u64>,
+    dead_lettered: HashMap<(Option<usize>, &'static str), u64>,
+}
+
+/// Routes, produces, commits and acknowledges.
+pub struct CommitLoop {
+    table: Arc<RouteTable>,
+    sink: TransactionalSink,
+    acker: Acker,
+    batch_max_messages: usize,
+    commit_interval: Duration,
+}
+
+impl CommitLoop {
+    pub fn new(
+        table: Arc<RouteTable>,
+        sink: TransactionalSink,
+        acker: Acker,
+        delivery: &DeliveryConfig,
+    ) -> Self {
+        Self {
+            table,
+            sink,
+            acker,
+            batch_max_messages: delivery.batch_max_messages,
+            commit_interval: Duration::from_millis(delivery.commit_interval_ms),
+        }
+    }
+
+    /// Runs until `shutdown` fires (then commits and acks the open batch and
+    /// returns) or the input closes. A fatal Kafka error returns without
+    /// acknowledging the open batch.
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Delivery>,
+        shutdown: CancellationToken,
+    ) -> Result<(), DeliveryError> {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                first = input.recv() => match first {
+                    Some(d) => d,
+                    None => return Ok(()),
+                },
+            };
+            let mut batch = Batch::default();
+            self.add(&mut batch, first).await?;
+            let deadline = tokio::time::Instant::now() + self.commit_interval;
+            let mut stopping = false;
+            while batch.messages < self.batch_max_messages {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => { stopping = true; break; }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    next = input.recv() => match next {
+                        Some(d) => self.add(&mut batch, d).await?,
+                        None => { stopping = true; break; }
+                    },
+                }
+            }
+            if !self.commit(&mut batch, &shutdown).await? {
+                // Shut down before Kafka took the batch: acknowledge nothing,
+                // the broker redelivers it to the next run.
+                return Ok(());
+            }
+            for token in batch.acks.drain(..) {
+                self.acker.ack(token).await?;
+            }
+            if stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Routes one message into the batch.
+    async fn add(&mut self, batch: &mut Batch, delivery: Delivery) -> Result<(), DeliveryError> {
+        batch.messages += 1;
+        if let Some(token) = delivery.ack {
+            batch.acks.push(token);
+        }
+        let record = match self.table.route(&delivery.message) {
+            Outcome::Unrouted => {
+                telemetry::message_unrouted(&delivery.message.topic);
+                return Ok(());
+            }
+            Outcome::Forward { route, record } => {
+                telemetry::message_received(self.table.route_name(route));
+                *batch.produced.entry(route).or_default() += 1;
+                record
+            }
+            Outcome::DeadLetter {
+                route,
+                record,
+                rejection,
+            } => {
+                let name = route.map_or("", |r| self.table.route_name(r));
+                telemetry::message_received(name);
+                tracing::debug!(route = name, topic = %delivery.message.topic, %rejection, "dead-lettering message");
+                *batch
+                    .dead_lettered
+                    .entry((route, rejection.reason.as_str()))
+                    .or_default() += 1;
+                record
+            }
+        };
+        // An enqueue failure is dealt with at commit, which then fails too.
+        match self.sink.send(&record).await {
+            Ok(()) | Err(SinkError::Abortable(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        batch.records.push(record);
+        Ok(())
+    }
+
+    /// Commits the batch, retrying (abort and produce again) until Kafka
+    /// accepts it, a fatal error occurs, or shutdown is requested. Returns
+    /// whether the batch committed (and so may be acknowledged).
+    async fn commit(
+        &mut self,
+        batch: &mut Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, DeliveryError> {
+        if batch.records.is_empty() {
+            return Ok(true);
+        }
+        let mut backoff = RETRY_MIN;
+        loop {
+            let started = Instant::now();
+            match self.sink.commit().await {
+                Ok(()) => {
+                    self.committed(batch, started.elapsed());
+                    return Ok(true);
+                }
+                Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
+                Err(SinkError::Retriable(e)) => {
+                    tracing::warn!(error = %e, "commit failed; retrying");
+                }
+                Err(e) => {
+                    telemetry::aborted(&e);
+                    match self.sink.abort().await {
+                        Ok(()) | Err(SinkError::Retriable(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                let _ = self.sink.abort().await;
+                return Ok(false);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+            if !self.sink.in_transaction() {
+                for record in &batch.records {
+                    match self.sink.send(record).await {
+                        Ok(()) | Err(SinkError::Abortable(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    fn committed(&self, batch: &Batch, took: Duration) {
+        let produced: Vec<_> = batch
+            .produced
+            .iter()
+            .map(|(r, n)| (self.table.route_name(*r).to_string(), *n))
+            .collect();
+        let dead_lettered: Vec<_> = batch
+            .dead_lettered
+            .iter()
+            .map(|((r, reason), n)| {
+                let name = r.map_or("", |r| self.table.route_name(r));
+                ((name.to_string(), *reason), *n)
+            })
+            .collect();
+        telemetry::committed(took, batch.messages, &produced, &dead_lettered);
+    }
+}

@@ -1,0 +1,155 @@
+//! One transactional producer and the calls a batch needs.
+//!
+//! librdkafka's transaction calls block (they wait for the coordinator), so
+//! they run on tokio's blocking pool; producing a record only enqueues it and
+//! stays on the async task.
+
+use crate::config::{DeliveryConfig, KafkaConfig};
+use crate::route::KafkaRecord;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::time::Duration;
+
+/// How a Kafka failure must be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The producer is unusable (e.g. fenced by a newer instance with the
+    /// same `transactional.id`). Stop without acknowledging anything.
+    #[error("fatal Kafka error: {0}")]
+    Fatal(KafkaError),
+    /// The transaction must be aborted and its records produced again.
+    #[error("Kafka transaction must be aborted: {0}")]
+    Abortable(KafkaError),
+    /// The same call may succeed if tried again.
+    #[error("retriable Kafka error: {0}")]
+    Retriable(KafkaError),
+    #[error("cannot create Kafka producer: {0}")]
+    Create(KafkaError),
+}
+
+impl SinkError {
+    fn classify(error: KafkaError) -> Self {
+        match &error {
+            KafkaError::Transaction(e) if e.is_fatal() => Self::Fatal(error),
+            KafkaError::Transaction(e) if e.txn_requires_abort() => Self::Abortable(error),
+            KafkaError::Transaction(e) if e.is_retriable() => Self::Retriable(error),
+            // A transactional call that failed without a verdict leaves the
+            // transaction in an unknown state: abort it.
+            _ => Self::Abortable(error),
+        }
+    }
+}
+
+/// A transactional producer.
+pub struct TransactionalSink {
+    producer: FutureProducer,
+    commit_timeout: Duration,
+    in_transaction: bool,
+}
+
+impl TransactionalSink {
+    /// Creates the producer and registers its `transactional.id` with the
+    /// coordinator, which fences any older producer with the same id and
+    /// aborts the transaction it left open.
+    pub async fn connect(
+        kafka: &KafkaConfig,
+        delivery: &DeliveryConfig,
+    ) -> Result<Self, SinkError> {
+        let mut config = super::client_config(kafka);
+        config.set("transactional.id", &kafka.transactional_id).set(
+            "transaction.timeout.ms",
+            delivery.transaction_timeout_ms.to_string(),
+        );
+        let producer: FutureProducer = config.create().map_err(SinkError::Create)?;
+        let timeout = Duration::from_millis(delivery.commit_timeout_ms);
+        let init = producer.clone();
+        blocking(move || init.init_transactions(timeout)).await?;
+        Ok(Self {
+            producer,
+            commit_timeout: timeout,
+            in_transaction: false,
+        })
+    }
+
+    /// Starts a transaction unless one is open.
+    pub fn begin(&mut self) -> Result<(), SinkError> {
+        if !self.in_transaction {
+            self.producer
+                .begin_transaction()
+                .map_err(SinkError::classify)?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Enqueues one record in the open transaction. Delivery is confirmed by
+    /// the commit, so the per-record future is not kept.
+    pub async fn send(&mut self, record: &KafkaRecord) -> Result<(), SinkError> {
+        self.begin()?;
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut future = FutureRecord::to(&record.topic)
+            .payload(record.value.as_ref())
+            .headers(headers)
+            .timestamp(record.timestamp_ms);
+        if let Some(key) = &record.key {
+            future = future.key(key.as_str());
+        }
+        loop {
+            match self.producer.send_result(future) {
+                Ok(_delivery) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // librdkafka's queue is full: give its threads a moment
+                    // to drain it to the brokers.
+                    future = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((error, _)) => return Err(SinkError::Abortable(error)),
+            }
+        }
+    }
+
+    /// Commits the open transaction: every record sent since `begin` becomes
+    /// visible to `read_committed` consumers at once, or none does.
+    pub async fn commit(&mut self) -> Result<(), SinkError> {
+        if !self.in_transaction {
+            return Ok(());
+        }
+        let producer = self.producer.clone();
+        let timeout = self.commit_timeout;
+        blocking(move || producer.commit_transaction(timeout)).await?;
+        self.in_transaction = false;
+        Ok(())
+    }
+
+    /// Aborts the open transaction; its records are discarded.
+    pub async fn abort(&mut self) -> Result<(), SinkError> {
+        if !self.in_transaction {
+            return Ok(());
+        }
+        let producer = self.producer.clone();
+        let timeout = self.commit_timeout;
+        blocking(move || producer.abort_transaction(timeout)).await?;
+        self.in_transaction = false;
+        Ok(())
+    }
+}
+
+async fn blocking(
+    call: impl FnOnce() -> Result<(), KafkaError> + Send + 'static,
+) -> Result<(), SinkError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result.map_err(SinkError::classify),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}

@@ -1,0 +1,38 @@
+//! The bridge's view of one MQTT PUBLISH, independent of protocol version.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+/// A received message with the metadata routes may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttMessage {
+    pub topic: String,
+    /// Reference-counted: the same bytes become the Kafka value when the
+    /// route does not reshape the payload.
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// Set by the broker on redelivery; informational only.
+    pub dup: bool,
+    /// MQTT 5 user properties, in the order received.
+    pub user_properties: Vec<(String, String)>,
+    /// MQTT 5 content type.
+    pub content_type: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+impl MqttMessage {
+    /// A QoS 1 message received now; for tests, `translate` and the demo.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos: 1,
+            retain: false,
+            dup: false,
+            user_properties: Vec::new(),
+            content_type: None,
+            received_at: Utc::now(),
+        }
+    }
+}

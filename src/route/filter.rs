@@ -1,0 +1,225 @@
+//! MQTT topic filters with named level captures.
+//!
+//! `site/{site}/hvac/{device}/telemetry` is the subscription filter
+//! `site/+/hvac/+/telemetry` whose `+` levels are also named, so routes can
+//! use them in templates. Matching walks levels without allocating; the
+//! captures are borrowed slices of the topic.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Literal(String),
+    /// `+` or `{name}`.
+    Single(Option<String>),
+    /// `#`: this level and everything below; always last.
+    Multi,
+}
+
+/// A parsed topic filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilter {
+    levels: Vec<Level>,
+}
+
+impl TopicFilter {
+    /// Parses a filter, rejecting what MQTT rejects (`#` not last, wildcards
+    /// mixed into a level) and malformed or repeated capture names.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("topic filter must not be empty".into());
+        }
+        let parts: Vec<&str> = text.split('/').collect();
+        let mut levels = Vec::with_capacity(parts.len());
+        let mut names: Vec<&str> = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let level = match *part {
+                "#" if i + 1 == parts.len() => Level::Multi,
+                "#" => return Err("`#` must be the last level of a filter".into()),
+                "+" => Level::Single(None),
+                p if p.starts_with('{') && p.ends_with('}') => {
+                    let name = &p[1..p.len() - 1];
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        return Err(format!(
+                            "capture `{p}` must be `{{name}}` with letters, digits or `_`"
+                        ));
+                    }
+                    if names.contains(&name) {
+                        return Err(format!("capture `{{{name}}}` appears twice"));
+                    }
+                    names.push(name);
+                    Level::Single(Some(name.to_string()))
+                }
+                p if p.contains(['+', '#', '{', '}']) => {
+                    return Err(format!(
+                        "level `{p}` mixes a wildcard or capture with text; a level is all literal, `+`, `#` or `{{name}}`"
+                    ))
+                }
+                p => Level::Literal(p.to_string()),
+            };
+            levels.push(level);
+        }
+        Ok(Self { levels })
+    }
+
+    /// Names of the `{captures}`, in level order.
+    pub fn capture_names(&self) -> impl Iterator<Item = &str> {
+        self.levels.iter().filter_map(|l| match l {
+            Level::Single(Some(name)) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Matches a topic and pushes the captured levels, in the order of
+    /// [`Self::capture_names`]. On no match `captures` may hold a prefix.
+    pub fn matches<'t>(&self, topic: &'t str, captures: &mut Vec<&'t str>) -> bool {
+        // MQTT 3.1.1 §4.7.2: wildcards at the first level do not match `$` topics.
+        if topic.starts_with('$') && !matches!(self.levels.first(), Some(Level::Literal(_))) {
+            return false;
+        }
+        let mut parts = topic.split('/');
+        for level in &self.levels {
+            match level {
+                Level::Multi => return true,
+                _ => {
+                    let Some(part) = parts.next() else {
+                        return false;
+                    };
+                    match level {
+                        Level::Literal(lit) if lit != part => return false,
+                        Level::Single(Some(_)) => captures.push(part),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+
+    /// Whether every topic this filter matches is also matched by `other`;
+    /// used to find shadowed routes and redundant subscriptions.
+    pub fn is_covered_by(&self, other: &TopicFilter) -> bool {
+        let mut mine = self.levels.iter();
+        for theirs in &other.levels {
+            match (theirs, mine.next()) {
+                (Level::Multi, _) => return true,
+                (_, None) => return false,
+                (Level::Single(_), Some(Level::Multi)) => return false,
+                (Level::Single(_), Some(_)) => {}
+                (Level::Literal(a), Some(Level::Literal(b))) if a == b => {}
+                (Level::Literal(_), Some(_)) => return false,
+            }
+        }
+        mine.next().is_none()
+    }
+
+    /// The filter as sent to the broker: captures become `+`.
+    pub fn subscription(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, level) in self.levels.iter().enumerate() {
+            if i > 0 {
+                f.write_str("/")?;
+            }
+            match level {
+                Level::Literal(lit) => f.write_str(lit)?,
+                Level::Single(_) => f.write_str("+")?,
+                Level::Multi => f.write_str("#")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captures(filter: &str, topic: &str) -> Option<Vec<String>> {
+        let filter = TopicFilter::parse(filter).unwrap();
+        let mut caps = Vec::new();
+        filter
+            .matches(topic, &mut caps)
+            .then(|| caps.into_iter().map(String::from).collect())
+    }
+
+    #[test]
+    fn named_levels_capture() {
+        assert_eq!(
+            captures(
+                "site/{site}/hvac/{device}/telemetry",
+                "site/s1/hvac/u7/telemetry"
+            ),
+            Some(vec!["s1".into(), "u7".into()])
+        );
+        assert_eq!(
+            captures("site/{site}/hvac/{device}/telemetry", "site/s1/hvac/u7"),
+            None
+        );
+        assert_eq!(
+            captures(
+                "site/{site}/hvac/{device}/telemetry",
+                "site/s1/hvac/u7/telemetry/x"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn wildcards_follow_mqtt_rules() {
+        assert!(captures("a/+/c", "a/b/c").is_some());
+        assert!(captures("a/+/c", "a//c").is_some());
+        assert!(
+            captures("a/#", "a").is_some(),
+            "`#` includes the parent level"
+        );
+        assert!(captures("a/#", "a/b/c").is_some());
+        assert!(captures("#", "a/b").is_some());
+        assert!(captures("#", "$SYS/x").is_none());
+        assert!(captures("+/x", "$SYS/x").is_none());
+        assert!(captures("$SYS/#", "$SYS/x").is_some());
+        assert!(captures("a/b", "a/b/c").is_none());
+    }
+
+    #[test]
+    fn invalid_filters_are_refused() {
+        assert!(TopicFilter::parse("a/#/b")
+            .unwrap_err()
+            .contains("last level"));
+        assert!(TopicFilter::parse("a/b+").unwrap_err().contains("mixes"));
+        assert!(TopicFilter::parse("a/{x}/{x}")
+            .unwrap_err()
+            .contains("twice"));
+        assert!(TopicFilter::parse("a/{x-y}")
+            .unwrap_err()
+            .contains("letters"));
+        assert!(TopicFilter::parse("").is_err());
+    }
+
+    #[test]
+    fn subscription_replaces_captures() {
+        let f = TopicFilter::parse("site/{site}/hvac/+/#").unwrap();
+        assert_eq!(f.subscription(), "site/+/hvac/+/#");
+        assert_eq!(f.capture_names().collect::<Vec<_>>(), ["site"]);
+    }
+
+    #[test]
+    fn coverage() {
+        let p = |s| TopicFilter::parse(s).unwrap();
+        assert!(p("a/b/c").is_covered_by(&p("a/+/c")));
+        assert!(p("a/b/c").is_covered_by(&p("a/#")));
+        assert!(p("a").is_covered_by(&p("a/#")));
+        assert!(p("a/{x}/c").is_covered_by(&p("a/+/+")));
+        assert!(!p("a/+/c").is_covered_by(&p("a/b/c")));
+        assert!(!p("a/#").is_covered_by(&p("a/+")));
+        assert!(!p("a/b").is_covered_by(&p("a/b/c")));
+        assert!(!p("a/b/c").is_covered_by(&p("a/b")));
+        assert!(p("#").is_covered_by(&p("#")));
+    }
+}

@@ -1,0 +1,267 @@
+//! Payload formats: how bytes from MQTT become a JSON value.
+
+use super::{RejectReason, Rejection};
+use crate::config::{FieldType, FormatConfig, TextFormatConfig};
+use regex::Regex;
+use serde_json::{Map, Number, Value};
+
+/// A compiled payload format.
+#[derive(Debug)]
+pub enum Format {
+    Json,
+    Text(TextFormat),
+    Raw,
+}
+
+/// A legacy text format: a regex whose named groups become typed fields,
+/// e.g. `T=21.5;H=40` → `{"ambient_c": 21.5, "humidity_pct": 40}`.
+#[derive(Debug)]
+pub struct TextFormat {
+    regex: Regex,
+    /// (group index, field name, type), in group order.
+    fields: Vec<(usize, String, FieldType)>,
+}
+
+impl Format {
+    /// Compiles the configured format; errors name the field under `format`.
+    pub fn compile(
+        config: FormatConfig,
+        text: Option<&TextFormatConfig>,
+    ) -> Result<Self, (String, String)> {
+        if config != FormatConfig::Text && text.is_some() {
+            return Err(("text".into(), "is only used with `format: text`".into()));
+        }
+        Ok(match config {
+            FormatConfig::Json => Self::Json,
+            FormatConfig::Raw => Self::Raw,
+            FormatConfig::Text => {
+                let Some(text) = text else {
+                    return Err((
+                        "format".into(),
+                        "`format: text` needs a `text` field with `pattern` (and optional `fields`)".into(),
+                    ));
+                };
+                // Anchored so a partial match cannot silently drop data.
+                let regex = Regex::new(&format!("^(?:{})$", text.pattern))
+                    .map_err(|e| ("text.pattern".to_string(), regex_error(&e)))?;
+                let mut fields = Vec::new();
+                for (index, name) in regex.capture_names().enumerate() {
+                    if let Some(name) = name {
+                        let kind = text.fields.get(name).copied().unwrap_or(FieldType::String);
+                        fields.push((index, name.to_string(), kind));
+                    }
+                }
+                if fields.is_empty() {
+                    return Err((
+                        "text.pattern".into(),
+                        "has no named groups `(?P<name>...)`, so it would produce no fields".into(),
+                    ));
+                }
+                for name in text.fields.keys() {
+                    if !fields.iter().any(|(_, n, _)| n == name) {
+                        return Err((
+                            format!("text.fields.{name}"),
+                            format!("`{name}` is not a named group of the pattern"),
+                        ));
+                    }
+                }
+                Self::Text(TextFormat { regex, fields })
+            }
+        })
+    }
+
+    /// Whether payloads become JSON (and so can be validated and reshaped).
+    pub fn is_structured(&self) -> bool {
+        !matches!(self, Self::Raw)
+    }
+
+    /// Parses a payload; `None` for raw.
+    pub fn parse(&self, payload: &[u8]) -> Result<Option<Value>, Rejection> {
+        match self {
+            Self::Raw => Ok(None),
+            Self::Json => serde_json::from_slice(payload).map(Some).map_err(|e| {
+                let reason = if e.is_syntax() && std::str::from_utf8(payload).is_err() {
+                    RejectReason::NotUtf8
+                } else {
+                    RejectReason::Parse
+                };
+                Rejection::new(reason, format!("invalid JSON: {e}"))
+            }),
+            Self::Text(text) => text.parse(payload).map(Some),
+        }
+    }
+}
+
+impl TextFormat {
+    fn parse(&self, payload: &[u8]) -> Result<Value, Rejection> {
+        let text = std::str::from_utf8(payload).map_err(|e| {
+            Rejection::new(RejectReason::NotUtf8, format!("payload is not UTF-8: {e}"))
+        })?;
+        let text = text.trim_end_matches(['\r', '\n']);
+        let caps = self.regex.captures(text).ok_or_else(|| {
+            Rejection::new(
+                RejectReason::Parse,
+                format!(
+                    "payload does not match the text pattern: {:?}",
+                    truncate(text, 80)
+                ),
+            )
+        })?;
+        let mut object = Map::with_capacity(self.fields.len());
+        for (index, name, kind) in &self.fields {
+            let Some(m) = caps.get(*index) else { continue };
+            let raw = m.as_str();
+            let value = convert(raw, *kind).ok_or_else(|| {
+                Rejection::new(
+                    RejectReason::Parse,
+                    format!(
+                        "field `{name}`: {raw:?} is not a valid {}",
+                        type_name(*kind)
+                    ),
+                )
+                .with_path(format!("/{name}"))
+            })?;
+            object.insert(name.clone(), value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+fn convert(raw: &str, kind: FieldType) -> Option<Value> {
+    match kind {
+        FieldType::String => Some(Value::String(raw.to_string())),
+        FieldType::Integer => raw.trim().parse::<i64>().ok().map(Value::from),
+        FieldType::Float => raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map(Value::Number),
+        FieldType::Boolean => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "on" | "yes" => Some(Value::Bool(true)),
+            "false" | "0" | "off" | "no" => Some(Value::Bool(false)),
+            _ => None,
+        },
+    }
+}
+
+fn type_name(kind: FieldType) -> &'static str {
+    match kind {
+        FieldType::String => "string",
+        FieldType::Integer => "integer",
+        FieldType::Float => "float",
+        FieldType::Boolean => "boolean",
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+/// Regex errors span several lines with a caret; keep the last line, the
+/// one that says what is wrong.
+pub(crate) fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or(&text);
+    format!(
+        "invalid regex: {}",
+        last.trim().trim_start_matches("error: ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TextFormatConfig;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn text(pattern: &str, fields: &[(&str, FieldType)]) -> Format {
+        let text = TextFormatConfig {
+            pattern: pattern.into(),
+            fields: fields
+                .iter()
+                .map(|(n, t)| (n.to_string(), *t))
+                .collect::<BTreeMap<_, _>>(),
+        };
+        Format::compile(FormatConfig::Text, Some(&text)).unwrap()
+    }
+
+    #[test]
+    fn text_format_types_fields() {
+        let f = text(
+            r"T=(?P<t>[-0-9.]+);H=(?P<h>\d+)(;ON=(?P<on>\w+))?;ID=(?P<id>\w+)",
+            &[
+                ("t", FieldType::Float),
+                ("h", FieldType::Integer),
+                ("on", FieldType::Boolean),
+            ],
+        );
+        assert_eq!(
+            f.parse(b"T=21.5;H=40;ON=1;ID=u7\n").unwrap().unwrap(),
+            json!({"t": 21.5, "h": 40, "on": true, "id": "u7"})
+        );
+        assert_eq!(
+            f.parse(b"T=-3;H=40;ID=u7").unwrap().unwrap(),
+            json!({"t": -3.0, "h": 40, "id": "u7"})
+        );
+    }
+
+    #[test]
+    fn text_format_rejections() {
+        let f = text(r"T=(?P<t>\S+)", &[("t", FieldType::Float)]);
+        let e = f.parse(b"T=warm").unwrap_err();
+        assert_eq!(e.reason, RejectReason::Parse);
+        assert_eq!(e.detail, "field `t`: \"warm\" is not a valid float");
+        assert_eq!(e.path.as_deref(), Some("/t"));
+        assert!(f
+            .parse(b"X=1")
+            .unwrap_err()
+            .detail
+            .contains("does not match"));
+        assert_eq!(
+            f.parse(b"T=\xff").unwrap_err().reason,
+            RejectReason::NotUtf8
+        );
+        // Anchored: trailing junk is not silently ignored.
+        assert!(f.parse(b"T=1 extra").is_err());
+    }
+
+    #[test]
+    fn json_rejections_distinguish_utf8() {
+        assert_eq!(
+            Format::Json.parse(b"{\"a\":").unwrap_err().reason,
+            RejectReason::Parse
+        );
+        assert_eq!(
+            Format::Json.parse(b"\xff\xfe").unwrap_err().reason,
+            RejectReason::NotUtf8
+        );
+        assert_eq!(Format::Json.parse(b"[1]").unwrap().unwrap(), json!([1]));
+        assert_eq!(Format::Raw.parse(b"\xff").unwrap(), None);
+    }
+
+    #[test]
+    fn text_format_compile_errors() {
+        let compile = |p: &str, f: &[&str]| {
+            let text = TextFormatConfig {
+                pattern: p.into(),
+                fields: f
+                    .iter()
+                    .map(|n| (n.to_string(), FieldType::Integer))
+                    .collect(),
+            };
+            Format::compile(FormatConfig::Text, Some(&text)).unwrap_err()
+        };
+        assert_eq!(compile("(", &[]).0, "text.pattern");
+        assert!(compile("(", &[]).1.starts_with("invalid regex"));
+        assert!(compile("abc", &[]).1.contains("no named groups"));
+        assert_eq!(compile("(?P<a>x)", &["b"]).0, "text.fields.b");
+    }
+}

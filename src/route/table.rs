@@ -1,0 +1,542 @@
+//! Compiled routes and the table that matches topics against them.
+
+use super::format::{regex_error, Format};
+use super::template::{Context, Template};
+use super::transform::Transform;
+use super::{
+    dead_letter_record, headers, is_valid_kafka_topic, KafkaRecord, Outcome, RejectReason,
+    Rejection, TopicFilter,
+};
+use crate::config::{locate_all, Config, ConfigError, ConfigErrors, MappingSource, RouteConfig};
+use crate::mqtt::MqttMessage;
+use crate::schema::Schema;
+use bytes::Bytes;
+use regex::Regex;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Where the record timestamp comes from.
+#[derive(Debug)]
+enum Timestamp {
+    Received,
+    Field(String),
+}
+
+/// One compiled route.
+#[derive(Debug)]
+struct Route {
+    name: String,
+    /// `file:line` of the route, for `check` output and warnings.
+    origin: String,
+    filter: TopicFilter,
+    regex: Option<Regex>,
+    /// Group names of `regex`, appended to the filter's captures.
+    regex_groups: Vec<String>,
+    captures: Vec<String>,
+    qos: u8,
+    format: Format,
+    schema: Option<Schema>,
+    max_payload_bytes: usize,
+    transform: Option<Transform>,
+    topic: Template,
+    key: Option<Template>,
+    headers: Vec<(String, Template)>,
+    timestamp: Timestamp,
+    dead_letter_topic: String,
+    user_properties: bool,
+}
+
+/// A broker subscription derived from the routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: u8,
+}
+
+/// What `check` prints for one route.
+#[derive(Debug, Clone)]
+pub struct RouteSummary {
+    pub name: String,
+    pub origin: String,
+    pub filter: String,
+    pub format: &'static str,
+    pub schema: bool,
+    pub topic: String,
+    pub key: Option<String>,
+}
+
+/// All routes in precedence order.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    default_dead_letter_topic: String,
+    summaries: Vec<RouteSummary>,
+    /// Problems that do not stop the bridge, e.g. shadowed routes.
+    pub warnings: Vec<String>,
+}
+
+impl RouteTable {
+    /// Compiles every route of every mapping file, collecting all problems.
+    pub fn compile(config: &Config) -> Result<Self, ConfigErrors> {
+        let mut routes = Vec::new();
+        let mut summaries = Vec::new();
+        let mut errors = Vec::new();
+        let mut names: HashMap<String, String> = HashMap::new();
+        for source in &config.mappings {
+            let mut file_errors = Vec::new();
+            // One probe per compiled route to find its line: `origin`.
+            let mut origins = Vec::new();
+            for (index, route) in source.file.routes.iter().enumerate() {
+                let field = format!("routes[{index}]");
+                if let Some(previous) = names.get(&route.name) {
+                    file_errors.push(ConfigError::field(
+                        &source.path,
+                        format!("{field}.name"),
+                        format!("route name `{}` is already used at {previous}", route.name),
+                    ));
+                }
+                match compile_route(config, source, route) {
+                    Ok(compiled) => {
+                        summaries.push(summary(route, &compiled));
+                        routes.push(compiled);
+                        origins.push(ConfigError::field(&source.path, field, ""));
+                    }
+                    Err(problems) => {
+                        file_errors.extend(problems.into_iter().map(|(f, m)| {
+                            ConfigError::field(&source.path, format!("{field}.{f}"), m)
+                        }))
+                    }
+                }
+                names.insert(route.name.clone(), source.path.display().to_string());
+            }
+            let first = routes.len() - origins.len();
+            file_errors.append(&mut origins);
+            locate_all(&source.text, &mut file_errors);
+            let probes = file_errors.split_off(file_errors.len() - (routes.len() - first));
+            for (route, probe) in routes[first..].iter_mut().zip(probes) {
+                route.origin = format!("{}:{}", source.path.display(), probe.line.unwrap_or(0));
+            }
+            errors.extend(file_errors);
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        for (summary, route) in summaries.iter_mut().zip(&routes) {
+            summary.origin = route.origin.clone();
+        }
+        let warnings = shadow_warnings(&routes);
+        Ok(Self {
+            routes,
+            default_dead_letter_topic: config.bridge.kafka.dead_letter_topic.clone(),
+            summaries,
+            warnings,
+        })
+    }
+
+    /// Route summaries in precedence order.
+    pub fn routes(&self) -> &[RouteSummary] {
+        &self.summaries
+    }
+
+    /// Name of the route at `index` (metrics labels).
+    pub fn route_name(&self, index: usize) -> &str {
+        &self.routes[index].name
+    }
+
+    /// The subscriptions that cover every route, without redundant ones: a
+    /// broker may deliver a message once per matching subscription.
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        let mut subs: Vec<(TopicFilter, u8)> = Vec::new();
+        for route in &self.routes {
+            if let Some(existing) = subs.iter_mut().find(|(f, _)| route.filter.is_covered_by(f)) {
+                existing.1 = existing.1.max(route.qos);
+                continue;
+            }
+            // A broader filter replaces the narrower ones it covers.
+            let mut qos = route.qos;
+            subs.retain(|(f, q)| {
+                let covered = f.is_covered_by(&route.filter);
+                if covered {
+                    qos = qos.max(*q);
+                }
+                !covered
+            });
+            subs.push((route.filter.clone(), qos));
+        }
+        subs.into_iter()
+            .map(|(f, qos)| Subscription {
+                filter: f.subscription(),
+                qos,
+            })
+            .collect()
+    }
+
+    /// Decides what happens to one message. Never panics on input: every
+    /// problem with the message becomes a dead-letter outcome.
+    pub fn route(&self, message: &MqttMessage) -> Outcome {
+        let mut captures: Vec<&str> = Vec::with_capacity(8);
+        for (index, route) in self.routes.iter().enumerate() {
+            captures.clear();
+            if route.matches(&message.topic, &mut captures) {
+                return match route.process(message, &captures) {
+                    Ok(record) => Outcome::Forward {
+                        route: index,
+                        record,
+                    },
+                    Err(rejection) => Outcome::DeadLetter {
+                        route: Some(index),
+                        record: dead_letter_record(
+                            &route.dead_letter_topic,
+                            Some(&route.name),
+                            message,
+                            &rejection,
+                        ),
+                        rejection,
+                    },
+                };
+            }
+        }
+        Outcome::Unrouted
+    }
+
+    /// The dead-letter topic for messages that belong to no route.
+    pub fn default_dead_letter_topic(&self) -> &str {
+        &self.default_dead_letter_topic
+    }
+}
+
+fn summary(config: &RouteConfig, route: &Route) -> RouteSummary {
+    RouteSummary {
+        name: route.name.clone(),
+        origin: String::new(),
+        filter: match &config.mqtt.regex {
+            Some(re) => format!("{} ~ /{re}/", config.mqtt.filter),
+            None => config.mqtt.filter.clone(),
+        },
+        format: match route.format {
+            Format::Json => "json",
+            Format::Text(_) => "text",
+            Format::Raw => "raw",
+        },
+        schema: route.schema.is_some(),
+        topic: config.kafka.topic.clone(),
+        key: config.kafka.key.clone(),
+    }
+}
+
+/// A route is shadowed when an earlier route without a regex matches every
+/// topic it could match: it would never see a message.
+fn shadow_warnings(routes: &[Route]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (i, later) in routes.iter().enumerate() {
+        if let Some(earlier) = routes[..i]
+            .iter()
+            .find(|e| e.regex.is_none() && later.filter.is_covered_by(&e.filter))
+        {
+            warnings.push(format!(
+                "{}: route `{}` ({}) is shadowed by route `{}` at {} ({}), which matches first; it will never receive a message",
+                later.origin, later.name, later.filter, earlier.name, earlier.origin, earlier.filter
+            ));
+        }
+    }
+    warnings
+}
+
+type Problems = Vec<(String, String)>;
+
+fn compile_route(
+    config: &Config,
+    source: &MappingSource,
+    route: &RouteConfig,
+) -> Result<Route, Problems> {
+    let mut problems: Problems = Vec::new();
+    let base = source.path.parent().unwrap_or(Path::new("."));
+    if route.name.is_empty() {
+        problems.push(("name".into(), "must not be empty".into()));
+    }
+    let filter = TopicFilter::parse(&route.mqtt.filter)
+        .map_err(|e| problems.push(("mqtt.filter".into(), e)))
+        .ok();
+    let mut captures: Vec<String> = filter
+        .as_ref()
+        .map(|f| f.capture_names().map(String::from).collect())
+        .unwrap_or_default();
+    let mut regex_groups = Vec::new();
+    let regex = match &route.mqtt.regex {
+        None => None,
+        Some(text) => match Regex::new(text) {
+            Ok(re) => {
+                for name in re.capture_names().flatten() {
+                    if captures.iter().any(|c| c == name) {
+                        problems.push((
+                            "mqtt.regex".into(),
+                            format!("group `{name}` repeats a capture of the filter"),
+                        ));
+                    }
+                    regex_groups.push(name.to_string());
+                }
+                captures.extend(regex_groups.iter().cloned());
+                Some(re)
+            }
+            Err(e) => {
+                problems.push(("mqtt.regex".into(), regex_error(&e)));
+                None
+            }
+        },
+    };
+    let qos = route.mqtt.qos.unwrap_or(config.bridge.mqtt.qos);
+    if qos > 2 {
+        problems.push(("mqtt.qos".into(), "must be 0, 1 or 2".into()));
+    }
+    let format = Format::compile(route.format, route.text.as_ref())
+        .map_err(|e| problems.push(e))
+        .ok();
+    let structured = format.as_ref().is_none_or(Format::is_structured);
+    let schema = match &route.schema {
+        Some(_) if !structured => {
+            problems.push((
+                "schema".into(),
+                "raw payloads cannot be validated against a schema; use `format: json` or `text`"
+                    .into(),
+            ));
+            None
+        }
+        Some(path) => Schema::load(&base.join(path))
+            .map_err(|e| problems.push(("schema".into(), e)))
+            .ok(),
+        None => None,
+    };
+    let transform = if route.transform.is_empty() {
+        None
+    } else if !structured {
+        problems.push((
+            "transform".into(),
+            "raw payloads cannot be transformed; use `format: json` or `text`".into(),
+        ));
+        None
+    } else {
+        Transform::compile(&route.transform, &captures)
+            .map_err(|e| problems.push(e))
+            .ok()
+    };
+    let mut template = |field: &str, text: &str| {
+        Template::parse(text, &captures, structured)
+            .map_err(|e| problems.push((field.to_string(), e)))
+            .ok()
+    };
+    let topic = template("kafka.topic", &route.kafka.topic);
+    let key = route.kafka.key.as_ref().map(|k| template("kafka.key", k));
+    let mut header_templates = Vec::new();
+    for (name, text) in &route.kafka.headers {
+        if let Some(t) = template(&format!("kafka.headers.{name}"), text) {
+            header_templates.push((name.clone(), t));
+        }
+    }
+    if let Some(literal) = topic.as_ref().and_then(Template::as_literal) {
+        if !is_valid_kafka_topic(literal) {
+            problems.push((
+                "kafka.topic".into(),
+                format!("`{literal}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
+            ));
+        }
+    }
+    let timestamp = match route.kafka.timestamp.as_deref() {
+        None | Some("received") => Timestamp::Received,
+        Some(ptr) if ptr.starts_with('/') && structured => Timestamp::Field(ptr.to_string()),
+        Some(other) => {
+            problems.push((
+                "kafka.timestamp".into(),
+                format!(
+                    "`{other}` is neither `received` nor a JSON pointer such as `/ts`{}",
+                    if structured {
+                        ""
+                    } else {
+                        " (raw payloads only allow `received`)"
+                    }
+                ),
+            ));
+            Timestamp::Received
+        }
+    };
+    let dead_letter_topic = route
+        .kafka
+        .dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| config.bridge.kafka.dead_letter_topic.clone());
+    if !is_valid_kafka_topic(&dead_letter_topic) {
+        problems.push((
+            "kafka.dead_letter_topic".into(),
+            format!("`{dead_letter_topic}` is not a valid Kafka topic name"),
+        ));
+    }
+    let max_payload_bytes = route
+        .max_payload_bytes
+        .unwrap_or(config.bridge.limits.max_payload_bytes);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (Some(filter), Some(format), Some(topic)) = (filter, format, topic) else {
+        unreachable!("every None above recorded a problem");
+    };
+    Ok(Route {
+        name: route.name.clone(),
+        origin: String::new(),
+        filter,
+        regex,
+        regex_groups,
+        captures,
+        qos,
+        format,
+        schema,
+        max_payload_bytes,
+        transform,
+        topic,
+        key: key.flatten(),
+        headers: header_templates,
+        timestamp,
+        dead_letter_topic,
+        user_properties: route.kafka.user_properties,
+    })
+}
+
+impl Route {
+    fn matches<'t>(&self, topic: &'t str, captures: &mut Vec<&'t str>) -> bool {
+        if !self.filter.matches(topic, captures) {
+            return false;
+        }
+        let Some(regex) = &self.regex else {
+            return true;
+        };
+        let Some(caps) = regex.captures(topic) else {
+            return false;
+        };
+        for name in &self.regex_groups {
+            captures.push(caps.name(name).map_or("", |m| m.as_str()));
+        }
+        true
+    }
+
+    fn process(&self, message: &MqttMessage, captures: &[&str]) -> Result<KafkaRecord, Rejection> {
+        debug_assert_eq!(captures.len(), self.captures.len());
+        let size = message.payload.len();
+        if size > self.max_payload_bytes {
+            return Err(Rejection::new(
+                RejectReason::TooLarge,
+                format!(
+                    "payload is {size} bytes, the limit is {}",
+                    self.max_payload_bytes
+                ),
+            ));
+        }
+        let parsed = self.format.parse(&message.payload)?;
+        if let (Some(schema), Some(value)) = (&self.schema, &parsed) {
+            schema.validate(value)?;
+        }
+        let (value, bytes) = match (parsed, &self.transform) {
+            (Some(value), Some(transform)) => {
+                let ctx = Context {
+                    captures,
+                    message,
+                    value: Some(&value),
+                };
+                let out = transform
+                    .apply(value.clone(), &ctx)
+                    .map_err(|e| Rejection::new(RejectReason::Transform, e))?;
+                let bytes =
+                    Bytes::from(serde_json::to_vec(&out).expect("a Value always serializes"));
+                (Some(out), bytes)
+            }
+            // JSON passes through byte for byte: no re-encoding cost, and
+            // the consumer sees exactly what the device sent.
+            (Some(value), None) if matches!(self.format, Format::Json) => {
+                (Some(value), message.payload.clone())
+            }
+            (Some(value), None) => {
+                let bytes =
+                    Bytes::from(serde_json::to_vec(&value).expect("a Value always serializes"));
+                (Some(value), bytes)
+            }
+            (None, _) => (None, message.payload.clone()),
+        };
+        let ctx = Context {
+            captures,
+            message,
+            value: value.as_ref(),
+        };
+        let topic = self
+            .topic
+            .render(&ctx)
+            .map_err(|e| Rejection::new(RejectReason::Topic, format!("topic: {e}")))?;
+        if !is_valid_kafka_topic(&topic) {
+            return Err(Rejection::new(
+                RejectReason::Topic,
+                format!("`{topic}` is not a valid Kafka topic name"),
+            ));
+        }
+        let key = match &self.key {
+            Some(t) => Some(
+                t.render(&ctx)
+                    .map_err(|e| Rejection::new(RejectReason::Key, format!("key: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut headers =
+            Vec::with_capacity(2 + self.headers.len() + message.user_properties.len());
+        headers.push((
+            headers::MQTT_TOPIC.to_string(),
+            message.topic.as_bytes().to_vec(),
+        ));
+        if let Some(ct) = &message.content_type {
+            headers.push((headers::CONTENT_TYPE.to_string(), ct.as_bytes().to_vec()));
+        }
+        if self.user_properties {
+            for (k, v) in &message.user_properties {
+                headers.push((k.clone(), v.as_bytes().to_vec()));
+            }
+        }
+        for (name, template) in &self.headers {
+            let v = template.render(&ctx).map_err(|e| {
+                Rejection::new(RejectReason::Header, format!("header `{name}`: {e}"))
+            })?;
+            headers.push((name.clone(), v.into_bytes()));
+        }
+        let timestamp_ms = match &self.timestamp {
+            Timestamp::Received => message.received_at.timestamp_millis(),
+            Timestamp::Field(ptr) => timestamp_from(value.as_ref(), ptr)?,
+        };
+        Ok(KafkaRecord {
+            topic,
+            key,
+            value: bytes,
+            headers,
+            timestamp_ms,
+        })
+    }
+}
+
+/// Reads a record timestamp: epoch milliseconds or an RFC 3339 string.
+fn timestamp_from(value: Option<&Value>, ptr: &str) -> Result<i64, Rejection> {
+    let reject = |detail: String| Rejection::new(RejectReason::Timestamp, detail).with_path(ptr);
+    match value.and_then(|v| v.pointer(ptr)) {
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f as i64))
+            .filter(|ms| *ms >= 0)
+            .ok_or_else(|| {
+                reject(format!(
+                    "timestamp {n} is not non-negative epoch milliseconds"
+                ))
+            }),
+        Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| reject(format!("timestamp {s:?} is not RFC 3339: {e}"))),
+        Some(other) => Err(reject(format!(
+            "timestamp field holds {other}, not a number or string"
+        ))),
+        None => Err(reject(format!("payload has no timestamp field at `{ptr}`"))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,410 @@
+//! Routing of whole messages through compiled mapping files.
+
+use super::*;
+use crate::config::{BridgeConfig, Config, MappingSource};
+use serde_json::{json, Value};
+
+const BRIDGE: &str = "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t, dead_letter_topic: dlq }\nmappings: [x]\n";
+
+fn table(mapping: &str) -> Result<RouteTable, ConfigErrors> {
+    table_with_files(mapping, &[])
+}
+
+fn table_with_files(mapping: &str, files: &[(&str, &str)]) -> Result<RouteTable, ConfigErrors> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let path = dir.path().join("m.yaml");
+    let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
+    let source = MappingSource::parse(&path, mapping)?;
+    RouteTable::compile(&Config {
+        bridge,
+        path: dir.path().join("bridge.yaml"),
+        mappings: vec![source],
+    })
+}
+
+fn error_text(mapping: &str) -> String {
+    table(mapping).unwrap_err().to_string()
+}
+
+fn forward(outcome: Outcome) -> KafkaRecord {
+    match outcome {
+        Outcome::Forward { record, .. } => record,
+        other => panic!("expected Forward, got {other:?}"),
+    }
+}
+
+fn rejection(outcome: Outcome) -> (KafkaRecord, Rejection) {
+    match outcome {
+        Outcome::DeadLetter {
+            record, rejection, ..
+        } => (record, rejection),
+        other => panic!("expected DeadLetter, got {other:?}"),
+    }
+}
+
+fn json_of(record: &KafkaRecord) -> Value {
+    serde_json::from_slice(&record.value).unwrap()
+}
+
+const HVAC: &str = r#"
+routes:
+  - name: telemetry
+    mqtt: { filter: "site/{site}/hvac/{unit}/telemetry" }
+    transform:
+      set: { site: "{site}", unit: "{unit}" }
+    kafka:
+      topic: hvac.{site}
+      key: "{/unit}"
+      timestamp: /ts
+      headers: { unit: "{unit}", fw: "{mqtt.user_properties.fw}" }
+"#;
+
+#[test]
+fn forwards_with_topic_key_headers_timestamp_and_order() {
+    let t = table(HVAC).unwrap();
+    let mut m = MqttMessage::new(
+        "site/s1/hvac/u7/telemetry",
+        r#"{"ts": 1700000000123, "t": 21.5}"#,
+    );
+    m.user_properties = vec![("fw".into(), "1.2".into())];
+    m.content_type = Some("application/json".into());
+    let r = forward(t.route(&m));
+    assert_eq!(r.topic, "hvac.s1");
+    assert_eq!(r.key.as_deref(), Some("u7"));
+    assert_eq!(r.timestamp_ms, 1_700_000_000_123);
+    // Field order is kept: device fields first, then what `set` adds.
+    assert_eq!(
+        String::from_utf8(r.value.to_vec()).unwrap(),
+        r#"{"ts":1700000000123,"t":21.5,"site":"s1","unit":"u7"}"#
+    );
+    assert_eq!(
+        r.header("mqtt.topic"),
+        Some(&b"site/s1/hvac/u7/telemetry"[..])
+    );
+    assert_eq!(r.header("content-type"), Some(&b"application/json"[..]));
+    assert_eq!(r.header("unit"), Some(&b"u7"[..]));
+    assert_eq!(
+        r.header("fw"),
+        Some(&b"1.2"[..]),
+        "user property carried and templated"
+    );
+}
+
+#[test]
+fn json_without_transform_passes_bytes_through() {
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/#' }\n    kafka: { topic: t }\n")
+        .unwrap();
+    let payload = "{ \"spaced\" :  1 }";
+    let r = forward(t.route(&MqttMessage::new("a/b", payload)));
+    assert_eq!(&r.value[..], payload.as_bytes());
+    assert_eq!(r.key, None);
+}
+
+#[test]
+fn invalid_payloads_become_dead_letters_with_reasons() {
+    let t = table(HVAC).unwrap();
+    let cases: [(&str, RejectReason, &str); 4] = [
+        ("not json", RejectReason::Parse, "invalid JSON"),
+        ("\u{0}\u{1}", RejectReason::Parse, "invalid JSON"),
+        (
+            r#"{"ts": "yesterday"}"#,
+            RejectReason::Timestamp,
+            "is not RFC 3339",
+        ),
+        (
+            r#"[1, 2]"#,
+            RejectReason::Transform,
+            "set needs a JSON object",
+        ),
+    ];
+    for (payload, reason, detail) in cases {
+        let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", payload);
+        m.user_properties = vec![("fw".into(), "1".into())];
+        let (record, rej) = rejection(t.route(&m));
+        assert_eq!(rej.reason, reason, "{payload}");
+        assert!(rej.detail.contains(detail), "{payload}: {}", rej.detail);
+        assert_eq!(record.topic, "dlq");
+        assert_eq!(&record.value[..], payload.as_bytes(), "original bytes kept");
+        assert_eq!(record.key.as_deref(), Some("site/s1/hvac/u7/telemetry"));
+        assert_eq!(record.header("bridge.route"), Some(&b"telemetry"[..]));
+        assert_eq!(
+            record.header("bridge.error.reason"),
+            Some(reason.as_str().as_bytes())
+        );
+    }
+}
+
+#[test]
+fn missing_header_source_is_a_header_rejection() {
+    let t = table(HVAC).unwrap();
+    let m = MqttMessage::new("site/s1/hvac/u7/telemetry", r#"{"ts": 1}"#);
+    let (_, rej) = rejection(t.route(&m));
+    assert_eq!(rej.reason, RejectReason::Header);
+    assert_eq!(
+        rej.detail,
+        "header `fw`: message has no MQTT user property `fw`"
+    );
+}
+
+#[test]
+fn missing_key_field_is_a_key_rejection() {
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    kafka: { topic: t, key: '{/id}' }\n").unwrap();
+    let (_, rej) = rejection(t.route(&MqttMessage::new("a/b", r#"{"x": 1}"#)));
+    assert_eq!(rej.reason, RejectReason::Key);
+    assert_eq!(rej.detail, "key: payload has no field at `/id`");
+}
+
+#[test]
+fn oversized_and_non_utf8_payloads() {
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    max_payload_bytes: 8\n    kafka: { topic: t }\n").unwrap();
+    let (_, rej) = rejection(t.route(&MqttMessage::new("a/b", "123456789")));
+    assert_eq!(rej.reason, RejectReason::TooLarge);
+    assert_eq!(rej.detail, "payload is 9 bytes, the limit is 8");
+    let (_, rej) = rejection(t.route(&MqttMessage::new("a/b", &b"\"\xff\""[..])));
+    assert_eq!(rej.reason, RejectReason::NotUtf8);
+}
+
+#[test]
+fn captured_topic_level_that_is_no_kafka_name_is_rejected() {
+    let t = table(
+        "routes:\n  - name: r\n    mqtt: { filter: 'a/{x}' }\n    kafka: { topic: 'in.{x}' }\n",
+    )
+    .unwrap();
+    let (_, rej) = rejection(t.route(&MqttMessage::new("a/b c", "1")));
+    assert_eq!(rej.reason, RejectReason::Topic);
+    assert!(rej
+        .detail
+        .contains("`in.b c` is not a valid Kafka topic name"));
+}
+
+#[test]
+fn first_matching_route_wins_and_regex_can_decline() {
+    let t = table(
+        r#"
+routes:
+  - name: legacy
+    mqtt: { filter: "dev/#", regex: '^dev/(?P<site>[a-z]+)-(?P<unit>\d+)$' }
+    format: raw
+    kafka: { topic: "legacy.{site}", key: "{unit}" }
+  - name: rest
+    mqtt: { filter: "dev/#" }
+    format: raw
+    kafka: { topic: other }
+"#,
+    )
+    .unwrap();
+    let r = forward(t.route(&MqttMessage::new("dev/north-42", &b"\x00\x01"[..])));
+    assert_eq!(
+        (r.topic.as_str(), r.key.as_deref()),
+        ("legacy.north", Some("42"))
+    );
+    assert_eq!(&r.value[..], b"\x00\x01");
+    let r = forward(t.route(&MqttMessage::new("dev/x/y", "z")));
+    assert_eq!(r.topic, "other");
+    assert_eq!(
+        t.route(&MqttMessage::new("elsewhere", "z")),
+        Outcome::Unrouted
+    );
+    // A route with a regex shadows nothing, so no warning.
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    assert_eq!(
+        t.subscriptions(),
+        vec![Subscription {
+            filter: "dev/#".into(),
+            qos: 1
+        }]
+    );
+}
+
+#[test]
+fn shadowed_routes_are_warned_and_subscriptions_merge() {
+    let t = table(
+        r#"
+routes:
+  - name: all
+    mqtt: { filter: "a/#", qos: 0 }
+    kafka: { topic: t }
+  - name: narrow
+    mqtt: { filter: "a/{x}/c", qos: 2 }
+    kafka: { topic: t }
+  - name: other
+    mqtt: { filter: "b/+" }
+    kafka: { topic: t }
+"#,
+    )
+    .unwrap();
+    assert_eq!(t.warnings.len(), 1);
+    assert!(
+        t.warnings[0].contains("m.yaml:6: route `narrow` (a/+/c) is shadowed by route `all`"),
+        "{}",
+        t.warnings[0]
+    );
+    assert_eq!(
+        t.subscriptions(),
+        vec![
+            Subscription {
+                filter: "a/#".into(),
+                qos: 2
+            },
+            Subscription {
+                filter: "b/+".into(),
+                qos: 1
+            },
+        ]
+    );
+}
+
+#[test]
+fn text_format_route_produces_json() {
+    let t = table(
+        r#"
+routes:
+  - name: legacy
+    mqtt: { filter: "l/{unit}" }
+    format: text
+    text:
+      pattern: 'T=(?P<t>[-0-9.]+);H=(?P<h>\d+)'
+      fields: { t: float, h: integer }
+    transform: { nest: reading, set: { unit: "{unit}" } }
+    kafka: { topic: t, key: "{unit}" }
+"#,
+    )
+    .unwrap();
+    let r = forward(t.route(&MqttMessage::new("l/u1", "T=21.5;H=40")));
+    assert_eq!(
+        json_of(&r),
+        json!({"reading": {"t": 21.5, "h": 40}, "unit": "u1"})
+    );
+    let (_, rej) = rejection(t.route(&MqttMessage::new("l/u1", "T=hot;H=40")));
+    assert_eq!(rej.reason, RejectReason::Parse);
+}
+
+#[test]
+fn schema_rejection_names_instance_path() {
+    let t = table_with_files(
+        "routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    schema: s.json\n    kafka: { topic: t }\n",
+        &[("s.json", r#"{"type": "object", "properties": {"h": {"maximum": 100}}}"#)],
+    )
+    .unwrap();
+    assert!(matches!(
+        t.route(&MqttMessage::new("a", r#"{"h": 5}"#)),
+        Outcome::Forward { .. }
+    ));
+    let (record, rej) = rejection(t.route(&MqttMessage::new("a", r#"{"h": 500}"#)));
+    assert_eq!(rej.reason, RejectReason::Schema);
+    assert_eq!(record.header("bridge.error.path"), Some(&b"/h"[..]));
+    assert!(
+        rej.detail
+            .contains("500 is greater than the maximum of 100"),
+        "{}",
+        rej.detail
+    );
+}
+
+// One test per configuration error a user can hit in a mapping file.
+
+#[test]
+fn config_error_unknown_capture_names_file_line_and_field() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a/{site}' }\n    kafka:\n      topic: 'x.{sit}'\n");
+    assert!(e.contains("m.yaml:5:14: routes[0].kafka.topic: `{sit}` is not a capture of this route (captures: site)"), "{e}");
+}
+
+#[test]
+fn config_error_bad_filter() {
+    let e = error_text(
+        "routes:\n  - name: r\n    mqtt: { filter: 'a/#/b' }\n    kafka: { topic: t }\n",
+    );
+    assert!(
+        e.contains(":3:21: routes[0].mqtt.filter: `#` must be the last level"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_error_bad_regex() {
+    let e = error_text(
+        "routes:\n  - name: r\n    mqtt: { filter: 'a', regex: '(' }\n    kafka: { topic: t }\n",
+    );
+    assert!(e.contains("routes[0].mqtt.regex: invalid regex"), "{e}");
+}
+
+#[test]
+fn config_error_missing_schema_file() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    schema: nope.json\n    kafka: { topic: t }\n");
+    assert!(
+        e.contains(":4:13: routes[0].schema: cannot read schema"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_error_schema_or_transform_on_raw() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    format: raw\n    schema: s.json\n    transform: { drop: [x] }\n    kafka: { topic: t, key: '{/id}' }\n");
+    assert!(
+        e.contains("routes[0].schema: raw payloads cannot be validated"),
+        "{e}"
+    );
+    assert!(
+        e.contains("routes[0].transform: raw payloads cannot be transformed"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "routes[0].kafka.key: `{/id}` reads a payload field, but raw payloads have no fields"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_error_invalid_topic_and_timestamp() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    kafka: { topic: 'bad topic', timestamp: now }\n");
+    assert!(
+        e.contains("routes[0].kafka.topic: `bad topic` is not a valid Kafka topic name"),
+        "{e}"
+    );
+    assert!(
+        e.contains("routes[0].kafka.timestamp: `now` is neither `received` nor a JSON pointer"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_error_duplicate_route_name() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    kafka: { topic: t }\n  - name: r\n    mqtt: { filter: 'b' }\n    kafka: { topic: t }\n");
+    assert!(
+        e.contains(":5:11: routes[1].name: route name `r` is already used"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_error_bad_qos_and_text_without_pattern() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a', qos: 3 }\n    format: text\n    kafka: { topic: t }\n");
+    assert!(e.contains("routes[0].mqtt.qos: must be 0, 1 or 2"), "{e}");
+    assert!(
+        e.contains("routes[0].format: `format: text` needs a `text` field"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_error_unknown_format() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    format: xml\n    kafka: { topic: t }\n");
+    assert!(e.contains("m.yaml:4:13: routes[0].format: unknown variant `xml`, expected one of `json`, `text`, `raw`"), "{e}");
+}
+
+#[test]
+fn config_error_missing_required_field() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n");
+    assert!(e.contains("routes[0]: missing field `kafka`"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let errors = table("routes:\n  - name: r\n    mqtt: { filter: 'a/#/b' }\n    kafka: { topic: 'x y' }\n  - name: s\n    mqtt: { filter: 'a', regex: '(' }\n    kafka: { topic: t }\n").unwrap_err();
+    assert_eq!(errors.0.len(), 3, "{errors}");
+}

@@ -1,0 +1,126 @@
+//! JSON Schema validation, compiled once per schema file at start-up.
+
+use crate::route::{RejectReason, Rejection};
+use serde_json::Value;
+use std::path::Path;
+
+/// A compiled schema.
+pub struct Schema {
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Schema")
+    }
+}
+
+/// How many violations a dead-letter reason lists before eliding the rest.
+const MAX_REPORTED: usize = 3;
+
+impl Schema {
+    /// Loads and compiles a schema file. The draft comes from `$schema`
+    /// (2020-12 when absent); relative `$ref`s resolve against the file's own
+    /// location, and only `file:` references are fetched: a bridge must not
+    /// reach out to the network to understand its own configuration.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
+        let schema: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("schema {} is not valid JSON: {e}", path.display()))?;
+        let absolute = std::path::absolute(path)
+            .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+        let validator = jsonschema::options()
+            .with_base_uri(format!("file://{}", absolute.display()))
+            .build(&schema)
+            .map_err(|e| format!("schema {} does not compile: {e}", path.display()))?;
+        Ok(Self { validator })
+    }
+
+    /// Validates a payload; the rejection names the first failing instance
+    /// paths and what is wrong there.
+    pub fn validate(&self, value: &Value) -> Result<(), Rejection> {
+        if self.validator.is_valid(value) {
+            return Ok(());
+        }
+        let mut first_path = None;
+        let mut messages = Vec::new();
+        let mut total = 0;
+        for error in self.validator.iter_errors(value) {
+            total += 1;
+            if messages.len() < MAX_REPORTED {
+                let path = error.instance_path().to_string();
+                let shown = if path.is_empty() {
+                    "/".to_string()
+                } else {
+                    path.clone()
+                };
+                messages.push(format!("{shown}: {error}"));
+                first_path.get_or_insert(shown);
+            }
+        }
+        let mut detail = messages.join("; ");
+        if total > MAX_REPORTED {
+            detail.push_str(&format!("; and {} more", total - MAX_REPORTED));
+        }
+        let rejection = Rejection::new(RejectReason::Schema, detail);
+        Err(match first_path {
+            Some(path) => rejection.with_path(path),
+            None => rejection,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validates_with_relative_refs_and_reports_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("common")).unwrap();
+        std::fs::write(
+            dir.path().join("common/percent.json"),
+            r#"{"type": "number", "minimum": 0, "maximum": 100}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t.json"),
+            r#"{"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                "required": ["h"], "properties": {"h": {"$ref": "common/percent.json"}}}"#,
+        )
+        .unwrap();
+        let schema = Schema::load(&dir.path().join("t.json")).unwrap();
+        assert!(schema.validate(&json!({"h": 40})).is_ok());
+        let e = schema.validate(&json!({"h": 140})).unwrap_err();
+        assert_eq!(e.reason, RejectReason::Schema);
+        assert_eq!(e.path.as_deref(), Some("/h"));
+        assert!(
+            e.detail
+                .starts_with("/h: 140 is greater than the maximum of 100"),
+            "{}",
+            e.detail
+        );
+        let e = schema.validate(&json!({})).unwrap_err();
+        assert_eq!(e.path.as_deref(), Some("/"));
+        assert!(
+            e.detail.contains("\"h\" is a required property"),
+            "{}",
+            e.detail
+        );
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.json");
+        std::fs::write(&p, "{").unwrap();
+        assert!(Schema::load(&p).unwrap_err().contains("is not valid JSON"));
+        std::fs::write(&p, r#"{"type": 5}"#).unwrap();
+        assert!(Schema::load(&p).unwrap_err().contains("does not compile"));
+        assert!(Schema::load(&dir.path().join("none.json"))
+            .unwrap_err()
+            .contains("cannot read"));
+    }
+}

@@ -1,0 +1,150 @@
+//! Metrics and the events that feed them.
+//!
+//! Every event is one function that both counts (Prometheus, through the
+//! `metrics` facade) and, where useful, logs; names live here as constants so
+//! dashboards have one place to look. Labels are bounded: route names and
+//! rejection reasons, never device ids or raw topics.
+//!
+//! The same events also update [`Stats`], plain atomics the `demo` reads for
+//! its one-line summary without scraping its own endpoint.
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub const RECEIVED: &str = "bridge_messages_received_total";
+pub const PRODUCED: &str = "bridge_messages_produced_total";
+pub const DEAD_LETTERED: &str = "bridge_messages_dead_lettered_total";
+pub const UNROUTED: &str = "bridge_messages_unrouted_total";
+pub const TX_COMMITTED: &str = "bridge_transactions_committed_total";
+pub const TX_ABORTED: &str = "bridge_transactions_aborted_total";
+pub const COMMIT_SECONDS: &str = "bridge_commit_duration_seconds";
+pub const BATCH_MESSAGES: &str = "bridge_batch_messages";
+pub const MQTT_CONNECTED: &str = "bridge_mqtt_connected";
+pub const MQTT_RECONNECTS: &str = "bridge_mqtt_reconnects_total";
+
+/// Process-wide counters for the demo's live summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub produced: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub unrouted: AtomicU64,
+    pub kept_on_mqtt: AtomicU64,
+    pub commits: AtomicU64,
+    /// Sum of commit durations in microseconds, for a mean over an interval.
+    pub commit_micros: AtomicU64,
+}
+
+pub static STATS: Stats = Stats {
+    received: AtomicU64::new(0),
+    produced: AtomicU64::new(0),
+    dead_lettered: AtomicU64::new(0),
+    unrouted: AtomicU64::new(0),
+    kept_on_mqtt: AtomicU64::new(0),
+    commits: AtomicU64::new(0),
+    commit_micros: AtomicU64::new(0),
+};
+
+/// Starts the Prometheus endpoint. Must run inside the tokio runtime.
+pub fn serve_metrics(listen: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(
+            Matcher::Full(COMMIT_SECONDS.into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_MESSAGES.into()),
+            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
+        )?
+        .install()?;
+    describe();
+    tracing::info!(%listen, "serving Prometheus metrics on /metrics");
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(RECEIVED, "MQTT messages matched by a route");
+    describe_counter!(PRODUCED, "Records committed to their Kafka topic");
+    describe_counter!(
+        DEAD_LETTERED,
+        "Messages committed to the dead-letter topic, by reason"
+    );
+    describe_counter!(UNROUTED, "MQTT messages that matched no route");
+    describe_counter!(TX_COMMITTED, "Kafka transactions committed");
+    describe_counter!(TX_ABORTED, "Kafka transactions aborted");
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "Time to commit one Kafka transaction"
+    );
+    describe_histogram!(
+        BATCH_MESSAGES,
+        Unit::Count,
+        "Messages per committed transaction"
+    );
+    describe_gauge!(MQTT_CONNECTED, "1 while connected to the MQTT broker");
+    describe_counter!(MQTT_RECONNECTS, "MQTT connections lost");
+}
+
+/// A message matched `route`.
+pub fn message_received(route: &str) {
+    counter!(RECEIVED, "route" => route.to_string()).increment(1);
+    STATS.received.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A message matched no route.
+pub fn message_unrouted(topic: &str) {
+    tracing::debug!(topic, "message matched no route");
+    counter!(UNROUTED).increment(1);
+    STATS.unrouted.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A transaction committed: count what it made visible.
+pub fn committed(
+    duration: Duration,
+    messages: usize,
+    produced: &[(String, u64)],
+    dead_lettered: &[((String, &'static str), u64)],
+) {
+    counter!(TX_COMMITTED).increment(1);
+    histogram!(COMMIT_SECONDS).record(duration.as_secs_f64());
+    histogram!(BATCH_MESSAGES).record(messages as f64);
+    STATS.commits.fetch_add(1, Ordering::Relaxed);
+    STATS
+        .commit_micros
+        .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+    for (route, n) in produced {
+        counter!(PRODUCED, "route" => route.clone()).increment(*n);
+        STATS.produced.fetch_add(*n, Ordering::Relaxed);
+    }
+    for ((route, reason), n) in dead_lettered {
+        counter!(DEAD_LETTERED, "route" => route.clone(), "reason" => *reason).increment(*n);
+        STATS.dead_lettered.fetch_add(*n, Ordering::Relaxed);
+    }
+}
+
+/// A transaction was aborted; its messages will be produced again.
+pub fn aborted(error: &dyn std::fmt::Display) {
+    tracing::warn!(%error, "Kafka transaction aborted; retrying the batch");
+    counter!(TX_ABORTED).increment(1);
+}
+
+/// The MQTT connection came up.
+pub fn mqtt_connected(session_present: bool) {
+    tracing::info!(session_present, "connected to MQTT broker");
+    gauge!(MQTT_CONNECTED).set(1.0);
+}
+
+/// The MQTT connection went down.
+pub fn mqtt_disconnected(error: &dyn std::fmt::Display) {
+    tracing::warn!(%error, "MQTT connection lost; reconnecting");
+    gauge!(MQTT_CONNECTED).set(0.0);
+    counter!(MQTT_RECONNECTS).increment(1);
+}

@@ -1,0 +1,170 @@
+//! Human-readable output for `check` and `translate`.
+
+use crate::config::{Config, MappingSource};
+use crate::mqtt::MqttMessage;
+use crate::route::{KafkaRecord, Outcome, RouteTable};
+use anyhow::{bail, Context as _};
+use std::fmt::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `translate` exit codes: 0 produced, 2 dead-lettered, 3 unrouted, so
+/// scripts can assert on mappings without parsing output.
+pub const EXIT_DEAD_LETTER: u8 = 2;
+pub const EXIT_UNROUTED: u8 = 3;
+
+/// Runs the `translate` dry run and prints the outcome.
+pub fn run(
+    config: &Path,
+    topic: &str,
+    payload: &str,
+    properties: &[String],
+    qos: u8,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    let table = RouteTable::compile(&config)?;
+    let bytes = match payload.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read payload file {path}"))?
+        }
+        None => payload.as_bytes().to_vec(),
+    };
+    if qos > 2 {
+        bail!("--qos must be 0, 1 or 2");
+    }
+    let mut message = MqttMessage::new(topic, bytes);
+    message.qos = qos;
+    for property in properties {
+        let Some((name, value)) = property.split_once('=') else {
+            bail!("--property {property:?} must be NAME=VALUE");
+        };
+        message
+            .user_properties
+            .push((name.to_string(), value.to_string()));
+    }
+    let outcome = table.route(&message);
+    print!("{}", outcome_text(&table, &outcome));
+    Ok(match outcome {
+        Outcome::Forward { .. } => ExitCode::SUCCESS,
+        Outcome::DeadLetter { .. } => ExitCode::from(EXIT_DEAD_LETTER),
+        Outcome::Unrouted => ExitCode::from(EXIT_UNROUTED),
+    })
+}
+
+/// What `translate` prints for an outcome.
+pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
+    let mut out = String::new();
+    match outcome {
+        Outcome::Unrouted => {
+            out.push_str("UNROUTED: no route matches this topic; the message would be acknowledged and dropped\n");
+        }
+        Outcome::Forward { route, record } => {
+            let summary = &table.routes()[*route];
+            let _ = writeln!(
+                out,
+                "PRODUCE via route `{}` ({})",
+                summary.name, summary.origin
+            );
+            record_text(&mut out, record);
+        }
+        Outcome::DeadLetter {
+            route,
+            record,
+            rejection,
+        } => {
+            let route = route.map_or("(none)".to_string(), |r| {
+                let s = &table.routes()[r];
+                format!("`{}` ({})", s.name, s.origin)
+            });
+            let _ = writeln!(out, "DEAD-LETTER from route {route}");
+            let _ = writeln!(out, "reason:    {}", rejection.reason.as_str());
+            let _ = writeln!(out, "detail:    {}", rejection.detail);
+            if let Some(path) = &rejection.path {
+                let _ = writeln!(out, "path:      {path}");
+            }
+            record_text(&mut out, record);
+        }
+    }
+    out
+}
+
+fn record_text(out: &mut String, record: &KafkaRecord) {
+    let _ = writeln!(out, "topic:     {}", record.topic);
+    let _ = writeln!(
+        out,
+        "key:       {}",
+        record.key.as_deref().unwrap_or("(none)")
+    );
+    let time = chrono::DateTime::from_timestamp_millis(record.timestamp_ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default();
+    let _ = writeln!(out, "timestamp: {} ({time})", record.timestamp_ms);
+    let _ = writeln!(out, "headers:");
+    for (name, value) in &record.headers {
+        let _ = writeln!(out, "  {name}: {}", String::from_utf8_lossy(value));
+    }
+    let _ = writeln!(out, "value ({} bytes):", record.value.len());
+    match serde_json::from_slice::<serde_json::Value>(&record.value) {
+        Ok(json) => {
+            let pretty = serde_json::to_string_pretty(&json).unwrap_or_default();
+            for line in pretty.lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        Err(_) => {
+            let _ = writeln!(out, "  {}", record.value.escape_ascii());
+        }
+    }
+}
+
+/// What `check` prints: every route in precedence order.
+pub fn route_table_text(table: &RouteTable) -> String {
+    let mut rows = vec![[
+        "#".to_string(),
+        "route".into(),
+        "mqtt filter".into(),
+        "format".into(),
+        "schema".into(),
+        "kafka topic".into(),
+        "key".into(),
+        "defined at".into(),
+    ]];
+    for (i, r) in table.routes().iter().enumerate() {
+        rows.push([
+            (i + 1).to_string(),
+            r.name.clone(),
+            r.filter.clone(),
+            r.format.to_string(),
+            if r.schema { "yes" } else { "-" }.into(),
+            r.topic.clone(),
+            r.key.clone().unwrap_or_else(|| "-".into()),
+            r.origin.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out.push_str("\nsubscriptions:");
+    for sub in table.subscriptions() {
+        let _ = write!(out, "\n  {} (QoS {})", sub.filter, sub.qos);
+    }
+    out
+}
+
+/// Loads one mapping file on its own, for tools and tests that have no
+/// bridge file.
+pub fn load_mapping(path: &Path) -> anyhow::Result<MappingSource> {
+    Ok(MappingSource::load(path)?)
+}
