@@ -37,6 +37,16 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// transaction, acknowledge what it committed, disconnect keeping the
 /// session. Bounded by `delivery.shutdown_timeout_ms`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppError> {
+    run_with_readiness(config, shutdown, CancellationToken::new()).await
+}
+
+/// [`run`], cancelling `ready` once the MQTT subscriptions are in place, so
+/// tests and the demo start publishing only when nothing can be missed.
+pub async fn run_with_readiness(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: CancellationToken,
+) -> Result<(), AppError> {
     let table = Arc::new(RouteTable::compile(&config)?);
     for warning in &table.warnings {
         tracing::warn!("{warning}");
@@ -60,7 +70,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
     let stop_intake = CancellationToken::new();
     let finished = CancellationToken::new();
-    let mut intake = tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone()));
+    let mut intake =
+        tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));
 
     let commit_loop = CommitLoop::new(table, sink, acker.clone(), &bridge.delivery);
     let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);

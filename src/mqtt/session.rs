@@ -111,6 +111,7 @@ enum EventLoop {
 enum Polled {
     Connected { session_present: bool },
     Message(Delivery),
+    Subscribed,
     Disconnected,
     Other,
 }
@@ -187,11 +188,16 @@ impl MqttSession {
     /// that it only keeps polling, so that the acks of the last transaction
     /// and the DISCONNECT still reach the broker. Messages arriving after
     /// `stop_intake` are not acknowledged: the broker redelivers them.
+    ///
+    /// `subscribed` is cancelled once the broker has confirmed the
+    /// subscriptions (or resumed a session that has them): from then on no
+    /// published message is missed.
     pub async fn run_intake(
         mut self,
         deliveries: mpsc::Sender<Delivery>,
         stop_intake: CancellationToken,
         finished: CancellationToken,
+        subscribed: CancellationToken,
     ) -> Result<(), MqttError> {
         let mut connected = false;
         loop {
@@ -205,7 +211,9 @@ impl MqttSession {
                     telemetry::mqtt_connected(session_present);
                     // A resumed session keeps its subscriptions; subscribing
                     // again would make the broker resend retained messages.
-                    if !session_present {
+                    if session_present {
+                        subscribed.cancel();
+                    } else {
                         let acker = self.acker.clone();
                         let subs = self.subscriptions.clone();
                         tokio::spawn(async move {
@@ -228,6 +236,7 @@ impl MqttSession {
                         },
                     }
                 }
+                Ok(Polled::Subscribed) => subscribed.cancel(),
                 Ok(Polled::Disconnected) => return Ok(()),
                 Ok(Polled::Other) => {}
                 Err(error) => {
@@ -275,6 +284,7 @@ impl EventLoop {
                             },
                         })
                     }
+                    Event::Incoming(Packet::SubAck(_)) => Polled::Subscribed,
                     Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
                     _ => Polled::Other,
                 })
@@ -310,6 +320,7 @@ impl EventLoop {
                             },
                         })
                     }
+                    Event::Incoming(Packet::SubAck(_)) => Polled::Subscribed,
                     Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
                     _ => Polled::Other,
                 })

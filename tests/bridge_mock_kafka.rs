@@ -1,0 +1,337 @@
+//! End to end against a real mosquitto and librdkafka's mock Kafka cluster.
+//!
+//! The mock cluster is fast and needs no install, but it is not Kafka (it
+//! shows aborted transactions to `read_committed` readers), so these tests
+//! only assert what committed transactions deliver.
+
+mod common;
+
+use common::mosquitto::Mosquitto;
+use common::*;
+use mqtt_kafka_bridge::app;
+use rdkafka::mocking::MockCluster;
+use serde_json::json;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const TELEMETRY: &str = "hvac.telemetry";
+const DIAGNOSTICS: &str = "hvac.diagnostics";
+const DEAD_LETTER: &str = "dead-letter";
+const READY: Duration = Duration::from_secs(20);
+const ARRIVE: Duration = Duration::from_secs(30);
+const SETTLE: Duration = Duration::from_millis(500);
+
+fn mock_kafka() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    for topic in [TELEMETRY, DIAGNOSTICS, DEAD_LETTER] {
+        mock.create_topic(topic, 3, 1).expect("create topic");
+    }
+    mock
+}
+
+fn telemetry(unit: u32, seq: u32) -> String {
+    json!({
+        "ts": 1_700_000_000_000u64 + u64::from(seq),
+        "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0,
+        "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0,
+        "energy_kwh": 1000.0 + f64::from(seq), "seq": seq, "unit_no": unit
+    })
+    .to_string()
+}
+
+struct Bridge {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), app::AppError>>,
+}
+
+impl Bridge {
+    async fn start(config: mqtt_kafka_bridge::config::Config) -> Self {
+        let shutdown = CancellationToken::new();
+        let ready = CancellationToken::new();
+        let task = tokio::spawn(app::run_with_readiness(
+            config,
+            shutdown.clone(),
+            ready.clone(),
+        ));
+        tokio::select! {
+            _ = ready.cancelled() => {}
+            _ = tokio::time::sleep(READY) => panic!("bridge not subscribed within {READY:?}"),
+        }
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.stop_result().await.expect("bridge exits cleanly");
+    }
+
+    async fn stop_result(self) -> Result<(), app::AppError> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("bridge stops within 20 s")
+            .expect("bridge task")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
+    let broker = Mosquitto::start();
+    let kafka = mock_kafka();
+    let bootstrap = kafka.bootstrap_servers();
+    let config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &[]);
+    let bridge = Bridge::start(config).await;
+
+    let mut messages = Vec::new();
+    for qos in 0..=2u8 {
+        for seq in 0..20u32 {
+            let unit = seq % 4;
+            let mut m = Publish::new(
+                format!("site/s{qos}/hvac/u{unit}/telemetry"),
+                telemetry(unit, seq),
+                qos,
+            );
+            m.user_properties = vec![("fw".into(), format!("1.{qos}"))];
+            messages.push(m);
+        }
+    }
+    // Legacy text units.
+    messages.push(Publish::new(
+        "site/s9/hvac-legacy/u1/telemetry",
+        "T=21.5;SP=22.0;H=40;CO2=600;FAN=55;LOAD=48;E=1234.5",
+        1,
+    ));
+    messages.push(Publish::new(
+        "site/s9/hvac-legacy/u1/telemetry",
+        "T=warm;SP=22.0",
+        1,
+    ));
+    // Raw passthrough.
+    messages.push(Publish::new(
+        "site/s9/hvac/u1/diagnostics",
+        vec![0u8, 159, 146, 150],
+        1,
+    ));
+    // Invalid: schema violation, not JSON, not UTF-8.
+    let too_humid = telemetry(1, 999).replace("\"humidity_pct\":40.0", "\"humidity_pct\":140.0");
+    assert!(too_humid.contains("140.0"));
+    messages.push(Publish::new("site/s9/hvac/u1/telemetry", too_humid, 2));
+    messages.push(Publish::new("site/s9/hvac/u1/telemetry", "{not json", 1));
+    messages.push(Publish::new(
+        "site/s9/hvac/u1/telemetry",
+        vec![0xff, 0xfe],
+        1,
+    ));
+    // Under a subscribed tree but matched by no route: not subscribed at all.
+    messages.push(Publish::new(
+        "site/s9/hvac/u1/cmd/setpoint",
+        "{\"target_c\": 21}",
+        1,
+    ));
+    publish_all(broker.port, &messages).await;
+
+    let landed = read_committed(
+        &bootstrap,
+        &[TELEMETRY, DIAGNOSTICS, DEAD_LETTER],
+        61 + 1 + 4,
+        ARRIVE,
+        SETTLE,
+    );
+    bridge.stop().await;
+
+    let on = |topic: &str| {
+        landed
+            .iter()
+            .filter(|r| r.topic == topic)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let telemetry_records = on(TELEMETRY);
+    assert_eq!(
+        telemetry_records.len(),
+        61,
+        "60 JSON + 1 legacy, each exactly once"
+    );
+    for qos in 0..=2u8 {
+        for seq in 0..20u32 {
+            let unit = seq % 4;
+            let site = format!("s{qos}");
+            let matching: Vec<_> = telemetry_records
+                .iter()
+                .filter(|r| r.json()["site"] == site.as_str() && r.json()["seq"] == seq)
+                .collect();
+            assert_eq!(matching.len(), 1, "site {site} seq {seq}");
+            let r = matching[0];
+            assert_eq!(r.key.as_deref(), Some(format!("s{qos}.u{unit}").as_str()));
+            assert_eq!(
+                r.header("mqtt.topic"),
+                format!("site/s{qos}/hvac/u{unit}/telemetry")
+            );
+            assert_eq!(
+                r.header("fw"),
+                format!("1.{qos}"),
+                "MQTT 5 user property carried over"
+            );
+            assert_eq!(r.header("schema"), "hvac-telemetry/v1");
+            assert_eq!(
+                r.timestamp_ms,
+                Some(1_700_000_000_000 + i64::from(seq)),
+                "timestamp from /ts"
+            );
+            assert_eq!(r.json()["unit"], format!("u{unit}"));
+        }
+    }
+    // Per-key order: each unit's readings arrive in publish order.
+    for qos in 0..=2u8 {
+        for unit in 0..4u32 {
+            let key = format!("s{qos}.u{unit}");
+            let seqs: Vec<u64> = telemetry_records
+                .iter()
+                .filter(|r| r.key.as_deref() == Some(key.as_str()))
+                .map(|r| r.json()["seq"].as_u64().unwrap())
+                .collect();
+            let mut sorted = seqs.clone();
+            sorted.sort();
+            assert_eq!(seqs, sorted, "order of key {key}");
+        }
+    }
+    let legacy: Vec<_> = telemetry_records
+        .iter()
+        .filter(|r| r.json()["source"] == "legacy-text")
+        .collect();
+    assert_eq!(legacy.len(), 1);
+    assert_eq!(legacy[0].json()["ambient_c"], 21.5);
+    assert_eq!(legacy[0].json()["air_quality_ppm"], 600);
+
+    let diagnostics = on(DIAGNOSTICS);
+    assert_eq!(diagnostics.len(), 1);
+    assert_eq!(
+        diagnostics[0].value,
+        vec![0u8, 159, 146, 150],
+        "raw bytes untouched"
+    );
+
+    let dead = on(DEAD_LETTER);
+    let mut reasons: Vec<_> = dead
+        .iter()
+        .map(|r| r.header("bridge.error.reason").to_string())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["not_utf8", "parse", "parse", "schema"]);
+    let schema = dead
+        .iter()
+        .find(|r| r.header("bridge.error.reason") == "schema")
+        .unwrap();
+    assert_eq!(schema.header("bridge.error.path"), "/humidity_pct");
+    assert_eq!(schema.header("bridge.route"), "hvac-telemetry");
+    assert!(schema
+        .header("bridge.error.detail")
+        .contains("140.0 is greater than the maximum of 100"));
+    assert_eq!(schema.key.as_deref(), Some("site/s9/hvac/u1/telemetry"));
+    let binary = dead
+        .iter()
+        .find(|r| r.header("bridge.error.reason") == "not_utf8")
+        .unwrap();
+    assert_eq!(binary.value, vec![0xff, 0xfe], "original bytes kept");
+    let legacy_bad = dead
+        .iter()
+        .find(|r| r.header("bridge.route") == "hvac-legacy-telemetry")
+        .unwrap();
+    assert_eq!(legacy_bad.value, b"T=warm;SP=22.0");
+    assert!(
+        landed
+            .iter()
+            .all(|r| !r.header("mqtt.topic").contains("/cmd/")),
+        "commands never reach Kafka"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_311_sessions_deliver_too() {
+    let broker = Mosquitto::start();
+    let kafka = mock_kafka();
+    let bootstrap = kafka.bootstrap_servers();
+    let config = bridge_config(
+        broker.port,
+        &bootstrap,
+        &unique("bridge"),
+        "  protocol: v311\n",
+        &[],
+    );
+    let bridge = Bridge::start(config).await;
+    // MQTT orders messages per topic and QoS only, so each QoS gets a unit.
+    let messages: Vec<_> = (0..50u32)
+        .map(|seq| {
+            let qos = 1 + (seq % 2);
+            Publish::new(
+                format!("site/a/hvac/u{qos}/telemetry"),
+                telemetry(qos, seq),
+                qos as u8,
+            )
+        })
+        .collect();
+    publish_all(broker.port, &messages).await;
+    let landed = read_committed(&bootstrap, &[TELEMETRY], 50, ARRIVE, SETTLE);
+    bridge.stop().await;
+    for qos in 1..=2u64 {
+        let key = format!("a.u{qos}");
+        let seqs: Vec<u64> = landed
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_str()))
+            .map(|r| r.json()["seq"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (0..50).filter(|s| 1 + s % 2 == qos).collect();
+        assert_eq!(seqs, expected, "all, once, in order for key {key}");
+    }
+    assert!(
+        landed.iter().all(|r| r.header("fw").is_empty()),
+        "3.1.1 has no user properties"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
+    let broker = Mosquitto::start();
+    let kafka = mock_kafka();
+    let bootstrap = kafka.bootstrap_servers();
+    let client_id = unique("bridge");
+    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &[])).await;
+
+    kafka.broker_down(1).expect("broker down");
+    let messages: Vec<_> = (0..300u32)
+        .map(|seq| {
+            Publish::new(
+                format!("site/d/hvac/u{}/telemetry", seq % 3),
+                telemetry(seq % 3, seq),
+                1,
+            )
+        })
+        .collect();
+    publish_all(broker.port, &messages).await;
+    // Stop the bridge while Kafka is down: the commit cannot finish, so
+    // shutdown gives up after its bound and acknowledges nothing; the
+    // persistent session keeps the messages.
+    let stopped = bridge.stop_result().await;
+    assert!(
+        matches!(stopped, Err(app::AppError::ShutdownTimeout(_))),
+        "{stopped:?}"
+    );
+    kafka.broker_up(1).expect("broker up");
+
+    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &[])).await;
+    let landed = read_committed(&bootstrap, &[TELEMETRY], 300, ARRIVE, SETTLE);
+    bridge.stop().await;
+    // At least once here: the first bridge's commit may still complete once
+    // Kafka returns (exactly-once is the delivery protocol's job).
+    let mut seqs: Vec<u64> = landed
+        .iter()
+        .map(|r| r.json()["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        300,
+        "every message arrived after Kafka came back; log:\n{}",
+        broker.log()
+    );
+}

@@ -1,0 +1,249 @@
+//! Shared test support: real mosquitto, Kafka, MQTT publishing, Kafka reading.
+#![allow(dead_code)]
+
+pub mod mosquitto;
+
+use mqtt_kafka_bridge::config::{BridgeConfig, Config, MappingSource};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Ends a child process when the test process dies, even by SIGKILL, so no
+/// broker outlives its test.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A unique name per call, so tests sharing a cluster never see each
+/// other's records or sessions.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A bridge config for the given broker and Kafka, with `mappings/hvac.yaml`
+/// unless `mapping_files` names others. `extra` is YAML merged at the top.
+pub fn bridge_config(
+    mqtt_port: u16,
+    bootstrap: &str,
+    client_id: &str,
+    extra_mqtt: &str,
+    mapping_files: &[PathBuf],
+) -> Config {
+    let text = format!(
+        "mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: {client_id}\n  keep_alive_s: 5\n  reconnect_delay_ms: 100\n{extra_mqtt}\
+         kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {client_id}\n  dead_letter_topic: dead-letter\n\
+         delivery:\n  batch_max_messages: 500\n  commit_interval_ms: 50\n  shutdown_timeout_ms: 3000\n\
+         mappings: [unused]\n"
+    );
+    let bridge: BridgeConfig = serde_yaml_ng::from_str(&text).expect("test bridge config");
+    let files = if mapping_files.is_empty() {
+        vec![repo_path("mappings/hvac.yaml")]
+    } else {
+        mapping_files.to_vec()
+    };
+    Config {
+        bridge,
+        path: repo_path("tests/bridge.yaml"),
+        mappings: files
+            .iter()
+            .map(|p| MappingSource::load(p).expect("mapping loads"))
+            .collect(),
+    }
+}
+
+/// One message to publish.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Publish {
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>, qos: u8) -> Self {
+        Self {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            user_properties: Vec::new(),
+        }
+    }
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Publishes everything and waits until the broker acknowledged every
+/// QoS 1/2 message (QoS 0: until written to the socket).
+pub async fn publish_all(port: u16, messages: &[Publish]) {
+    let mut options = MqttOptions::new(unique("publisher"), "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(10))
+        .set_max_packet_size(Some(1 << 24));
+    let (client, mut events) = AsyncClient::new(options, messages.len() + 16);
+    let expected_acks = messages.iter().filter(|m| m.qos > 0).count();
+    let expected_zero = messages.len() - expected_acks;
+    let feeder = {
+        let client = client.clone();
+        let messages = messages.to_vec();
+        tokio::spawn(async move {
+            for m in messages {
+                let props = PublishProperties {
+                    user_properties: m.user_properties.clone(),
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(m.topic, qos(m.qos), false, m.payload, props)
+                    .await
+                    .expect("queue publish");
+            }
+        })
+    };
+    let (mut acks, mut zero_sent) = (0, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acks < expected_acks || zero_sent < expected_zero {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("publisher timed out waiting for acks")
+            .expect("publisher connection");
+        match event {
+            Event::Incoming(Packet::PubAck(_)) | Event::Incoming(Packet::PubComp(_)) => acks += 1,
+            Event::Outgoing(rumqttc::Outgoing::Publish(0)) => zero_sent += 1,
+            _ => {}
+        }
+    }
+    feeder.await.unwrap();
+    client.disconnect().await.ok();
+    // Drive the loop until DISCONNECT is written, bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// A record as read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Landed {
+    pub topic: String,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Landed {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).expect("record value is JSON")
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Reads `topics` with `read_committed` from the beginning until `expected`
+/// records arrived, then keeps reading for `settle` to catch extras
+/// (duplicates). Panics at `timeout` with what it has.
+pub fn read_committed(
+    bootstrap: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Landed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(topics).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if let Some(until) = settle_until {
+            if now >= until {
+                break;
+            }
+        } else if out.len() >= expected {
+            settle_until = Some(now + settle);
+        } else if now >= deadline {
+            panic!(
+                "only {} of {expected} records arrived within {timeout:?}: {out:#?}",
+                out.len()
+            );
+        }
+        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+            let m = result.expect("consume");
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Landed {
+                topic: m.topic().to_string(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or_default().to_vec(),
+                headers,
+                timestamp_ms: m.timestamp().to_millis(),
+            });
+        }
+    }
+    out
+}
+
+/// Waits for `token` with a deadline, naming what was awaited on failure.
+pub async fn await_token(
+    token: &tokio_util::sync::CancellationToken,
+    what: &str,
+    timeout: Duration,
+) {
+    tokio::time::timeout(timeout, token.cancelled())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {timeout:?}"));
+}

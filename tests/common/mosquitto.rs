@@ -1,0 +1,94 @@
+//! A real mosquitto broker on a free loopback port, stopped on drop.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// Debian installs the broker in /usr/sbin, which is not on every PATH.
+fn binary() -> PathBuf {
+    if let Ok(path) = std::env::var("MOSQUITTO") {
+        return path.into();
+    }
+    for candidate in ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Mosquitto {
+    /// Starts mosquitto with a config fit for load: no queue limit for
+    /// offline persistent sessions (mosquitto drops QoS>0 messages past
+    /// `max_queued_messages`, 1000 by default) and a large in-flight window.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for _attempt in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_queued_messages 0\nmax_inflight_messages 0\n\
+                     log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
+                    dir.path().join("mosquitto.log").display()
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let mut command = Command::new(binary());
+            command
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            super::die_with_parent(&mut command);
+            let mut child = command.spawn().unwrap_or_else(|e| {
+                panic!(
+                    "cannot start mosquitto ({e}); install it with `apt-get install -y mosquitto` or set MOSQUITTO=/path/to/mosquitto"
+                )
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Self { child, port, dir };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // Port taken in the meantime: try another.
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
+        panic!("mosquitto did not start; its log:\n{log}");
+    }
+
+    /// The broker's log, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
