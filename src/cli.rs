@@ -21,7 +21,12 @@ const EXIT_CONFIG: u8 = 78;
 )]
 pub struct Cli {
     /// Log filter, e.g. `info` or `mqtt_kafka_bridge=debug`.
-    #[arg(long, env = "BRIDGE_LOG", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "BRIDGE_LOG",
+        default_value = "info,rumqttd=off",
+        global = true
+    )]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -66,6 +71,7 @@ pub fn init_tracing(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

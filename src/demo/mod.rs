@@ -1,10 +1,265 @@
-//! The zero-install demo.
+//! The zero-install demo: everything in one process.
+//!
+//! An embedded MQTT broker (rumqttd), librdkafka's mock Kafka cluster, a
+//! simulated HVAC fleet and the bridge itself running `mappings/hvac.yaml`,
+//! with a one-line summary every second and `/metrics` served. The mock
+//! cluster is for showing the flow, not for proving guarantees: the test
+//! suite does that against real brokers.
 
+mod broker;
+mod fleet;
+
+use crate::app;
+use crate::config::{BridgeConfig, Config, MappingSource};
+use crate::telemetry::STATS;
+use anyhow::{bail, Context as _};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {}
+/// The worked example, built in so the demo runs from any directory.
+const HVAC_YAML: &str = include_str!("../../mappings/hvac.yaml");
+const HVAC_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-telemetry.schema.json");
+const COMMON_SCHEMA: &str = include_str!("../../mappings/schemas/common.schema.json");
 
-pub async fn run(_args: DemoArgs, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    Ok(())
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Mapping files to run; the built-in `mappings/hvac.yaml` when absent.
+    #[arg(long)]
+    pub mappings: Option<PathBuf>,
+    /// Simulated HVAC units.
+    #[arg(long, default_value_t = 12)]
+    pub units: usize,
+    /// Messages per second from the whole fleet.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u32,
+    /// Where to serve Prometheus metrics.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration_s: Option<u64>,
+}
+
+const TOPICS: [&str; 3] = [
+    "hvac.telemetry",
+    "hvac.diagnostics",
+    "mqtt-bridge.dead-letter",
+];
+
+pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.units == 0 {
+        bail!("--units must be at least 1");
+    }
+    if let Some(seconds) = args.duration_s {
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            token.cancel();
+        });
+    }
+    let kafka = MockCluster::new(3).context("cannot start the mock Kafka cluster")?;
+    for topic in TOPICS {
+        kafka
+            .create_topic(topic, 3, 3)
+            .context("cannot create demo topic")?;
+    }
+    let bootstrap = kafka.bootstrap_servers();
+    let mqtt_port = free_port()?;
+    broker::start(([127, 0, 0, 1], mqtt_port).into())?;
+
+    let _keep = TempMappings::write_if_needed(args.mappings.is_none())?;
+    let mappings_dir = match &args.mappings {
+        Some(dir) => dir.clone(),
+        None => _keep.dir().to_path_buf(),
+    };
+    let config = demo_config(mqtt_port, &bootstrap, args.metrics_listen, &mappings_dir)?;
+
+    println!("demo: MQTT broker on 127.0.0.1:{mqtt_port}, mock Kafka at {bootstrap}");
+    println!(
+        "demo: metrics on http://{}/metrics; Ctrl-C to stop",
+        args.metrics_listen
+    );
+    let bridge_stop = CancellationToken::new();
+    let ready = CancellationToken::new();
+    let bridge = tokio::spawn(app::run_with_readiness(
+        config,
+        bridge_stop.clone(),
+        ready.clone(),
+    ));
+    tokio::select! {
+        _ = ready.cancelled() => {}
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(30)) => bail!("the bridge did not subscribe within 30 s"),
+    }
+
+    let in_kafka = Arc::new(KafkaCounts::default());
+    let reader = spawn_reader(bootstrap.clone(), in_kafka.clone(), shutdown.clone());
+    let counts = Arc::new(fleet::FleetCounts::default());
+    let fleet_stop = CancellationToken::new();
+    let fleet = tokio::spawn(fleet::run(
+        mqtt_port,
+        args.units,
+        args.rate,
+        counts.clone(),
+        fleet_stop.clone(),
+    ));
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let (mut last_commits, mut last_micros) = (0, 0);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let commits = STATS.commits.load(Ordering::Relaxed);
+        let micros = STATS.commit_micros.load(Ordering::Relaxed);
+        let latency = if commits > last_commits {
+            format!(
+                "{:.1} ms",
+                (micros - last_micros) as f64 / (commits - last_commits) as f64 / 1000.0
+            )
+        } else {
+            "-".into()
+        };
+        (last_commits, last_micros) = (commits, micros);
+        println!(
+            "{:>4}s  received {:>6} | produced {:>6} | dead-lettered {:>4} | unrouted {:>3} | kept on MQTT {:>4} | commits {:>5}, commit {latency} | in Kafka: telemetry {} dead-letter {}",
+            started.elapsed().as_secs(),
+            STATS.received.load(Ordering::Relaxed),
+            STATS.produced.load(Ordering::Relaxed),
+            STATS.dead_lettered.load(Ordering::Relaxed),
+            STATS.unrouted.load(Ordering::Relaxed),
+            counts.commands.load(Ordering::Relaxed),
+            commits,
+            in_kafka.telemetry.load(Ordering::Relaxed),
+            in_kafka.dead_letter.load(Ordering::Relaxed),
+        );
+    }
+    fleet_stop.cancel();
+    let _ = fleet.await;
+    bridge_stop.cancel();
+    let result = bridge.await.context("bridge task")?;
+    let _ = reader.join();
+    println!(
+        "demo: fleet sent {} telemetry, {} malformed, {} commands; Kafka holds {} telemetry and {} dead-letter records",
+        counts.telemetry.load(Ordering::Relaxed),
+        counts.malformed.load(Ordering::Relaxed),
+        counts.commands.load(Ordering::Relaxed),
+        in_kafka.telemetry.load(Ordering::Relaxed),
+        in_kafka.dead_letter.load(Ordering::Relaxed),
+    );
+    drop(kafka);
+    result.map_err(Into::into)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn demo_config(
+    mqtt_port: u16,
+    bootstrap: &str,
+    metrics: std::net::SocketAddr,
+    mappings: &Path,
+) -> anyhow::Result<Config> {
+    let text = format!(
+        "mqtt: {{ host: 127.0.0.1, port: {mqtt_port}, client_id: demo-bridge, protocol: v311 }}\n\
+         kafka: {{ bootstrap_servers: '{bootstrap}', transactional_id: demo-bridge }}\n\
+         delivery: {{ batch_max_messages: 500, commit_interval_ms: 100 }}\n\
+         metrics: {{ listen: '{metrics}' }}\n\
+         mappings: ['*.yaml']\n"
+    );
+    let bridge: BridgeConfig = serde_yaml_ng::from_str(&text)?;
+    let mut sources = Vec::new();
+    let mut paths: Vec<_> = glob::glob(&format!("{}/*.yaml", mappings.display()))?
+        .filter_map(Result::ok)
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        bail!("no mapping files (*.yaml) in {}", mappings.display());
+    }
+    for path in paths {
+        sources.push(MappingSource::load(&path)?);
+    }
+    Ok(Config {
+        bridge,
+        path: mappings.join("demo-bridge.yaml"),
+        mappings: sources,
+    })
+}
+
+/// The built-in mapping files, written to a temporary directory so that
+/// their schema references resolve like on disk.
+struct TempMappings(Option<tempfile::TempDir>);
+
+impl TempMappings {
+    fn write_if_needed(needed: bool) -> anyhow::Result<Self> {
+        if !needed {
+            return Ok(Self(None));
+        }
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("schemas"))?;
+        std::fs::write(dir.path().join("hvac.yaml"), HVAC_YAML)?;
+        std::fs::write(
+            dir.path().join("schemas/hvac-telemetry.schema.json"),
+            HVAC_SCHEMA,
+        )?;
+        std::fs::write(dir.path().join("schemas/common.schema.json"), COMMON_SCHEMA)?;
+        Ok(Self(Some(dir)))
+    }
+
+    fn dir(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new("mappings"), |d| d.path())
+    }
+}
+
+#[derive(Default)]
+struct KafkaCounts {
+    telemetry: AtomicU64,
+    dead_letter: AtomicU64,
+}
+
+/// Counts what is visible in Kafka to a `read_committed` consumer.
+fn spawn_reader(
+    bootstrap: String,
+    counts: Arc<KafkaCounts>,
+    stop: CancellationToken,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let consumer: BaseConsumer = match rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "demo-reader")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "demo reader unavailable");
+                return;
+            }
+        };
+        if consumer.subscribe(&TOPICS).is_err() {
+            return;
+        }
+        while !stop.is_cancelled() {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let counter = match m.topic() {
+                    "hvac.telemetry" => &counts.telemetry,
+                    "mqtt-bridge.dead-letter" => &counts.dead_letter,
+                    _ => continue,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
 }
