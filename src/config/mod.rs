@@ -76,11 +76,15 @@ impl Config {
                     format!("`{pattern}` matches no file"),
                 )),
                 Ok(paths) => {
+                    let this_file = std::fs::canonicalize(path).ok();
                     for mapping_path in paths {
-                        if mappings
+                        // `*.yaml` next to the bridge file matches the bridge
+                        // file itself, which is not a mapping file.
+                        let is_self = std::fs::canonicalize(&mapping_path).ok() == this_file;
+                        let seen = mappings
                             .iter()
-                            .any(|m: &MappingSource| m.path == mapping_path)
-                        {
+                            .any(|m: &MappingSource| m.path == mapping_path);
+                        if is_self || seen {
                             continue;
                         }
                         match MappingSource::load(&mapping_path) {
@@ -302,6 +306,19 @@ mod tests {
             texts[1].contains(":5:20: mqtt.inflight_window: must be at least 1"),
             "{texts:?}"
         );
+    }
+
+    #[test]
+    fn glob_does_not_load_the_bridge_file_as_a_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", MAPPING);
+        let path = write(
+            dir.path(),
+            "bridge.yaml",
+            &BRIDGE.replace("m/*.yaml", "*.yaml"),
+        );
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.mappings.len(), 1);
     }
 
     #[test]
