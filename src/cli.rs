@@ -88,7 +88,10 @@ pub fn execute(cli: Cli) -> ExitCode {
             qos,
         } => match translate::run(&config, &topic, &payload, &properties, qos) {
             Ok(code) => code,
-            Err(e) => report(&e),
+            Err(e) => match e.downcast_ref::<ConfigErrors>() {
+                Some(errors) => config_error(errors),
+                None => report(&e),
+            },
         },
         Command::Run { config } => {
             let config = match Config::load(&config) {

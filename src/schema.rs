@@ -31,7 +31,8 @@ impl Schema {
         let absolute = std::path::absolute(path)
             .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
         let validator = jsonschema::options()
-            .with_base_uri(format!("file://{}", absolute.display()))
+            .with_retriever(FileRetriever)
+            .with_base_uri(file_uri(&absolute))
             .build(&schema)
             .map_err(|e| format!("schema {} does not compile: {e}", path.display()))?;
         Ok(Self { validator })
@@ -69,6 +70,62 @@ impl Schema {
             None => rejection,
         })
     }
+}
+
+/// Resolves `$ref`s to local files only; a bridge must not reach out to
+/// the network to understand its own configuration.
+struct FileRetriever;
+
+impl jsonschema::Retrieve for FileRetriever {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let text = uri.as_str();
+        let Some(path) = text.strip_prefix("file://") else {
+            return Err(format!("only local files are resolved, not {text}").into());
+        };
+        let path = percent_decode(path.split('#').next().unwrap_or_default());
+        let data = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        Ok(serde_json::from_str(&data).map_err(|e| format!("{path}: {e}"))?)
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(decoded)) => {
+                out.push(decoded);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A `file://` URI for an absolute path, percent-encoding what a URI
+/// cannot hold as is (spaces, `#`, `%`, `?`, non-ASCII).
+fn file_uri(path: &Path) -> String {
+    let mut uri = String::from("file://");
+    for byte in path.to_string_lossy().bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                uri.push(byte as char)
+            }
+            other => uri.push_str(&format!("%{other:02X}")),
+        }
+    }
+    uri
 }
 
 #[cfg(test)]
@@ -109,6 +166,22 @@ mod tests {
             "{}",
             e.detail
         );
+    }
+
+    #[test]
+    fn paths_with_spaces_and_hashes_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("my schemas #1");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("n.json"), r#"{"type": "number"}"#).unwrap();
+        std::fs::write(
+            sub.join("t.json"),
+            r#"{"properties": {"a": {"$ref": "n.json"}}}"#,
+        )
+        .unwrap();
+        let schema = Schema::load(&sub.join("t.json")).unwrap();
+        assert!(schema.validate(&json!({"a": 1})).is_ok());
+        assert!(schema.validate(&json!({"a": "x"})).is_err());
     }
 
     #[test]

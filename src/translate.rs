@@ -8,10 +8,11 @@ use std::fmt::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// `translate` exit codes: 0 produced, 2 dead-lettered, 3 unrouted, so
-/// scripts can assert on mappings without parsing output.
-pub const EXIT_DEAD_LETTER: u8 = 2;
-pub const EXIT_UNROUTED: u8 = 3;
+/// `translate` exit codes: 0 produced, 3 dead-lettered, 4 unrouted, so
+/// scripts can assert on mappings without parsing output (1 is a failure,
+/// 2 a usage error, 78 a configuration error).
+pub const EXIT_DEAD_LETTER: u8 = 3;
+pub const EXIT_UNROUTED: u8 = 4;
 
 /// Runs the `translate` dry run and prints the outcome.
 pub fn run(

@@ -101,7 +101,7 @@ fn translate_shows_record_dead_letter_and_unrouted_with_exit_codes() {
         "--payload",
         &format!("@{}", payload.display()),
     ]);
-    assert_eq!(dead.status.code(), Some(2), "{}", stderr(&dead));
+    assert_eq!(dead.status.code(), Some(3), "{}", stderr(&dead));
     let out = stdout(&dead);
     assert!(out.contains("reason:    schema"), "{out}");
     assert!(out.contains("path:      /humidity_pct"), "{out}");
@@ -116,7 +116,7 @@ fn translate_shows_record_dead_letter_and_unrouted_with_exit_codes() {
         "--payload",
         "{}",
     ]);
-    assert_eq!(unrouted.status.code(), Some(3));
+    assert_eq!(unrouted.status.code(), Some(4));
     assert!(stdout(&unrouted).starts_with("UNROUTED"));
 }
 

@@ -61,6 +61,8 @@ pub fn interpolate(
                 ));
             } else {
                 match (lookup(name), default) {
+                    // As in the shell, `:-` also replaces an empty value.
+                    (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
                     (Some(value), _) => out.push_str(&value),
                     (None, Some(default)) => out.push_str(default),
                     (None, None) => errors.push(ConfigError::at(
@@ -107,6 +109,7 @@ mod tests {
             run("user: ${USER_NAME}\npass: ${PASS:-secret}\nx: '${EMPTY}'\n").unwrap(),
             "user: bridge\npass: secret\nx: ''\n"
         );
+        assert_eq!(run("a: ${EMPTY:-d}\n").unwrap(), "a: d\n");
     }
 
     #[test]

@@ -42,7 +42,7 @@ fn find<'a>(root: &'a MarkedYaml<'a>, path: &str) -> Option<&'a MarkedYaml<'a>> 
             None => break,
         }
     }
-    if std::ptr::eq(node, root) && !path.is_empty() {
+    if std::ptr::eq(node, root) {
         return None;
     }
     Some(node)

@@ -100,7 +100,10 @@ impl Config {
                 )),
             }
         }
-        locate_all(&text, &mut errors);
+        let (mut own, others): (Vec<_>, Vec<_>) = errors.into_iter().partition(|e| e.file == path);
+        locate_all(&text, &mut own);
+        own.extend(others);
+        let errors = own;
         if errors.is_empty() {
             Ok(Self {
                 bridge,
@@ -157,11 +160,15 @@ fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
         "kafka.dead_letter_topic",
         "is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)",
     );
-    for reserved in ["transactional.id", "bootstrap.servers"] {
+    for reserved in [
+        "transactional.id",
+        "bootstrap.servers",
+        "transaction.timeout.ms",
+    ] {
         check(
             !bridge.kafka.properties.contains_key(reserved),
             &format!("kafka.properties.{reserved}"),
-            "is set by the bridge; use the `kafka` field of the same meaning",
+            "is set by the bridge; use `kafka.bootstrap_servers`, `kafka.transactional_id` or `delivery.transaction_timeout_ms`",
         );
     }
     check(

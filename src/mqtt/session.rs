@@ -91,13 +91,20 @@ impl Acker {
                 )
                 .await
                 .map_err(|e| MqttError::Client(e.to_string())),
-            Self::V5(client) => client
-                .subscribe_many(
-                    subs.iter()
-                        .map(|s| v5::mqttbytes::v5::Filter::new(s.filter.clone(), qos_v5(s.qos))),
-                )
-                .await
-                .map_err(|e| MqttError::Client(e.to_string())),
+            Self::V5(client) => {
+                // Retain handling 1: retained messages only for a new
+                // subscription, so resubscribing on reconnect does not
+                // replay them.
+                let filters = subs.iter().map(|s| {
+                    let mut f = v5::mqttbytes::v5::Filter::new(s.filter.clone(), qos_v5(s.qos));
+                    f.retain_forward_rule = v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
+                    f
+                });
+                client
+                    .subscribe_many(filters)
+                    .await
+                    .map_err(|e| MqttError::Client(e.to_string()))
+            }
         }
     }
 }
@@ -209,11 +216,11 @@ impl MqttSession {
                 Ok(Polled::Connected { session_present }) => {
                     connected = true;
                     telemetry::mqtt_connected(session_present);
-                    // A resumed session keeps its subscriptions; subscribing
-                    // again would make the broker resend retained messages.
-                    if session_present {
-                        subscribed.cancel();
-                    } else {
+                    // Subscribe on every connect, also to a resumed session:
+                    // routes may have changed since the session was made.
+                    // (MQTT 3.1.1 brokers resend retained messages then;
+                    // MQTT 5 ones do not, see `Acker::subscribe`.)
+                    {
                         let acker = self.acker.clone();
                         let subs = self.subscriptions.clone();
                         tokio::spawn(async move {

@@ -80,7 +80,7 @@ impl Format {
         match self {
             Self::Raw => Ok(None),
             Self::Json => serde_json::from_slice(payload).map(Some).map_err(|e| {
-                let reason = if e.is_syntax() && std::str::from_utf8(payload).is_err() {
+                let reason = if std::str::from_utf8(payload).is_err() {
                     RejectReason::NotUtf8
                 } else {
                     RejectReason::Parse

@@ -119,9 +119,14 @@ impl fmt::Display for Rejection {
     }
 }
 
-/// Header names the bridge writes. Dotted and lower-case so they cannot
-/// collide with MQTT user properties carried over, which usually are not.
+/// Header names the bridge writes. MQTT user properties with these names
+/// (or any `bridge.` name) are not carried over, so a device cannot forge
+/// the source topic or a dead-letter reason.
 pub mod headers {
+    pub fn is_reserved(name: &str) -> bool {
+        name == MQTT_TOPIC || name == CONTENT_TYPE || name.starts_with("bridge.")
+    }
+
     pub const MQTT_TOPIC: &str = "mqtt.topic";
     pub const CONTENT_TYPE: &str = "content-type";
     pub const ROUTE: &str = "bridge.route";
@@ -169,7 +174,11 @@ pub(crate) fn dead_letter_record(
     if let Some(path) = &rejection.path {
         headers.push((headers::ERROR_PATH.to_string(), path.as_bytes().to_vec()));
     }
-    for (k, v) in &message.user_properties {
+    for (k, v) in message
+        .user_properties
+        .iter()
+        .filter(|(k, _)| !headers::is_reserved(k))
+    {
         headers.push((k.clone(), v.as_bytes().to_vec()));
     }
     KafkaRecord {

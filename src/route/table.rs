@@ -70,7 +70,6 @@ pub struct RouteSummary {
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
-    default_dead_letter_topic: String,
     summaries: Vec<RouteSummary>,
     /// Problems that do not stop the bridge, e.g. shadowed routes.
     pub warnings: Vec<String>,
@@ -128,7 +127,6 @@ impl RouteTable {
         let warnings = shadow_warnings(&routes);
         Ok(Self {
             routes,
-            default_dead_letter_topic: config.bridge.kafka.dead_letter_topic.clone(),
             summaries,
             warnings,
         })
@@ -198,11 +196,6 @@ impl RouteTable {
             }
         }
         Outcome::Unrouted
-    }
-
-    /// The dead-letter topic for messages that belong to no route.
-    pub fn default_dead_letter_topic(&self) -> &str {
-        &self.default_dead_letter_topic
     }
 }
 
@@ -491,7 +484,11 @@ impl Route {
             headers.push((headers::CONTENT_TYPE.to_string(), ct.as_bytes().to_vec()));
         }
         if self.user_properties {
-            for (k, v) in &message.user_properties {
+            let carried = message
+                .user_properties
+                .iter()
+                .filter(|(k, _)| !headers::is_reserved(k));
+            for (k, v) in carried {
                 headers.push((k.clone(), v.as_bytes().to_vec()));
             }
         }

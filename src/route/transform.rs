@@ -129,7 +129,7 @@ fn take(value: &mut Value, path: &str) -> Option<Value> {
     value
         .pointer_mut(parent)?
         .as_object_mut()?
-        .remove(&unescape(last))
+        .shift_remove(&unescape(last))
 }
 
 /// Sets `path`, creating missing intermediate objects.
