@@ -1,6 +1,7 @@
 //! Shared test support: real mosquitto, Kafka, MQTT publishing, Kafka reading.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod mosquitto;
 
 use mqtt_kafka_bridge::config::{BridgeConfig, Config, MappingSource};
@@ -12,6 +13,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::collections::HashMap;
 use std::path::PathBuf;
+
 use std::time::{Duration, Instant};
 
 /// Ends a child process when the test process dies, even by SIGKILL, so no
@@ -42,34 +44,52 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A bridge config for the given broker and Kafka, with `mappings/hvac.yaml`
-/// unless `mapping_files` names others. `extra` is YAML merged at the top.
-pub fn bridge_config(
-    mqtt_port: u16,
-    bootstrap: &str,
-    client_id: &str,
-    extra_mqtt: &str,
-    mapping_files: &[PathBuf],
-) -> Config {
+/// Topic names of one test, so tests sharing a Kafka never see each
+/// other's records.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub prefix: String,
+}
+
+impl Topics {
+    pub fn new() -> Self {
+        Self { prefix: format!("{}.", unique("t")) }
+    }
+    pub fn telemetry(&self) -> String {
+        format!("{}hvac.telemetry", self.prefix)
+    }
+    pub fn diagnostics(&self) -> String {
+        format!("{}hvac.diagnostics", self.prefix)
+    }
+    pub fn dead_letter(&self) -> String {
+        format!("{}dead-letter", self.prefix)
+    }
+    pub fn all(&self) -> Vec<String> {
+        vec![self.telemetry(), self.diagnostics(), self.dead_letter()]
+    }
+}
+
+/// A bridge config for the given broker and Kafka running
+/// `mappings/hvac.yaml`, its Kafka topics renamed into `topics`.
+/// `extra_mqtt` is YAML added to the `mqtt` section.
+pub fn bridge_config(mqtt_port: u16, bootstrap: &str, client_id: &str, extra_mqtt: &str, topics: &Topics) -> Config {
     let text = format!(
         "mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: {client_id}\n  keep_alive_s: 5\n  reconnect_delay_ms: 100\n{extra_mqtt}\
-         kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {client_id}\n  dead_letter_topic: dead-letter\n\
+         kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {client_id}\n  dead_letter_topic: {dlq}\n\
          delivery:\n  batch_max_messages: 500\n  commit_interval_ms: 50\n  shutdown_timeout_ms: 3000\n\
-         mappings: [unused]\n"
+         mappings: [unused]\n",
+        dlq = topics.dead_letter()
     );
     let bridge: BridgeConfig = serde_yaml_ng::from_str(&text).expect("test bridge config");
-    let files = if mapping_files.is_empty() {
-        vec![repo_path("mappings/hvac.yaml")]
-    } else {
-        mapping_files.to_vec()
-    };
+    let path = repo_path("mappings/hvac.yaml");
+    let mapping = std::fs::read_to_string(&path)
+        .expect("read hvac.yaml")
+        .replace("topic: hvac.", &format!("topic: {}hvac.", topics.prefix));
     Config {
         bridge,
         path: repo_path("tests/bridge.yaml"),
-        mappings: files
-            .iter()
-            .map(|p| MappingSource::load(p).expect("mapping loads"))
-            .collect(),
+        // Parsed under its real path, so schema references resolve.
+        mappings: vec![MappingSource::parse(&path, &mapping).expect("mapping parses")],
     }
 }
 

@@ -1,11 +1,11 @@
-//! End to end against a real mosquitto and librdkafka's mock Kafka cluster.
-//!
-//! The mock cluster is fast and needs no install, but it is not Kafka (it
-//! shows aborted transactions to `read_committed` readers), so these tests
-//! only assert what committed transactions deliver.
+//! End to end: a real mosquitto, the bridge in-process, and the Kafka of
+//! `common::kafka::test_kafka()` (a real Apache Kafka broker unless the
+//! environment says otherwise). One test injects a Kafka outage, which only
+//! librdkafka's mock cluster can do on demand, so it uses the mock.
 
 mod common;
 
+use common::kafka::test_kafka;
 use common::mosquitto::Mosquitto;
 use common::*;
 use mqtt_kafka_bridge::app;
@@ -14,19 +14,16 @@ use serde_json::json;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-const TELEMETRY: &str = "hvac.telemetry";
-const DIAGNOSTICS: &str = "hvac.diagnostics";
-const DEAD_LETTER: &str = "dead-letter";
 const READY: Duration = Duration::from_secs(20);
 const ARRIVE: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_millis(500);
 
-fn mock_kafka() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    for topic in [TELEMETRY, DIAGNOSTICS, DEAD_LETTER] {
-        mock.create_topic(topic, 3, 1).expect("create topic");
-    }
-    mock
+/// Kafka with this test's topics created.
+async fn kafka_with_topics(topics: &Topics) -> common::kafka::TestKafka {
+    let kafka = test_kafka();
+    let names = topics.all();
+    kafka.create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3).await;
+    kafka
 }
 
 fn telemetry(unit: u32, seq: u32) -> String {
@@ -76,10 +73,12 @@ impl Bridge {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
     let broker = Mosquitto::start();
-    let kafka = mock_kafka();
-    let bootstrap = kafka.bootstrap_servers();
-    let config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &[]);
+    let topics = Topics::new();
+    let kafka = kafka_with_topics(&topics).await;
+    let bootstrap = kafka.bootstrap();
+    let config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
     let bridge = Bridge::start(config).await;
+    let (telemetry_topic, diagnostics_topic, dead_topic) = (topics.telemetry(), topics.diagnostics(), topics.dead_letter());
 
     let mut messages = Vec::new();
     for qos in 0..=2u8 {
@@ -131,7 +130,7 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
 
     let landed = read_committed(
         &bootstrap,
-        &[TELEMETRY, DIAGNOSTICS, DEAD_LETTER],
+        &[&telemetry_topic, &diagnostics_topic, &dead_topic],
         61 + 1 + 4,
         ARRIVE,
         SETTLE,
@@ -145,7 +144,7 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
             .cloned()
             .collect::<Vec<_>>()
     };
-    let telemetry_records = on(TELEMETRY);
+    let telemetry_records = on(&telemetry_topic);
     assert_eq!(
         telemetry_records.len(),
         61,
@@ -202,7 +201,7 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
     assert_eq!(legacy[0].json()["ambient_c"], 21.5);
     assert_eq!(legacy[0].json()["air_quality_ppm"], 600);
 
-    let diagnostics = on(DIAGNOSTICS);
+    let diagnostics = on(&diagnostics_topic);
     assert_eq!(diagnostics.len(), 1);
     assert_eq!(
         diagnostics[0].value,
@@ -210,7 +209,7 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
         "raw bytes untouched"
     );
 
-    let dead = on(DEAD_LETTER);
+    let dead = on(&dead_topic);
     let mut reasons: Vec<_> = dead
         .iter()
         .map(|r| r.header("bridge.error.reason").to_string())
@@ -248,14 +247,15 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_311_sessions_deliver_too() {
     let broker = Mosquitto::start();
-    let kafka = mock_kafka();
-    let bootstrap = kafka.bootstrap_servers();
+    let topics = Topics::new();
+    let kafka = kafka_with_topics(&topics).await;
+    let bootstrap = kafka.bootstrap();
     let config = bridge_config(
         broker.port,
         &bootstrap,
         &unique("bridge"),
         "  protocol: v311\n",
-        &[],
+        &topics,
     );
     let bridge = Bridge::start(config).await;
     // MQTT orders messages per topic and QoS only, so each QoS gets a unit.
@@ -270,7 +270,7 @@ async fn mqtt_311_sessions_deliver_too() {
         })
         .collect();
     publish_all(broker.port, &messages).await;
-    let landed = read_committed(&bootstrap, &[TELEMETRY], 50, ARRIVE, SETTLE);
+    let landed = read_committed(&bootstrap, &[&topics.telemetry()], 50, ARRIVE, SETTLE);
     bridge.stop().await;
     for qos in 1..=2u64 {
         let key = format!("a.u{qos}");
@@ -291,10 +291,14 @@ async fn mqtt_311_sessions_deliver_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     let broker = Mosquitto::start();
-    let kafka = mock_kafka();
+    let topics = Topics::new();
+    let kafka = MockCluster::new(1).expect("mock cluster");
+    for topic in topics.all() {
+        kafka.create_topic(&topic, 3, 1).expect("create topic");
+    }
     let bootstrap = kafka.bootstrap_servers();
     let client_id = unique("bridge");
-    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &[])).await;
+    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &topics)).await;
 
     kafka.broker_down(1).expect("broker down");
     let messages: Vec<_> = (0..300u32)
@@ -317,8 +321,8 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     );
     kafka.broker_up(1).expect("broker up");
 
-    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &[])).await;
-    let landed = read_committed(&bootstrap, &[TELEMETRY], 300, ARRIVE, SETTLE);
+    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &topics)).await;
+    let landed = read_committed(&bootstrap, &[&topics.telemetry()], 300, ARRIVE, SETTLE);
     bridge.stop().await;
     // At least once here: the first bridge's commit may still complete once
     // Kafka returns (exactly-once is the delivery protocol's job).

@@ -1,0 +1,347 @@
+//! Kafka for tests: a real Apache Kafka (KRaft) started from jars, the
+//! librdkafka mock cluster, or an external cluster, behind one switch.
+//!
+//! - default: a real single-node broker, shared by the tests of one test
+//!   binary (started on first use, ~3 s), killed when the test process
+//!   exits, even by SIGKILL (`PR_SET_PDEATHSIG`).
+//! - `BRIDGE_TEST_KAFKA=mock`: librdkafka's mock cluster (fast, not Kafka).
+//! - `KAFKA_BOOTSTRAP=host:port`: a cluster of your own.
+//!
+//! [`KafkaCluster::start`] also runs private clusters (e.g. three brokers)
+//! for fault tests; they stop when dropped. See docs/testing.md.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::ClientConfig;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to answer after launch (typically 2.5 s, 5 s
+/// for three; generous for a loaded CI machine).
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// SIGTERM, then this long before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The Kafka a test talks to.
+pub enum TestKafka {
+    Real(String),
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    External(String),
+}
+
+/// The Kafka selected by the environment (see the module docs).
+pub fn test_kafka() -> TestKafka {
+    if let Ok(bootstrap) = std::env::var("KAFKA_BOOTSTRAP") {
+        return TestKafka::External(bootstrap);
+    }
+    if std::env::var("BRIDGE_TEST_KAFKA").as_deref() == Ok("mock") {
+        return TestKafka::Mock(MockCluster::new(1).expect("mock cluster"));
+    }
+    TestKafka::Real(shared_broker().to_string())
+}
+
+impl TestKafka {
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Self::Real(b) | Self::External(b) => b.clone(),
+            Self::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Real(_) => "Apache Kafka (test broker)",
+            Self::Mock(_) => "librdkafka mock cluster",
+            Self::External(_) => "external Kafka",
+        }
+    }
+
+    /// Creates topics (test topics are never auto-created).
+    pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
+        match self {
+            Self::Mock(m) => {
+                for t in topics {
+                    m.create_topic(t, partitions, 1).expect("create mock topic");
+                }
+            }
+            Self::Real(b) => create_topics(b, topics, partitions, 1).await,
+            Self::External(b) => create_topics(b, topics, partitions, -1).await,
+        }
+    }
+}
+
+/// `replication` -1 means the cluster's default.
+pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32, replication: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let new: Vec<_> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &options).await.expect("create topics") {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => panic!("cannot create topic {topic}: {code}"),
+        }
+    }
+}
+
+/// The single-node broker shared by the tests of this process.
+fn shared_broker() -> &'static str {
+    static SHARED: OnceLock<String> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The broker's parent-death signal follows the thread that spawned
+        // it, so that thread lives as long as the process.
+        std::thread::Builder::new()
+            .name("shared-kafka".into())
+            .spawn(move || {
+                let cluster = KafkaCluster::start(1);
+                tx.send(cluster.bootstrap.clone()).expect("report bootstrap");
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawn shared-kafka thread");
+        rx.recv().expect("shared Kafka broker started")
+    })
+}
+
+/// The broker jars, fetched once into a cache outside the tree.
+fn libs() -> &'static Path {
+    static LIBS: OnceLock<PathBuf> = OnceLock::new();
+    LIBS.get_or_init(|| {
+        let script = super::repo_path("tests/kafka/fetch.sh");
+        let out = Command::new("bash").arg(&script).output().expect("run tests/kafka/fetch.sh");
+        assert!(
+            out.status.success(),
+            "tests/kafka/fetch.sh failed (needs java 17+ and, once, mvn):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+struct Node {
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    properties: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A KRaft cluster of combined broker+controller nodes on loopback ports.
+pub struct KafkaCluster {
+    nodes: Vec<Node>,
+    pub bootstrap: String,
+    dir: PathBuf,
+}
+
+impl KafkaCluster {
+    /// Formats and starts `count` nodes and waits until all answer.
+    pub fn start(count: u32) -> Self {
+        remove_stale_dirs();
+        let dir = std::env::temp_dir().join(format!("mkb-kafka-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("kafka dir");
+        let ports: Vec<(u16, u16)> = (0..count)
+            .map(|_| (super::mosquitto::free_port(), super::mosquitto::free_port()))
+            .collect();
+        let voters: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect();
+        let cluster_id = cluster_id();
+        let mut nodes = Vec::new();
+        for (i, (port, controller_port)) in ports.iter().enumerate() {
+            let id = i as u32 + 1;
+            let node_dir = dir.join(format!("node{id}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let properties = node_dir.join("server.properties");
+            std::fs::write(&properties, server_properties(id, *port, *controller_port, &voters.join(","), &node_dir, count)).unwrap();
+            nodes.push(Node { id, port: *port, controller_port: *controller_port, properties, log: node_dir.join("server.log"), child: None });
+        }
+        let formats: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                java()
+                    .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
+                    .arg(&n.properties)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start StorageTool (is java 17+ installed?)")
+            })
+            .collect();
+        for f in formats {
+            let out = f.wait_with_output().expect("StorageTool");
+            assert!(out.status.success(), "format failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let bootstrap = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",");
+        let mut cluster = Self { nodes, bootstrap, dir };
+        for id in 1..=count {
+            cluster.launch(id);
+        }
+        cluster.wait_ready(count as usize);
+        cluster
+    }
+
+    fn launch(&mut self, id: u32) {
+        let node = &mut self.nodes[id as usize - 1];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
+        let mut command = java();
+        command
+            .arg("kafka.Kafka")
+            .arg(&node.properties)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        super::die_with_parent(&mut command);
+        node.child = Some(command.spawn().expect("start kafka.Kafka"));
+    }
+
+    /// Waits until `expected` brokers are in the cluster metadata.
+    fn wait_ready(&self, expected: usize) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("log_level", "0")
+            .create()
+            .expect("metadata client");
+        loop {
+            if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(2)) {
+                if metadata.brokers().len() >= expected {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("Kafka did not start within {START_TIMEOUT:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ids of the running nodes.
+    pub fn node_ids(&self) -> Vec<u32> {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+    }
+
+    /// The node serving `127.0.0.1:port`.
+    pub fn node_with_port(&self, port: u16) -> Option<u32> {
+        self.nodes.iter().find(|n| n.port == port).map(|n| n.id)
+    }
+
+    /// kill -9: the node dies without a controlled shutdown.
+    pub fn kill(&mut self, id: u32) {
+        if let Some(mut child) = self.nodes[id as usize - 1].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped node again on its old data and ports.
+    pub fn restart(&mut self, id: u32) {
+        self.kill(id);
+        self.launch(id);
+        let node = &self.nodes[id as usize - 1];
+        let deadline = Instant::now() + START_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+            assert!(Instant::now() < deadline, "node {id} did not restart:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The end of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let tail: Vec<_> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("--- node {} (port {}, controller {}) ---\n{}", n.id, n.port, n.controller_port, tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for KafkaCluster {
+    /// All nodes are signalled together: stopping them one at a time makes
+    /// the last one wait minutes for a quorum that is gone.
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Some(child) = &node.child {
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn java() -> Command {
+    let mut command = Command::new("java");
+    command
+        .args(["-Xms64m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"])
+        .arg(format!("-Dlog4j2.configurationFile={}", super::repo_path("tests/kafka/log4j2.yaml").display()))
+        .arg("-cp")
+        .arg(format!("{}/*", libs().display()));
+    command
+}
+
+/// What `StorageTool random-uuid` prints, without a JVM start.
+fn cluster_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    (0..22).map(|_| ALPHABET[fastrand::usize(..64)] as char).collect()
+}
+
+/// Broker settings for tests: small, fast to start, internal topics sized
+/// for the cluster, topic auto-creation off so tests create what they use.
+fn server_properties(id: u32, port: u16, controller_port: u16, voters: &str, dir: &Path, count: u32) -> String {
+    let rf = count.min(3);
+    let isr = if count >= 3 { 2 } else { 1 };
+    format!(
+        "process.roles=broker,controller\nnode.id={id}\ncontroller.quorum.voters={voters}\n\
+         listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+         advertised.listeners=PLAINTEXT://127.0.0.1:{port}\ncontroller.listener.names=CONTROLLER\n\
+         inter.broker.listener.name=PLAINTEXT\nlistener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+         log.dirs={}\nnum.partitions=1\ndefault.replication.factor={rf}\nmin.insync.replicas={isr}\n\
+         auto.create.topics.enable=false\n\
+         offsets.topic.replication.factor={rf}\noffsets.topic.num.partitions=1\n\
+         transaction.state.log.replication.factor={rf}\ntransaction.state.log.min.isr={isr}\ntransaction.state.log.num.partitions=1\n\
+         share.coordinator.state.topic.replication.factor={rf}\nshare.coordinator.state.topic.min.isr={isr}\n\
+         group.initial.rebalance.delay.ms=0\nlog.cleaner.dedupe.buffer.size=2097152\n\
+         num.network.threads=2\nnum.io.threads=2\nbackground.threads=2\nnum.recovery.threads.per.data.dir=1\n\
+         broker.heartbeat.interval.ms=500\nbroker.session.timeout.ms=2000\n",
+        dir.join("data").display()
+    )
+}
+
+/// Data dirs of test processes that died without cleaning up.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("mkb-kafka-") else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

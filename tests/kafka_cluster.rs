@@ -1,0 +1,73 @@
+//! The three-broker rig: a transactional produce survives the loss of the
+//! partition leader. Later fault tests (leader change, broker loss under
+//! load) build on `KafkaCluster`.
+
+mod common;
+
+use common::kafka::{create_topics, KafkaCluster};
+use common::unique;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use std::time::{Duration, Instant};
+
+fn leader(cluster: &KafkaCluster, topic: &str) -> u32 {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &cluster.bootstrap).create().unwrap();
+    let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let leader_id = metadata.topics()[0].partitions()[0].leader();
+    let broker = metadata.brokers().iter().find(|b| b.id() == leader_id).expect("leader broker");
+    cluster.node_with_port(broker.port() as u16).expect("leader is one of ours")
+}
+
+fn commit_batch(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, range: std::ops::Range<u32>) {
+    p.begin_transaction().unwrap();
+    for i in range {
+        let value = i.to_string();
+        p.send(BaseRecord::<(), String>::to(topic).payload(&value)).expect("enqueue");
+    }
+    p.commit_transaction(Duration::from_secs(60)).expect("commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_produce_survives_losing_the_partition_leader() {
+    let mut cluster = KafkaCluster::start(3);
+    let topic = unique("failover");
+    create_topics(&cluster.bootstrap, &[&topic], 1, 3).await;
+
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cluster.bootstrap)
+        .set("transactional.id", unique("failover-tx"))
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    p.init_transactions(Duration::from_secs(60)).unwrap();
+    commit_batch(&p, &topic, 0..100);
+
+    let victim = leader(&cluster, &topic);
+    cluster.kill(victim);
+    commit_batch(&p, &topic, 100..200);
+    let new_leader = leader(&cluster, &topic);
+    assert_ne!(new_leader, victim, "leadership moved");
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cluster.bootstrap)
+        .set("group.id", unique("failover-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 200 {
+        assert!(Instant::now() < deadline, "read {} of 200:\n{}", seen.len(), cluster.logs());
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            seen.push(String::from_utf8_lossy(m.payload().unwrap()).parse::<u32>().unwrap());
+        }
+    }
+    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "every committed record once, in order");
+
+    cluster.restart(victim);
+    assert_eq!(cluster.node_ids().len(), 3);
+}
