@@ -22,7 +22,9 @@ const SETTLE: Duration = Duration::from_millis(500);
 async fn kafka_with_topics(topics: &Topics) -> common::kafka::TestKafka {
     let kafka = test_kafka();
     let names = topics.all();
-    kafka.create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3).await;
+    kafka
+        .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
+        .await;
     kafka
 }
 
@@ -78,7 +80,11 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
     let bootstrap = kafka.bootstrap();
     let config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
     let bridge = Bridge::start(config).await;
-    let (telemetry_topic, diagnostics_topic, dead_topic) = (topics.telemetry(), topics.diagnostics(), topics.dead_letter());
+    let (telemetry_topic, diagnostics_topic, dead_topic) = (
+        topics.telemetry(),
+        topics.diagnostics(),
+        topics.dead_letter(),
+    );
 
     let mut messages = Vec::new();
     for qos in 0..=2u8 {
@@ -298,7 +304,14 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     }
     let bootstrap = kafka.bootstrap_servers();
     let client_id = unique("bridge");
-    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &topics)).await;
+    let bridge = Bridge::start(bridge_config(
+        broker.port,
+        &bootstrap,
+        &client_id,
+        "",
+        &topics,
+    ))
+    .await;
 
     kafka.broker_down(1).expect("broker down");
     let messages: Vec<_> = (0..300u32)
@@ -321,7 +334,14 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     );
     kafka.broker_up(1).expect("broker up");
 
-    let bridge = Bridge::start(bridge_config(broker.port, &bootstrap, &client_id, "", &topics)).await;
+    let bridge = Bridge::start(bridge_config(
+        broker.port,
+        &bootstrap,
+        &client_id,
+        "",
+        &topics,
+    ))
+    .await;
     let landed = read_committed(&bootstrap, &[&topics.telemetry()], 300, ARRIVE, SETTLE);
     bridge.stop().await;
     // At least once here: the first bridge's commit may still complete once

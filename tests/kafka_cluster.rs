@@ -13,20 +13,37 @@ use rdkafka::ClientConfig;
 use std::time::{Duration, Instant};
 
 fn leader(cluster: &KafkaCluster, topic: &str) -> u32 {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &cluster.bootstrap).create().unwrap();
-    let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cluster.bootstrap)
+        .create()
+        .unwrap();
+    let metadata = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
     let leader_id = metadata.topics()[0].partitions()[0].leader();
-    let broker = metadata.brokers().iter().find(|b| b.id() == leader_id).expect("leader broker");
-    cluster.node_with_port(broker.port() as u16).expect("leader is one of ours")
+    let broker = metadata
+        .brokers()
+        .iter()
+        .find(|b| b.id() == leader_id)
+        .expect("leader broker");
+    cluster
+        .node_with_port(broker.port() as u16)
+        .expect("leader is one of ours")
 }
 
-fn commit_batch(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, range: std::ops::Range<u32>) {
+fn commit_batch(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    range: std::ops::Range<u32>,
+) {
     p.begin_transaction().unwrap();
     for i in range {
         let value = i.to_string();
-        p.send(BaseRecord::<(), String>::to(topic).payload(&value)).expect("enqueue");
+        p.send(BaseRecord::<(), String>::to(topic).payload(&value))
+            .expect("enqueue");
     }
-    p.commit_transaction(Duration::from_secs(60)).expect("commit");
+    p.commit_transaction(Duration::from_secs(60))
+        .expect("commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,12 +78,25 @@ async fn transactional_produce_survives_losing_the_partition_leader() {
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen.len() < 200 {
-        assert!(Instant::now() < deadline, "read {} of 200:\n{}", seen.len(), cluster.logs());
+        assert!(
+            Instant::now() < deadline,
+            "read {} of 200:\n{}",
+            seen.len(),
+            cluster.logs()
+        );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            seen.push(String::from_utf8_lossy(m.payload().unwrap()).parse::<u32>().unwrap());
+            seen.push(
+                String::from_utf8_lossy(m.payload().unwrap())
+                    .parse::<u32>()
+                    .unwrap(),
+            );
         }
     }
-    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "every committed record once, in order");
+    assert_eq!(
+        seen,
+        (0..200).collect::<Vec<_>>(),
+        "every committed record once, in order"
+    );
 
     cluster.restart(victim);
     assert_eq!(cluster.node_ids().len(), 3);

@@ -20,12 +20,14 @@ fn producer(bootstrap: &str, transactional_id: &str) -> ThreadedProducer<Default
         .set("transactional.id", transactional_id)
         .create()
         .expect("producer");
-    p.init_transactions(Duration::from_secs(30)).expect("init_transactions");
+    p.init_transactions(Duration::from_secs(30))
+        .expect("init_transactions");
     p
 }
 
 fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, value: &str) {
-    p.send(BaseRecord::<(), str>::to(topic).payload(value)).expect("enqueue");
+    p.send(BaseRecord::<(), str>::to(topic).payload(value))
+        .expect("enqueue");
 }
 
 /// Every value in `topic` visible at `isolation`, read until `expected`
@@ -44,11 +46,16 @@ fn values(bootstrap: &str, topic: &str, isolation: &str, expected: usize) -> Vec
     let mut out = Vec::new();
     loop {
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned()),
+            Some(Ok(m)) => {
+                out.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned())
+            }
             Some(Err(KafkaError::PartitionEOF(_))) if out.len() >= expected => return out,
             _ => {}
         }
-        assert!(Instant::now() < deadline, "{isolation}: only {out:?} within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "{isolation}: only {out:?} within 30 s"
+        );
     }
 }
 
@@ -70,7 +77,12 @@ async fn aborted_records_are_invisible_to_read_committed_and_old_producers_are_f
     p.commit_transaction(Duration::from_secs(10)).unwrap();
 
     let committed = values(&bootstrap, &topic, "read_committed", 1);
-    assert_eq!(committed, ["committed"], "{}: read_committed must not see aborted records", kafka.name());
+    assert_eq!(
+        committed,
+        ["committed"],
+        "{}: read_committed must not see aborted records",
+        kafka.name()
+    );
     let uncommitted = values(&bootstrap, &topic, "read_uncommitted", 2);
     assert_eq!(uncommitted, ["aborted", "committed"], "{}", kafka.name());
 
@@ -80,11 +92,20 @@ async fn aborted_records_are_invisible_to_read_committed_and_old_producers_are_f
     let newer = producer(&bootstrap, &id);
     let commit = p.commit_transaction(Duration::from_secs(10));
     match commit {
-        Err(KafkaError::Transaction(e)) => assert!(e.is_fatal(), "fenced producer's commit must fail fatally: {e}"),
-        other => panic!("{}: the old producer was not fenced: {other:?}", kafka.name()),
+        Err(KafkaError::Transaction(e)) => assert!(
+            e.is_fatal(),
+            "fenced producer's commit must fail fatally: {e}"
+        ),
+        other => panic!(
+            "{}: the old producer was not fenced: {other:?}",
+            kafka.name()
+        ),
     }
     newer.begin_transaction().unwrap();
     send(&newer, &topic, "newer");
     newer.commit_transaction(Duration::from_secs(10)).unwrap();
-    assert_eq!(values(&bootstrap, &topic, "read_committed", 2), ["committed", "newer"]);
+    assert_eq!(
+        values(&bootstrap, &topic, "read_committed", 2),
+        ["committed", "newer"]
+    );
 }

@@ -81,9 +81,16 @@ pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32, re
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
-    let new: Vec<_> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
+    let new: Vec<_> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new, &options).await.expect("create topics") {
+    for result in admin
+        .create_topics(&new, &options)
+        .await
+        .expect("create topics")
+    {
         match result {
             Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => panic!("cannot create topic {topic}: {code}"),
@@ -102,7 +109,8 @@ fn shared_broker() -> &'static str {
             .name("shared-kafka".into())
             .spawn(move || {
                 let cluster = KafkaCluster::start(1);
-                tx.send(cluster.bootstrap.clone()).expect("report bootstrap");
+                tx.send(cluster.bootstrap.clone())
+                    .expect("report bootstrap");
                 loop {
                     std::thread::park();
                 }
@@ -117,7 +125,10 @@ fn libs() -> &'static Path {
     static LIBS: OnceLock<PathBuf> = OnceLock::new();
     LIBS.get_or_init(|| {
         let script = super::repo_path("tests/kafka/fetch.sh");
-        let out = Command::new("bash").arg(&script).output().expect("run tests/kafka/fetch.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run tests/kafka/fetch.sh");
         assert!(
             out.status.success(),
             "tests/kafka/fetch.sh failed (needs java 17+ and, once, mvn):\n{}",
@@ -147,7 +158,11 @@ impl KafkaCluster {
     /// Formats and starts `count` nodes and waits until all answer.
     pub fn start(count: u32) -> Self {
         remove_stale_dirs();
-        let dir = std::env::temp_dir().join(format!("mkb-kafka-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = std::env::temp_dir().join(format!(
+            "mkb-kafka-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).expect("kafka dir");
         let ports: Vec<(u16, u16)> = (0..count)
             .map(|_| (super::mosquitto::free_port(), super::mosquitto::free_port()))
@@ -164,8 +179,26 @@ impl KafkaCluster {
             let node_dir = dir.join(format!("node{id}"));
             std::fs::create_dir_all(&node_dir).unwrap();
             let properties = node_dir.join("server.properties");
-            std::fs::write(&properties, server_properties(id, *port, *controller_port, &voters.join(","), &node_dir, count)).unwrap();
-            nodes.push(Node { id, port: *port, controller_port: *controller_port, properties, log: node_dir.join("server.log"), child: None });
+            std::fs::write(
+                &properties,
+                server_properties(
+                    id,
+                    *port,
+                    *controller_port,
+                    &voters.join(","),
+                    &node_dir,
+                    count,
+                ),
+            )
+            .unwrap();
+            nodes.push(Node {
+                id,
+                port: *port,
+                controller_port: *controller_port,
+                properties,
+                log: node_dir.join("server.log"),
+                child: None,
+            });
         }
         let formats: Vec<_> = nodes
             .iter()
@@ -181,10 +214,22 @@ impl KafkaCluster {
             .collect();
         for f in formats {
             let out = f.wait_with_output().expect("StorageTool");
-            assert!(out.status.success(), "format failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "format failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let bootstrap = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",");
-        let mut cluster = Self { nodes, bootstrap, dir };
+        let bootstrap = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            nodes,
+            bootstrap,
+            dir,
+        };
         for id in 1..=count {
             cluster.launch(id);
         }
@@ -194,7 +239,11 @@ impl KafkaCluster {
 
     fn launch(&mut self, id: u32) {
         let node = &mut self.nodes[id as usize - 1];
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
         let mut command = java();
         command
             .arg("kafka.Kafka")
@@ -221,7 +270,10 @@ impl KafkaCluster {
                 }
             }
             if Instant::now() > deadline {
-                panic!("Kafka did not start within {START_TIMEOUT:?}:\n{}", self.logs());
+                panic!(
+                    "Kafka did not start within {START_TIMEOUT:?}:\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -229,7 +281,11 @@ impl KafkaCluster {
 
     /// Ids of the running nodes.
     pub fn node_ids(&self) -> Vec<u32> {
-        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
     }
 
     /// The node serving `127.0.0.1:port`.
@@ -252,7 +308,11 @@ impl KafkaCluster {
         let node = &self.nodes[id as usize - 1];
         let deadline = Instant::now() + START_TIMEOUT;
         while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-            assert!(Instant::now() < deadline, "node {id} did not restart:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not restart:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -263,8 +323,21 @@ impl KafkaCluster {
             .iter()
             .map(|n| {
                 let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-                let tail: Vec<_> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-                format!("--- node {} (port {}, controller {}) ---\n{}", n.id, n.port, n.controller_port, tail.join("\n"))
+                let tail: Vec<_> = text
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!(
+                    "--- node {} (port {}, controller {}) ---\n{}",
+                    n.id,
+                    n.port,
+                    n.controller_port,
+                    tail.join("\n")
+                )
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -297,8 +370,17 @@ impl Drop for KafkaCluster {
 fn java() -> Command {
     let mut command = Command::new("java");
     command
-        .args(["-Xms64m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"])
-        .arg(format!("-Dlog4j2.configurationFile={}", super::repo_path("tests/kafka/log4j2.yaml").display()))
+        .args([
+            "-Xms64m",
+            "-Xmx256m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+        ])
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            super::repo_path("tests/kafka/log4j2.yaml").display()
+        ))
         .arg("-cp")
         .arg(format!("{}/*", libs().display()));
     command
@@ -307,12 +389,21 @@ fn java() -> Command {
 /// What `StorageTool random-uuid` prints, without a JVM start.
 fn cluster_id() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    (0..22).map(|_| ALPHABET[fastrand::usize(..64)] as char).collect()
+    (0..22)
+        .map(|_| ALPHABET[fastrand::usize(..64)] as char)
+        .collect()
 }
 
 /// Broker settings for tests: small, fast to start, internal topics sized
 /// for the cluster, topic auto-creation off so tests create what they use.
-fn server_properties(id: u32, port: u16, controller_port: u16, voters: &str, dir: &Path, count: u32) -> String {
+fn server_properties(
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    voters: &str,
+    dir: &Path,
+    count: u32,
+) -> String {
     let rf = count.min(3);
     let isr = if count >= 3 { 2 } else { 1 };
     format!(
@@ -334,11 +425,17 @@ fn server_properties(id: u32, port: u16, controller_port: u16, voters: &str, dir
 
 /// Data dirs of test processes that died without cleaning up.
 fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("mkb-kafka-") else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix("mkb-kafka-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());

@@ -53,7 +53,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new() -> Self {
-        Self { prefix: format!("{}.", unique("t")) }
+        Self {
+            prefix: format!("{}.", unique("t")),
+        }
     }
     pub fn telemetry(&self) -> String {
         format!("{}hvac.telemetry", self.prefix)
@@ -72,7 +74,13 @@ impl Topics {
 /// A bridge config for the given broker and Kafka running
 /// `mappings/hvac.yaml`, its Kafka topics renamed into `topics`.
 /// `extra_mqtt` is YAML added to the `mqtt` section.
-pub fn bridge_config(mqtt_port: u16, bootstrap: &str, client_id: &str, extra_mqtt: &str, topics: &Topics) -> Config {
+pub fn bridge_config(
+    mqtt_port: u16,
+    bootstrap: &str,
+    client_id: &str,
+    extra_mqtt: &str,
+    topics: &Topics,
+) -> Config {
     let text = format!(
         "mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: {client_id}\n  keep_alive_s: 5\n  reconnect_delay_ms: 100\n{extra_mqtt}\
          kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {client_id}\n  dead_letter_topic: {dlq}\n\

@@ -1,0 +1,381 @@
+//! End-to-end benchmark: MQTT publisher → mosquitto → bridge (the release
+//! binary, its own process) → Kafka → `read_committed` consumer.
+//!
+//! `cargo bench --bench end_to_end` (env: `BENCH_MESSAGES`, default 100000;
+//! `BENCH_KAFKA=mock,real`). Needs mosquitto, mosquitto_sub
+//! (mosquitto-clients) and, for `real`, Java 17 (see docs/testing.md).
+//! Reports per Kafka: the reference (the same load delivered by the same
+//! broker to `mosquitto_sub`), the Kafka ceiling (the same records produced
+//! straight to the same Kafka, transactional, no MQTT), and the bridge's
+//! throughput, latency, CPU and memory. See docs/performance.md.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::kafka::{create_topics, KafkaCluster};
+use common::mosquitto::Mosquitto;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const TOPIC_FILTER: &str = "site/+/hvac/+/telemetry";
+const BATCH: usize = 1000;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+fn payload(seq: u64) -> Vec<u8> {
+    format!(
+        r#"{{"ts":{},"ambient_c":21.4,"target_c":22.0,"humidity_pct":41.2,"air_quality_ppm":612,"blower_pct":55,"load_pct":48.5,"energy_kwh":1234.567,"mode":"cool","seq":{seq},"sent_us":{}}}"#,
+        now_us() / 1000,
+        now_us()
+    )
+    .into_bytes()
+}
+
+/// Publishes `count` messages at QoS 1 (`rate` per second, or as fast as the
+/// broker acks), waiting for every PUBACK.
+async fn publish(port: u16, first_seq: u64, count: u64, rate: Option<f64>) {
+    let mut options = MqttOptions::new(common::unique("bench-pub"), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(options, 10_000);
+    let feeder = tokio::spawn(async move {
+        let start = Instant::now();
+        for i in 0..count {
+            if let Some(rate) = rate {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let seq = first_seq + i;
+            let topic = format!("site/s{}/hvac/u{}/telemetry", seq % 4, seq % 64);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload(seq))
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acks = 0;
+    while acks < count {
+        if let Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) =
+            events.poll().await.expect("publisher")
+        {
+            acks += 1;
+        }
+    }
+    let client = feeder.await.unwrap();
+    client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+}
+
+/// The broker delivering the same load to one `mosquitto_sub`.
+async fn reference_rate(broker: &Mosquitto, n: u64) -> f64 {
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-q",
+            "1",
+            "-i",
+            &common::unique("ref"),
+        ])
+        .args(["-t", TOPIC_FILTER, "-F", "%m"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    let stdout = sub.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut count = 0u64;
+        for _ in std::io::BufReader::new(stdout).lines() {
+            count += 1;
+            if count == 1 {
+                let _ = tx.send(());
+            }
+            if count == n + 1 {
+                break;
+            }
+        }
+        Instant::now()
+    });
+    // Warm-up: one message, repeated until the subscriber has it.
+    loop {
+        publish(broker.port, u64::MAX / 2, 1, None).await;
+        if rx.recv_timeout(Duration::from_millis(300)).is_ok() {
+            break;
+        }
+    }
+    let start = Instant::now();
+    publish(broker.port, 0, n, None).await;
+    let end = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    let _ = sub.kill();
+    let _ = sub.wait();
+    n as f64 / end.duration_since(start).as_secs_f64()
+}
+
+/// The same records produced straight to Kafka, transactional, in batches
+/// of the bridge's size: the Kafka side's ceiling.
+fn kafka_ceiling(bootstrap: &str, topic: &str, n: u64) -> f64 {
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", common::unique("ceiling"))
+        .create()
+        .unwrap();
+    p.init_transactions(Duration::from_secs(30)).unwrap();
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while seq < n {
+        p.begin_transaction().unwrap();
+        for _ in 0..BATCH.min((n - seq) as usize) {
+            let key = format!("s{}.u{}", seq % 4, seq % 64);
+            let value = payload(seq);
+            let mut record = BaseRecord::to(topic).key(&key).payload(&value);
+            loop {
+                match p.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        record = back;
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
+            seq += 1;
+        }
+        p.commit_transaction(Duration::from_secs(30)).unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+struct BridgeRun {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_msg: f64,
+    peak_rss_mib: f64,
+    rss_mib: f64,
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    fields
+        .get(11)
+        .and_then(|u| u.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs the bridge binary against `broker` and `bootstrap`, publishes `n`
+/// messages (paced at `rate` or flat out) and reads them back.
+async fn bridge_run(broker: &Mosquitto, bootstrap: &str, n: u64, rate: Option<f64>) -> BridgeRun {
+    let topics = common::Topics::new();
+    let names = topics.all();
+    create_topics(
+        bootstrap,
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        3,
+        -1,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = std::fs::read_to_string(common::repo_path("mappings/hvac.yaml"))
+        .unwrap()
+        .replace("topic: hvac.", &format!("topic: {}hvac.", topics.prefix))
+        .replace(
+            "schemas/",
+            &format!("{}/", common::repo_path("mappings/schemas").display()),
+        );
+    std::fs::write(dir.path().join("hvac.yaml"), mapping).unwrap();
+    let id = common::unique("bench-bridge");
+    let config = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mqtt: {{ host: 127.0.0.1, port: {}, client_id: {id}, inflight_window: 2000 }}\n\
+             kafka: {{ bootstrap_servers: '{bootstrap}', transactional_id: {id}, dead_letter_topic: {} }}\n\
+             delivery: {{ batch_max_messages: {BATCH}, commit_interval_ms: 100 }}\nmappings: ['hvac.yaml']\n",
+            broker.port,
+            topics.dead_letter()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"))
+        .args(["run", "--config", config.to_str().unwrap(), "--log", "warn"])
+        .spawn()
+        .expect("bridge binary");
+    let pid = child.id();
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", common::unique("bench-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topics.telemetry()]).unwrap();
+    // Warm-up until the bridge is subscribed and a record comes through.
+    let mut warm = 0u64;
+    'warm: loop {
+        publish(broker.port, 10_000_000 + warm, 1, None).await;
+        warm += 1;
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
+                break 'warm;
+            }
+        }
+        assert!(
+            warm < 120,
+            "bridge did not deliver a warm-up message in 60 s"
+        );
+    }
+    while let Some(Ok(_)) = consumer.poll(Duration::from_millis(300)) {}
+
+    let cpu_before = proc_cpu_ticks(pid);
+    let start = Instant::now();
+    let port = broker.port;
+    let publisher = tokio::spawn(async move { publish(port, 0, n, rate).await });
+    let mut latencies = Vec::with_capacity(n as usize);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (latencies.len() as u64) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records in 600 s",
+            latencies.len()
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let received = now_us();
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            if v["seq"].as_u64().unwrap() < 10_000_000 {
+                latencies.push(received.saturating_sub(v["sent_us"].as_u64().unwrap()));
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    publisher.await.unwrap();
+    let cpu_ticks = proc_cpu_ticks(pid) - cpu_before;
+    let peak = proc_status_kib(pid, "VmHWM:");
+    let rss = proc_status_kib(pid, "VmRSS:");
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    BridgeRun {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        cpu_us_per_msg: cpu_ticks as f64 / ticks_per_s / n as f64 * 1e6,
+        peak_rss_mib: peak / 1024.0,
+        rss_mib: rss / 1024.0,
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {:.0} GiB", mem / 1024.0 / 1024.0)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; this harness takes its settings from env.
+    let n: u64 = std::env::var("BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let kinds = std::env::var("BENCH_KAFKA").unwrap_or_else(|_| "mock,real".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "end-to-end benchmark: {n} HVAC messages at QoS 1, batch {BATCH}, commit interval 100 ms"
+    );
+    println!("machine: {}", machine());
+    runtime.block_on(async {
+        let broker = Mosquitto::start();
+        let reference = reference_rate(&broker, n).await;
+        println!("reference (mosquitto -> mosquitto_sub): {reference:.0} msg/s");
+        for kind in kinds.split(',') {
+            let mock;
+            let real;
+            let bootstrap = match kind {
+                "mock" => {
+                    mock = MockCluster::new(1).unwrap();
+                    mock.bootstrap_servers()
+                }
+                "real" => {
+                    real = KafkaCluster::start(1);
+                    real.bootstrap.clone()
+                }
+                other => panic!("BENCH_KAFKA: unknown kind {other}"),
+            };
+            let ceiling_topic = common::unique("ceiling");
+            create_topics(&bootstrap, &[&ceiling_topic], 3, -1).await;
+            let ceiling = kafka_ceiling(&bootstrap, &ceiling_topic, n);
+            let full = bridge_run(&broker, &bootstrap, n, None).await;
+            let half = bridge_run(&broker, &bootstrap, n / 2, Some(full.rate / 2.0)).await;
+            println!("--- Kafka: {kind} ---");
+            println!("kafka ceiling (rdkafka, transactional, no MQTT): {ceiling:.0} msg/s");
+            println!(
+                "bridge flat out: {:.0} msg/s = {:.2} x reference; latency p50 {:.1} ms, p99 {:.1} ms; CPU {:.1} us/msg ({:.1} s per million); RSS {:.1} MiB (peak {:.1} MiB)",
+                full.rate, full.rate / reference, full.p50_ms, full.p99_ms, full.cpu_us_per_msg, full.cpu_us_per_msg, full.rss_mib, full.peak_rss_mib
+            );
+            println!(
+                "bridge at half that rate ({:.0} msg/s offered): latency p50 {:.1} ms, p99 {:.1} ms; CPU {:.1} us/msg",
+                full.rate / 2.0, half.p50_ms, half.p99_ms, half.cpu_us_per_msg
+            );
+        }
+    });
+}
