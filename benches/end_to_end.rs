@@ -12,12 +12,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::kafka::{create_topics, KafkaCluster};
+use common::kafka::TestKafka;
 use common::mosquitto::Mosquitto;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -131,7 +130,7 @@ async fn reference_rate(broker: &Mosquitto, n: u64) -> f64 {
 /// The same records produced straight to Kafka, transactional, in batches
 /// of the bridge's size: the Kafka side's ceiling.
 fn kafka_ceiling(bootstrap: &str, topic: &str, n: u64) -> f64 {
-    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let p: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("transactional.id", common::unique("ceiling"))
         .create()
@@ -150,11 +149,16 @@ fn kafka_ceiling(bootstrap: &str, topic: &str, n: u64) -> f64 {
                     Ok(()) => break,
                     Err((_, back)) => {
                         record = back;
-                        std::thread::sleep(Duration::from_micros(200));
+                        p.poll(Duration::from_millis(1));
                     }
                 }
             }
             seq += 1;
+        }
+        // The same flush as the bridge's sink (see src/kafka/sink.rs):
+        // rust-rdkafka's own flush adds 100 ms per commit.
+        while p.in_flight_count() > 0 {
+            p.poll(Duration::from_millis(10));
         }
         p.commit_transaction(Duration::from_secs(30)).unwrap();
     }
@@ -200,16 +204,13 @@ fn proc_status_kib(pid: u32, field: &str) -> f64 {
 
 /// Runs the bridge binary against `broker` and `bootstrap`, publishes `n`
 /// messages (paced at `rate` or flat out) and reads them back.
-async fn bridge_run(broker: &Mosquitto, bootstrap: &str, n: u64, rate: Option<f64>) -> BridgeRun {
+async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<f64>) -> BridgeRun {
+    let bootstrap = &kafka.bootstrap();
     let topics = common::Topics::new();
     let names = topics.all();
-    create_topics(
-        bootstrap,
-        &names.iter().map(String::as_str).collect::<Vec<_>>(),
-        3,
-        -1,
-    )
-    .await;
+    kafka
+        .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let mapping = std::fs::read_to_string(common::repo_path("mappings/hvac.yaml"))
         .unwrap()
@@ -232,8 +233,16 @@ async fn bridge_run(broker: &Mosquitto, bootstrap: &str, n: u64, rate: Option<f6
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"))
-        .args(["run", "--config", config.to_str().unwrap(), "--log", "warn"])
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"));
+    common::die_with_parent(&mut command);
+    let mut child = command
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--log",
+            &std::env::var("BENCH_BRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
+        ])
         .spawn()
         .expect("bridge binary");
     let pid = child.id();
@@ -265,6 +274,7 @@ async fn bridge_run(broker: &Mosquitto, bootstrap: &str, n: u64, rate: Option<f6
     }
     while let Some(Ok(_)) = consumer.poll(Duration::from_millis(300)) {}
 
+    eprintln!("  bridge warm ({warm} warm-up messages); publishing {n}");
     let cpu_before = proc_cpu_ticks(pid);
     let start = Instant::now();
     let port = broker.port;
@@ -286,6 +296,7 @@ async fn bridge_run(broker: &Mosquitto, bootstrap: &str, n: u64, rate: Option<f6
         }
     }
     let elapsed = start.elapsed();
+    eprintln!("  {n} records read in {elapsed:?}");
     publisher.await.unwrap();
     let cpu_ticks = proc_cpu_ticks(pid) - cpu_before;
     let peak = proc_status_kib(pid, "VmHWM:");
@@ -348,24 +359,19 @@ fn main() {
         let reference = reference_rate(&broker, n).await;
         println!("reference (mosquitto -> mosquitto_sub): {reference:.0} msg/s");
         for kind in kinds.split(',') {
-            let mock;
-            let real;
-            let bootstrap = match kind {
-                "mock" => {
-                    mock = MockCluster::new(1).unwrap();
-                    mock.bootstrap_servers()
-                }
-                "real" => {
-                    real = KafkaCluster::start(1);
-                    real.bootstrap.clone()
-                }
+            let kafka = match kind {
+                "mock" => TestKafka::mock(),
+                "real" => TestKafka::real(),
                 other => panic!("BENCH_KAFKA: unknown kind {other}"),
             };
+            let bootstrap = kafka.bootstrap();
             let ceiling_topic = common::unique("ceiling");
-            create_topics(&bootstrap, &[&ceiling_topic], 3, -1).await;
+            kafka.create_topics(&[&ceiling_topic], 3).await;
+            eprintln!("{kind}: measuring the Kafka ceiling");
             let ceiling = kafka_ceiling(&bootstrap, &ceiling_topic, n);
-            let full = bridge_run(&broker, &bootstrap, n, None).await;
-            let half = bridge_run(&broker, &bootstrap, n / 2, Some(full.rate / 2.0)).await;
+            eprintln!("{kind}: {ceiling:.0} msg/s; bridge flat out");
+            let full = bridge_run(&broker, &kafka, n, None).await;
+            let half = bridge_run(&broker, &kafka, n / 2, Some(full.rate / 2.0)).await;
             println!("--- Kafka: {kind} ---");
             println!("kafka ceiling (rdkafka, transactional, no MQTT): {ceiling:.0} msg/s");
             println!(

@@ -68,7 +68,9 @@ pub async fn run_with_readiness(
     let session = MqttSession::new(&bridge.mqtt, subscriptions)?;
     let acker = session.acker();
     let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
-    let stop_intake = CancellationToken::new();
+    // Intake stops forwarding as soon as shutdown is requested, and keeps
+    // polling so the last acks and the DISCONNECT go out.
+    let stop_intake = shutdown.child_token();
     let finished = CancellationToken::new();
     let mut intake =
         tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));

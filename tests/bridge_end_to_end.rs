@@ -359,3 +359,49 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
         broker.log()
     );
 }
+
+/// Regression: with a broker that sends more than the in-flight window
+/// (MQTT 3.1.1 has no Receive Maximum; the test broker allows unlimited
+/// in-flight messages), acks used to pile up in rumqttc's request channel
+/// until the commit loop blocked on one while the intake waited for the
+/// commit loop: a deadlock. Acks are now offered without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_the_inflight_window_does_not_stall() {
+    let broker = Mosquitto::start();
+    let topics = Topics::new();
+    let kafka = kafka_with_topics(&topics).await;
+    let bootstrap = kafka.bootstrap();
+    let mut config = bridge_config(
+        broker.port,
+        &bootstrap,
+        &unique("bridge"),
+        "  protocol: v311\n  inflight_window: 8\n",
+        &topics,
+    );
+    config.bridge.delivery.batch_max_messages = 5;
+    let bridge = Bridge::start(config).await;
+    let messages: Vec<_> = (0..3000u32)
+        .map(|seq| {
+            Publish::new(
+                format!("site/f/hvac/u{}/telemetry", seq % 5),
+                telemetry(seq % 5, seq),
+                1,
+            )
+        })
+        .collect();
+    publish_all(broker.port, &messages).await;
+    let landed = read_committed(
+        &bootstrap,
+        &[&topics.telemetry()],
+        3000,
+        Duration::from_secs(90),
+        SETTLE,
+    );
+    bridge.stop().await;
+    let mut seqs: Vec<u64> = landed
+        .iter()
+        .map(|r| r.json()["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (0..3000).collect::<Vec<u64>>());
+}

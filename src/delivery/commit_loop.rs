@@ -5,7 +5,7 @@ use crate::kafka::{SinkError, TransactionalSink};
 use crate::mqtt::{AckToken, Acker, Delivery, MqttError};
 use crate::route::{KafkaRecord, Outcome, RouteTable};
 use crate::telemetry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -18,6 +18,9 @@ pub enum DeliveryError {
     #[error(transparent)]
     Mqtt(#[from] MqttError),
 }
+
+/// How often a backlog of acks is offered to the MQTT client again.
+const ACK_RETRY: Duration = Duration::from_millis(2);
 
 /// Backoff between attempts to get a batch committed while Kafka is failing.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -36,10 +39,19 @@ struct Batch {
 }
 
 /// Routes, produces, commits and acknowledges.
+///
+/// Acks of committed messages wait in `acks` (in arrival order) and are
+/// handed to the MQTT client without ever awaiting room in its request
+/// channel. Awaiting would close a cycle: the intake task drains that
+/// channel only while it polls, and it stops polling while it waits for
+/// this loop to take a message from a full delivery channel. The backlog
+/// holds only packet ids and is bounded by the broker's in-flight limit
+/// (MQTT 5 Receive Maximum, or the broker's own setting for 3.1.1).
 pub struct CommitLoop {
     table: Arc<RouteTable>,
     sink: TransactionalSink,
     acker: Acker,
+    acks: VecDeque<AckToken>,
     batch_max_messages: usize,
     commit_interval: Duration,
 }
@@ -55,6 +67,7 @@ impl CommitLoop {
             table,
             sink,
             acker,
+            acks: VecDeque::new(),
             batch_max_messages: delivery.batch_max_messages,
             commit_interval: Duration::from_millis(delivery.commit_interval_ms),
         }
@@ -69,11 +82,13 @@ impl CommitLoop {
         shutdown: CancellationToken,
     ) -> Result<(), DeliveryError> {
         loop {
+            self.offer_acks();
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return self.drain_acks().await,
+                _ = tokio::time::sleep(ACK_RETRY), if !self.acks.is_empty() => continue,
                 first = input.recv() => match first {
                     Some(d) => d,
-                    None => return Ok(()),
+                    None => return self.drain_acks().await,
                 },
             };
             let mut batch = Batch::default();
@@ -85,6 +100,7 @@ impl CommitLoop {
                     biased;
                     _ = shutdown.cancelled() => { stopping = true; break; }
                     _ = tokio::time::sleep_until(deadline) => break,
+                    _ = tokio::time::sleep(ACK_RETRY), if !self.acks.is_empty() => self.offer_acks(),
                     next = input.recv() => match next {
                         Some(d) => self.add(&mut batch, d).await?,
                         None => { stopping = true; break; }
@@ -92,17 +108,34 @@ impl CommitLoop {
                 }
             }
             if !self.commit(&mut batch, &shutdown).await? {
-                // Shut down before Kafka took the batch: acknowledge nothing,
-                // the broker redelivers it to the next run.
-                return Ok(());
+                // Shut down before Kafka took the batch: acknowledge nothing
+                // of it; the broker redelivers it to the next run.
+                return self.drain_acks().await;
             }
-            for token in batch.acks.drain(..) {
-                self.acker.ack(token).await?;
-            }
+            self.acks.extend(batch.acks.drain(..));
             if stopping {
-                return Ok(());
+                return self.drain_acks().await;
             }
         }
+    }
+
+    /// Hands queued acks to the MQTT client, in order, as far as it has room.
+    fn offer_acks(&mut self) {
+        while let Some(token) = self.acks.front() {
+            if !self.acker.try_ack(*token) {
+                break;
+            }
+            self.acks.pop_front();
+        }
+    }
+
+    /// At shutdown the intake only polls (it no longer forwards), so
+    /// awaiting room for the remaining acks cannot deadlock.
+    async fn drain_acks(&mut self) -> Result<(), DeliveryError> {
+        while let Some(token) = self.acks.pop_front() {
+            self.acker.ack(token).await?;
+        }
+        Ok(())
     }
 
     /// Routes one message into the batch.

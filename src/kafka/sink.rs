@@ -8,7 +8,8 @@ use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::route::KafkaRecord;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a Kafka failure must be handled.
@@ -42,8 +43,14 @@ impl SinkError {
 }
 
 /// A transactional producer.
+///
+/// A `BaseProducer` without a polling thread: the commit confirms every
+/// record of the transaction, so per-record delivery reports are not
+/// needed, and `commit_transaction` serves them itself while it flushes.
+/// (With `FutureProducer`, the flush inside each commit waited for its
+/// polling thread's 100 ms poll cycle.)
 pub struct TransactionalSink {
-    producer: FutureProducer,
+    producer: Arc<BaseProducer>,
     commit_timeout: Duration,
     in_transaction: bool,
 }
@@ -61,7 +68,7 @@ impl TransactionalSink {
             "transaction.timeout.ms",
             delivery.transaction_timeout_ms.to_string(),
         );
-        let producer: FutureProducer = config.create().map_err(SinkError::Create)?;
+        let producer: Arc<BaseProducer> = Arc::new(config.create().map_err(SinkError::Create)?);
         let timeout = Duration::from_millis(delivery.commit_timeout_ms);
         let init = producer.clone();
         blocking(move || init.init_transactions(timeout)).await?;
@@ -98,20 +105,21 @@ impl TransactionalSink {
                 value: Some(value),
             });
         }
-        let mut future = FutureRecord::to(&record.topic)
+        let mut base = BaseRecord::to(&record.topic)
             .payload(record.value.as_ref())
             .headers(headers)
             .timestamp(record.timestamp_ms);
         if let Some(key) = &record.key {
-            future = future.key(key.as_str());
+            base = base.key(key.as_str());
         }
         loop {
-            match self.producer.send_result(future) {
-                Ok(_delivery) => return Ok(()),
+            match self.producer.send(base) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // librdkafka's queue is full: give its threads a moment
-                    // to drain it to the brokers.
-                    future = back;
+                    // librdkafka's queue is full: serve delivery reports and
+                    // give its threads a moment to drain it to the brokers.
+                    base = back;
+                    self.producer.poll(Duration::ZERO);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 Err((error, _)) => return Err(SinkError::Abortable(error)),
@@ -127,7 +135,11 @@ impl TransactionalSink {
         }
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking(move || producer.commit_transaction(timeout)).await?;
+        blocking(move || {
+            flush(&producer, timeout)?;
+            producer.commit_transaction(timeout)
+        })
+        .await?;
         self.in_transaction = false;
         Ok(())
     }
@@ -143,6 +155,25 @@ impl TransactionalSink {
         self.in_transaction = false;
         Ok(())
     }
+}
+
+/// Waits until every record of the transaction is delivered, serving
+/// delivery reports as they arrive.
+///
+/// rust-rdkafka's `commit_transaction` flushes first too, but its flush
+/// polls in 100 ms steps, which put a 100 ms floor under every commit
+/// (measured: flush 100.1 ms, EndTxn 3 ms, for 1 or 1 000 records). After
+/// this flush nothing is in flight, so its own flush returns at once.
+fn flush(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + timeout;
+    while producer.in_flight_count() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        // Returns as soon as a delivery report is served.
+        producer.poll(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 async fn blocking(

@@ -67,6 +67,27 @@ impl Acker {
         }
     }
 
+    /// Queues the ack without waiting; `false` when the request channel is
+    /// full (or closed), so the caller keeps the token and tries again. The
+    /// commit loop never awaits an ack: the task that drains the channel may
+    /// itself be waiting for the commit loop to take a message (see
+    /// `delivery::commit_loop`).
+    pub fn try_ack(&self, token: AckToken) -> bool {
+        match self {
+            Self::V311(client) => {
+                let mut p = rumqttc::Publish::new("", qos_v4(token.qos), Vec::new());
+                p.pkid = token.packet_id;
+                client.try_ack(&p).is_ok()
+            }
+            Self::V5(client) => {
+                let mut p =
+                    v5::mqttbytes::v5::Publish::new("", qos_v5(token.qos), Vec::<u8>::new(), None);
+                p.pkid = token.packet_id;
+                client.try_ack(&p).is_ok()
+            }
+        }
+    }
+
     /// Sends DISCONNECT. The broker keeps the session (when not clean), so
     /// unacknowledged messages are redelivered to the next connection.
     pub async fn disconnect(&self) -> Result<(), MqttError> {

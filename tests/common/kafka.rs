@@ -46,6 +46,16 @@ pub fn test_kafka() -> TestKafka {
 }
 
 impl TestKafka {
+    /// The real shared broker, whatever the environment says.
+    pub fn real() -> Self {
+        Self::Real(shared_broker().to_string())
+    }
+
+    /// A fresh mock cluster, whatever the environment says.
+    pub fn mock() -> Self {
+        Self::Mock(MockCluster::new(1).expect("mock cluster"))
+    }
+
     pub fn bootstrap(&self) -> String {
         match self {
             Self::Real(b) | Self::External(b) => b.clone(),
