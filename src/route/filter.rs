@@ -16,6 +16,14 @@ enum Level {
     Multi,
 }
 
+/// One level of a filter, for the route index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IndexLevel<'a> {
+    Literal(&'a str),
+    Single,
+    Multi,
+}
+
 /// A parsed topic filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicFilter {
@@ -113,6 +121,15 @@ impl TopicFilter {
             }
         }
         mine.next().is_none()
+    }
+
+    /// The levels as the route index sees them.
+    pub(crate) fn index_levels(&self) -> impl Iterator<Item = IndexLevel<'_>> {
+        self.levels.iter().map(|l| match l {
+            Level::Literal(text) => IndexLevel::Literal(text),
+            Level::Single(_) => IndexLevel::Single,
+            Level::Multi => IndexLevel::Multi,
+        })
     }
 
     /// The filter as sent to the broker: captures become `+`.

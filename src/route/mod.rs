@@ -10,6 +10,7 @@
 
 mod filter;
 mod format;
+mod index;
 mod table;
 mod template;
 mod transform;

@@ -408,3 +408,33 @@ fn every_error_is_reported_at_once() {
     let errors = table("routes:\n  - name: r\n    mqtt: { filter: 'a/#/b' }\n    kafka: { topic: 'x y' }\n  - name: s\n    mqtt: { filter: 'a', regex: '(' }\n    kafka: { topic: t }\n").unwrap_err();
     assert_eq!(errors.0.len(), 3, "{errors}");
 }
+
+#[test]
+fn large_tables_use_the_index_and_keep_precedence() {
+    // More routes than the linear-scan limit, with overlaps: the first in
+    // file order must still win, `#` must match its parent level, and a
+    // declining regex must fall through to the next candidate.
+    let mut yaml = String::from("routes:\n");
+    yaml.push_str("  - name: regex\n    mqtt: { filter: 'x/#', regex: '^x/keep/' }\n    format: raw\n    kafka: { topic: via-regex }\n");
+    for i in 0..30 {
+        yaml.push_str(&format!("  - name: r{i}\n    mqtt: {{ filter: 'x/n{i}/{{unit}}' }}\n    format: raw\n    kafka: {{ topic: t{i}, key: '{{unit}}' }}\n"));
+    }
+    yaml.push_str("  - name: wide\n    mqtt: { filter: 'x/#' }\n    format: raw\n    kafka: { topic: wide }\n");
+    let t = table(&yaml).unwrap();
+    assert!(t.routes().len() > LINEAR_SCAN_MAX);
+    let r = forward(t.route(&MqttMessage::new("x/n29/u1", "v")));
+    assert_eq!((r.topic.as_str(), r.key.as_deref()), ("t29", Some("u1")));
+    assert_eq!(
+        forward(t.route(&MqttMessage::new("x/keep/a", "v"))).topic,
+        "via-regex"
+    );
+    assert_eq!(
+        forward(t.route(&MqttMessage::new("x/n3/u1/extra", "v"))).topic,
+        "wide"
+    );
+    assert_eq!(forward(t.route(&MqttMessage::new("x", "v"))).topic, "wide");
+    assert_eq!(
+        t.route(&MqttMessage::new("y/n1/u1", "v")),
+        Outcome::Unrouted
+    );
+}
