@@ -18,6 +18,7 @@ pub const RECEIVED: &str = "bridge_messages_received_total";
 pub const PRODUCED: &str = "bridge_messages_produced_total";
 pub const DEAD_LETTERED: &str = "bridge_messages_dead_lettered_total";
 pub const UNROUTED: &str = "bridge_messages_unrouted_total";
+pub const KEPT_ON_MQTT: &str = "bridge_messages_kept_on_mqtt_total";
 pub const TX_COMMITTED: &str = "bridge_transactions_committed_total";
 pub const TX_ABORTED: &str = "bridge_transactions_aborted_total";
 pub const COMMIT_SECONDS: &str = "bridge_commit_duration_seconds";
@@ -77,6 +78,10 @@ fn describe() {
         "Messages committed to the dead-letter topic, by reason"
     );
     describe_counter!(UNROUTED, "MQTT messages that matched no route");
+    describe_counter!(
+        KEPT_ON_MQTT,
+        "MQTT messages in a declared M2M tree, never produced to Kafka"
+    );
     describe_counter!(TX_COMMITTED, "Kafka transactions committed");
     describe_counter!(TX_ABORTED, "Kafka transactions aborted");
     describe_histogram!(
@@ -104,6 +109,13 @@ pub fn message_unrouted(topic: &str) {
     tracing::debug!(topic, "message matched no route");
     counter!(UNROUTED).increment(1);
     STATS.unrouted.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A message in an M2M tree was acknowledged and left on MQTT.
+pub fn message_kept_on_mqtt(topic: &str) {
+    tracing::debug!(topic, "M2M message kept on MQTT");
+    counter!(KEPT_ON_MQTT).increment(1);
+    STATS.kept_on_mqtt.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A transaction committed: count what it made visible.

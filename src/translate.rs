@@ -48,7 +48,7 @@ pub fn run(
     Ok(match outcome {
         Outcome::Forward { .. } => ExitCode::SUCCESS,
         Outcome::DeadLetter { .. } => ExitCode::from(EXIT_DEAD_LETTER),
-        Outcome::Unrouted => ExitCode::from(EXIT_UNROUTED),
+        Outcome::Unrouted | Outcome::KeptOnMqtt => ExitCode::from(EXIT_UNROUTED),
     })
 }
 
@@ -58,6 +58,9 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
     match outcome {
         Outcome::Unrouted => {
             out.push_str("UNROUTED: no route matches this topic; the message would be acknowledged and dropped\n");
+        }
+        Outcome::KeptOnMqtt => {
+            out.push_str("KEPT ON MQTT: the topic is in a declared M2M tree; the message would be acknowledged and never produced to Kafka\n");
         }
         Outcome::Forward { route, record } => {
             let summary = &table.routes()[*route];
@@ -156,6 +159,14 @@ pub fn route_table_text(table: &RouteTable) -> String {
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let trees: Vec<_> = table.m2m_trees().collect();
+    if !trees.is_empty() {
+        out.push_str("\nM2M trees (kept on MQTT, never produced):");
+        for (tree, origin) in trees {
+            let _ = write!(out, "\n  {tree}  ({origin})");
+        }
+        out.push('\n');
     }
     out.push_str("\nsubscriptions:");
     for sub in table.subscriptions() {

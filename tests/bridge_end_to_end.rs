@@ -405,3 +405,52 @@ async fn a_flood_beyond_the_inflight_window_does_not_stall() {
     seqs.sort();
     assert_eq!(seqs, (0..3000).collect::<Vec<u64>>());
 }
+
+/// M2M commands never reach Kafka, at any QoS, even under a route that
+/// would take everything else in the tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_in_an_m2m_tree_never_reach_kafka() {
+    let broker = Mosquitto::start();
+    let topics = Topics::new();
+    let kafka = kafka_with_topics(&topics).await;
+    let bootstrap = kafka.bootstrap();
+    let mapping = "m2m: ['site/+/hvac/+/cmd/#']\nroutes:\n  - name: everything\n    mqtt: { filter: 'site/#' }\n    format: raw\n    kafka: { topic: hvac.telemetry }\n";
+    let config = bridge_config_with_mapping(
+        broker.port,
+        &bootstrap,
+        &unique("bridge"),
+        "",
+        &topics,
+        mapping,
+    );
+    let bridge = Bridge::start(config).await;
+    let mut messages = Vec::new();
+    for qos in 0..=2u8 {
+        for i in 0..10 {
+            messages.push(Publish::new(
+                format!("site/s{qos}/hvac/u{i}/cmd/setpoint"),
+                format!("cmd-{qos}-{i}"),
+                qos,
+            ));
+            messages.push(Publish::new(
+                format!("site/s{qos}/hvac/u{i}/telemetry"),
+                format!("data-{qos}-{i}"),
+                qos,
+            ));
+        }
+    }
+    publish_all(broker.port, &messages).await;
+    let landed = read_committed(
+        &bootstrap,
+        &[&topics.telemetry()],
+        30,
+        ARRIVE,
+        Duration::from_secs(2),
+    );
+    bridge.stop().await;
+    assert_eq!(landed.len(), 30, "the 30 telemetry messages, once each");
+    assert!(
+        landed.iter().all(|r| r.value.starts_with(b"data-")),
+        "no command reached Kafka"
+    );
+}

@@ -11,6 +11,10 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingFile {
+    /// Topic trees of machine-to-machine traffic (actuator commands) that
+    /// never leave MQTT, even when a broader route matches them.
+    #[serde(default)]
+    pub m2m: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
 }

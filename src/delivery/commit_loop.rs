@@ -149,6 +149,10 @@ impl CommitLoop {
                 telemetry::message_unrouted(&delivery.message.topic);
                 return Ok(());
             }
+            Outcome::KeptOnMqtt => {
+                telemetry::message_kept_on_mqtt(&delivery.message.topic);
+                return Ok(());
+            }
             Outcome::Forward { route, record } => {
                 telemetry::message_received(self.table.route_name(route));
                 *batch.produced.entry(route).or_default() += 1;

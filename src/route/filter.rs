@@ -132,6 +132,20 @@ impl TopicFilter {
         })
     }
 
+    /// Whether some topic matches both filters.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        let (mut a, mut b) = (self.levels.iter(), other.levels.iter());
+        loop {
+            match (a.next(), b.next()) {
+                (Some(Level::Multi), _) | (_, Some(Level::Multi)) => return true,
+                (None, None) => return true,
+                (None, Some(_)) | (Some(_), None) => return false,
+                (Some(Level::Literal(x)), Some(Level::Literal(y))) if x != y => return false,
+                _ => {}
+            }
+        }
+    }
+
     /// The filter as sent to the broker: captures become `+`.
     pub fn subscription(&self) -> String {
         self.to_string()
@@ -224,6 +238,17 @@ mod tests {
         let f = TopicFilter::parse("site/{site}/hvac/+/#").unwrap();
         assert_eq!(f.subscription(), "site/+/hvac/+/#");
         assert_eq!(f.capture_names().collect::<Vec<_>>(), ["site"]);
+    }
+
+    #[test]
+    fn overlap() {
+        let p = |s| TopicFilter::parse(s).unwrap();
+        assert!(p("site/#").overlaps(&p("site/+/hvac/+/cmd/#")));
+        assert!(p("a/+/c").overlaps(&p("a/b/+")));
+        assert!(p("a/b").overlaps(&p("a/#")), "`#` matches its parent");
+        assert!(!p("a/b").overlaps(&p("a/c")));
+        assert!(!p("a/+").overlaps(&p("a/+/c")));
+        assert!(!p("site/+/hvac/+/telemetry").overlaps(&p("site/+/hvac/+/cmd/#")));
     }
 
     #[test]

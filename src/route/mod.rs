@@ -56,6 +56,9 @@ pub enum Outcome {
     },
     /// No route matched; the message is acknowledged and dropped.
     Unrouted,
+    /// The topic is in a declared M2M tree: it stays on MQTT, whatever
+    /// route would match it.
+    KeptOnMqtt,
 }
 
 /// Which rule a rejected message broke. The label values of

@@ -77,6 +77,8 @@ pub struct RouteSummary {
 pub struct RouteTable {
     routes: Vec<Route>,
     index: RouteIndex,
+    /// M2M trees with where they were declared (`file:line`).
+    m2m: Vec<(TopicFilter, String)>,
     summaries: Vec<RouteSummary>,
     /// Problems that do not stop the bridge, e.g. shadowed routes.
     pub warnings: Vec<String>,
@@ -89,8 +91,25 @@ impl RouteTable {
         let mut summaries = Vec::new();
         let mut errors = Vec::new();
         let mut names: HashMap<String, String> = HashMap::new();
+        let mut m2m = Vec::new();
         for source in &config.mappings {
             let mut file_errors = Vec::new();
+            let mut m2m_probes = Vec::new();
+            for (index, filter) in source.file.m2m.iter().enumerate() {
+                let field = format!("m2m[{index}]");
+                match TopicFilter::parse(filter) {
+                    Ok(f) => {
+                        m2m.push((f, String::new()));
+                        m2m_probes.push(ConfigError::field(&source.path, field, ""));
+                    }
+                    Err(e) => file_errors.push(ConfigError::field(&source.path, field, e)),
+                }
+            }
+            locate_all(&source.text, &mut m2m_probes);
+            let first_m2m = m2m.len() - m2m_probes.len();
+            for ((_, origin), probe) in m2m[first_m2m..].iter_mut().zip(m2m_probes) {
+                *origin = format!("{}:{}", source.path.display(), probe.line.unwrap_or(0));
+            }
             // One probe per compiled route to find its line: `origin`.
             let mut origins = Vec::new();
             for (index, route) in source.file.routes.iter().enumerate() {
@@ -131,7 +150,15 @@ impl RouteTable {
         for (summary, route) in summaries.iter_mut().zip(&routes) {
             summary.origin = route.origin.clone();
         }
-        let warnings = shadow_warnings(&routes);
+        let mut warnings = shadow_warnings(&routes);
+        for route in &routes {
+            for (tree, origin) in m2m.iter().filter(|(t, _)| route.filter.overlaps(t)) {
+                warnings.push(format!(
+                    "{}: route `{}` ({}) overlaps the M2M tree {tree} declared at {origin}: messages there stay on MQTT and never reach this route",
+                    route.origin, route.name, route.filter
+                ));
+            }
+        }
         let mut index = RouteIndex::default();
         for (i, route) in routes.iter().enumerate() {
             index.insert(&route.filter, i);
@@ -139,6 +166,7 @@ impl RouteTable {
         Ok(Self {
             routes,
             index,
+            m2m,
             summaries,
             warnings,
         })
@@ -147,6 +175,13 @@ impl RouteTable {
     /// Route summaries in precedence order.
     pub fn routes(&self) -> &[RouteSummary] {
         &self.summaries
+    }
+
+    /// The declared M2M trees (filter, `file:line`).
+    pub fn m2m_trees(&self) -> impl Iterator<Item = (String, &str)> {
+        self.m2m
+            .iter()
+            .map(|(f, origin)| (f.to_string(), origin.as_str()))
     }
 
     /// Name of the route at `index` (metrics labels).
@@ -185,6 +220,13 @@ impl RouteTable {
     /// Decides what happens to one message. Never panics on input: every
     /// problem with the message becomes a dead-letter outcome.
     pub fn route(&self, message: &MqttMessage) -> Outcome {
+        let mut scratch = Vec::new();
+        if self.m2m.iter().any(|(tree, _)| {
+            scratch.clear();
+            tree.matches(&message.topic, &mut scratch)
+        }) {
+            return Outcome::KeptOnMqtt;
+        }
         // A handful of routes is quicker to scan than to look up.
         if self.routes.len() <= LINEAR_SCAN_MAX {
             return self.first_match(message, 0..self.routes.len());

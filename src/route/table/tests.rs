@@ -438,3 +438,41 @@ fn large_tables_use_the_index_and_keep_precedence() {
         Outcome::Unrouted
     );
 }
+
+#[test]
+fn m2m_trees_stay_on_mqtt_whatever_matches_and_overlaps_are_warned() {
+    let t = table(
+        "m2m: ['site/+/hvac/+/cmd/#']\nroutes:\n  - name: everything\n    mqtt: { filter: 'site/#' }\n    format: raw\n    kafka: { topic: all }\n",
+    )
+    .unwrap();
+    for qos in 0..=2 {
+        let mut m = MqttMessage::new("site/s1/hvac/u1/cmd/setpoint", "{}");
+        m.qos = qos;
+        assert_eq!(t.route(&m), Outcome::KeptOnMqtt);
+    }
+    assert_eq!(
+        forward(t.route(&MqttMessage::new("site/s1/hvac/u1/telemetry", "{}"))).topic,
+        "all"
+    );
+    assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+    assert!(
+        t.warnings[0].contains(
+            "route `everything` (site/#) overlaps the M2M tree site/+/hvac/+/cmd/# declared at"
+        ),
+        "{}",
+        t.warnings[0]
+    );
+    assert_eq!(
+        t.m2m_trees().next().unwrap().1.rsplit(':').next(),
+        Some("1")
+    );
+}
+
+#[test]
+fn config_error_bad_m2m_filter() {
+    let e = error_text("m2m: ['a/#/b']\nroutes: []\n");
+    assert!(
+        e.contains("m.yaml:1:7: m2m[0]: `#` must be the last level"),
+        "{e}"
+    );
+}
