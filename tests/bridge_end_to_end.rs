@@ -38,6 +38,43 @@ fn telemetry(unit: u32, seq: u32) -> String {
     .to_string()
 }
 
+/// `count` telemetry messages spread over `units` units of one site.
+fn telemetry_messages(site: &str, count: u32, units: u32, qos: u8) -> Vec<Publish> {
+    (0..count)
+        .map(|seq| {
+            let unit = seq % units;
+            Publish::new(
+                format!("site/{site}/hvac/u{unit}/telemetry"),
+                telemetry(unit, seq),
+                qos,
+            )
+        })
+        .collect()
+}
+
+/// A mosquitto and the test's Kafka with this test's topics created.
+struct Rig {
+    broker: Mosquitto,
+    topics: Topics,
+    kafka: common::kafka::TestKafka,
+    bootstrap: String,
+}
+
+impl Rig {
+    async fn start() -> Self {
+        let broker = Mosquitto::start();
+        let topics = Topics::new();
+        let kafka = kafka_with_topics(&topics).await;
+        let bootstrap = kafka.bootstrap();
+        Self {
+            broker,
+            topics,
+            kafka,
+            bootstrap,
+        }
+    }
+}
+
 struct Bridge {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), app::AppError>>,
@@ -74,10 +111,12 @@ impl Bridge {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
-    let broker = Mosquitto::start();
-    let topics = Topics::new();
-    let kafka = kafka_with_topics(&topics).await;
-    let bootstrap = kafka.bootstrap();
+    let Rig {
+        broker,
+        topics,
+        kafka: _kafka,
+        bootstrap,
+    } = Rig::start().await;
     let config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
     let bridge = Bridge::start(config).await;
     let (telemetry_topic, diagnostics_topic, dead_topic) = (
@@ -252,10 +291,12 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_311_sessions_deliver_too() {
-    let broker = Mosquitto::start();
-    let topics = Topics::new();
-    let kafka = kafka_with_topics(&topics).await;
-    let bootstrap = kafka.bootstrap();
+    let Rig {
+        broker,
+        topics,
+        kafka: _kafka,
+        bootstrap,
+    } = Rig::start().await;
     let config = bridge_config(
         broker.port,
         &bootstrap,
@@ -314,15 +355,7 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     .await;
 
     kafka.broker_down(1).expect("broker down");
-    let messages: Vec<_> = (0..300u32)
-        .map(|seq| {
-            Publish::new(
-                format!("site/d/hvac/u{}/telemetry", seq % 3),
-                telemetry(seq % 3, seq),
-                1,
-            )
-        })
-        .collect();
+    let messages = telemetry_messages("d", 300, 3, 1);
     publish_all(broker.port, &messages).await;
     // Stop the bridge while Kafka is down: the commit cannot finish, so
     // shutdown gives up after its bound and acknowledges nothing; the
@@ -367,10 +400,12 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
 /// commit loop: a deadlock. Acks are now offered without waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_inflight_window_does_not_stall() {
-    let broker = Mosquitto::start();
-    let topics = Topics::new();
-    let kafka = kafka_with_topics(&topics).await;
-    let bootstrap = kafka.bootstrap();
+    let Rig {
+        broker,
+        topics,
+        kafka: _kafka,
+        bootstrap,
+    } = Rig::start().await;
     let mut config = bridge_config(
         broker.port,
         &bootstrap,
@@ -380,15 +415,7 @@ async fn a_flood_beyond_the_inflight_window_does_not_stall() {
     );
     config.bridge.delivery.batch_max_messages = 5;
     let bridge = Bridge::start(config).await;
-    let messages: Vec<_> = (0..3000u32)
-        .map(|seq| {
-            Publish::new(
-                format!("site/f/hvac/u{}/telemetry", seq % 5),
-                telemetry(seq % 5, seq),
-                1,
-            )
-        })
-        .collect();
+    let messages = telemetry_messages("f", 3000, 5, 1);
     publish_all(broker.port, &messages).await;
     let landed = read_committed(
         &bootstrap,
@@ -410,10 +437,12 @@ async fn a_flood_beyond_the_inflight_window_does_not_stall() {
 /// would take everything else in the tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_in_an_m2m_tree_never_reach_kafka() {
-    let broker = Mosquitto::start();
-    let topics = Topics::new();
-    let kafka = kafka_with_topics(&topics).await;
-    let bootstrap = kafka.bootstrap();
+    let Rig {
+        broker,
+        topics,
+        kafka: _kafka,
+        bootstrap,
+    } = Rig::start().await;
     let mapping = "m2m: ['site/+/hvac/+/cmd/#']\nroutes:\n  - name: everything\n    mqtt: { filter: 'site/#' }\n    format: raw\n    kafka: { topic: hvac.telemetry }\n";
     let config = bridge_config_with_mapping(
         broker.port,

@@ -214,7 +214,14 @@ impl KafkaCluster {
             .iter()
             .map(|n| {
                 java()
-                    .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
+                    // `=` form: an id may start with `-`, which the tool's
+                    // argument parser would otherwise take for an option.
+                    .args([
+                        "kafka.tools.StorageTool",
+                        "format",
+                        &format!("--cluster-id={cluster_id}"),
+                        "-c",
+                    ])
                     .arg(&n.properties)
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
