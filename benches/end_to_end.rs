@@ -202,79 +202,105 @@ fn proc_status_kib(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs the bridge binary against `broker` and `bootstrap`, publishes `n`
-/// messages (paced at `rate` or flat out) and reads them back.
-async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<f64>) -> BridgeRun {
-    let bootstrap = &kafka.bootstrap();
-    let topics = common::Topics::new();
-    let names = topics.all();
-    kafka
-        .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
-        .await;
-    let dir = tempfile::tempdir().unwrap();
-    let mapping = std::fs::read_to_string(common::repo_path("mappings/hvac.yaml"))
-        .unwrap()
-        .replace("topic: hvac.", &format!("topic: {}hvac.", topics.prefix))
-        .replace(
-            "schemas/",
-            &format!("{}/", common::repo_path("mappings/schemas").display()),
-        );
-    std::fs::write(dir.path().join("hvac.yaml"), mapping).unwrap();
-    let id = common::unique("bench-bridge");
-    let config = dir.path().join("bridge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mqtt: {{ host: 127.0.0.1, port: {}, client_id: {id}, inflight_window: 2000 }}\n\
-             kafka: {{ bootstrap_servers: '{bootstrap}', transactional_id: {id}, dead_letter_topic: {} }}\n\
-             delivery: {{ batch_max_messages: {BATCH}, commit_interval_ms: 100 }}\nmappings: ['hvac.yaml']\n",
-            broker.port,
-            topics.dead_letter()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"));
-    common::die_with_parent(&mut command);
-    let mut child = command
-        .args([
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--log",
-            &std::env::var("BENCH_BRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
-        ])
-        .spawn()
-        .expect("bridge binary");
-    let pid = child.id();
+/// The bridge binary running against `broker` and a Kafka, with a
+/// `read_committed` reader of its telemetry topic, warmed up: subscribed and
+/// delivering.
+struct BridgeProcess {
+    child: std::process::Child,
+    pid: u32,
+    consumer: BaseConsumer,
+    _dir: tempfile::TempDir,
+}
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", common::unique("bench-reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
-        .create()
+impl BridgeProcess {
+    async fn start(broker: &Mosquitto, kafka: &TestKafka) -> Self {
+        let bootstrap = &kafka.bootstrap();
+        let topics = common::Topics::new();
+        let names = topics.all();
+        kafka
+            .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mapping = std::fs::read_to_string(common::repo_path("mappings/hvac.yaml"))
+            .unwrap()
+            .replace("topic: hvac.", &format!("topic: {}hvac.", topics.prefix))
+            .replace(
+                "schemas/",
+                &format!("{}/", common::repo_path("mappings/schemas").display()),
+            );
+        std::fs::write(dir.path().join("hvac.yaml"), mapping).unwrap();
+        let id = common::unique("bench-bridge");
+        let config = dir.path().join("bridge.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "mqtt: {{ host: 127.0.0.1, port: {}, client_id: {id}, inflight_window: 2000 }}\n\
+                 kafka: {{ bootstrap_servers: '{bootstrap}', transactional_id: {id}, dead_letter_topic: {} }}\n\
+                 delivery: {{ batch_max_messages: {BATCH}, commit_interval_ms: 100 }}\nmappings: ['hvac.yaml']\n",
+                broker.port,
+                topics.dead_letter()
+            ),
+        )
         .unwrap();
-    consumer.subscribe(&[&topics.telemetry()]).unwrap();
-    // Warm-up until the bridge is subscribed and a record comes through.
-    let mut warm = 0u64;
-    'warm: loop {
-        publish(broker.port, 10_000_000 + warm, 1, None).await;
-        warm += 1;
-        let until = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < until {
-            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
-                break 'warm;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"));
+        common::die_with_parent(&mut command);
+        let log = std::env::var("BENCH_BRIDGE_LOG").unwrap_or_else(|_| "warn".into());
+        let child = command
+            .args(["run", "--config", config.to_str().unwrap(), "--log", &log])
+            .spawn()
+            .expect("bridge binary");
+        let pid = child.id();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", common::unique("bench-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&topics.telemetry()]).unwrap();
+        // Warm-up until the bridge is subscribed and a record comes through.
+        let mut warm = 0u64;
+        'warm: loop {
+            publish(broker.port, 10_000_000 + warm, 1, None).await;
+            warm += 1;
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                if let Some(Ok(_)) = consumer.poll(Duration::from_millis(50)) {
+                    break 'warm;
+                }
             }
+            assert!(
+                warm < 120,
+                "bridge did not deliver a warm-up message in 60 s"
+            );
         }
-        assert!(
-            warm < 120,
-            "bridge did not deliver a warm-up message in 60 s"
-        );
+        while let Some(Ok(_)) = consumer.poll(Duration::from_millis(300)) {}
+        eprintln!("  bridge warm ({warm} warm-up messages)");
+        Self {
+            child,
+            pid,
+            consumer,
+            _dir: dir,
+        }
     }
-    while let Some(Ok(_)) = consumer.poll(Duration::from_millis(300)) {}
 
-    eprintln!("  bridge warm ({warm} warm-up messages); publishing {n}");
+    fn rss_mib(&self) -> f64 {
+        proc_status_kib(self.pid, "VmRSS:") / 1024.0
+    }
+
+    fn stop(mut self) {
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the bridge, publishes `n` messages (paced at `rate` or flat out)
+/// and reads them back.
+async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<f64>) -> BridgeRun {
+    let bridge = BridgeProcess::start(broker, kafka).await;
+    let (pid, consumer) = (bridge.pid, &bridge.consumer);
+    eprintln!("  publishing {n}");
     let cpu_before = proc_cpu_ticks(pid);
     let start = Instant::now();
     let port = broker.port;
@@ -301,8 +327,7 @@ async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<
     let cpu_ticks = proc_cpu_ticks(pid) - cpu_before;
     let peak = proc_status_kib(pid, "VmHWM:");
     let rss = proc_status_kib(pid, "VmRSS:");
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    bridge.stop();
     latencies.sort_unstable();
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -314,6 +339,65 @@ async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<
         peak_rss_mib: peak / 1024.0,
         rss_mib: rss / 1024.0,
     }
+}
+
+/// Kafka (the mock cluster) down for `outage` under a steady load: the
+/// bridge must stop reading from MQTT rather than buffer, so its memory
+/// stays flat while mosquitto holds the backlog; then the time to deliver
+/// the backlog once Kafka is back.
+async fn outage_run(broker: &Mosquitto, rate: f64, outage: Duration) {
+    let kafka = TestKafka::mock();
+    let TestKafka::Mock(mock) = &kafka else {
+        unreachable!()
+    };
+    let bridge = BridgeProcess::start(broker, &kafka).await;
+    let count = (rate * outage.as_secs_f64()) as u64;
+    mock.broker_down(1).unwrap();
+    let port = broker.port;
+    let publisher = tokio::spawn(async move { publish(port, 0, count, Some(rate)).await });
+    let mut samples = vec![bridge.rss_mib()];
+    let started = Instant::now();
+    while started.elapsed() < outage {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(bridge.rss_mib());
+    }
+    publisher.await.unwrap();
+    mock.broker_up(1).unwrap();
+    let back = Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    let mut records = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (seen.len() as u64) < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} after the outage",
+            seen.len()
+        );
+        if let Some(Ok(m)) = bridge.consumer.poll(Duration::from_millis(100)) {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let seq = v["seq"].as_u64().unwrap();
+            if seq < 10_000_000 {
+                records += 1;
+                seen.insert(seq);
+            }
+        }
+    }
+    let recovery = back.elapsed();
+    samples.push(bridge.rss_mib());
+    bridge.stop();
+    let (min, max) = samples
+        .iter()
+        .fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    println!("--- Kafka down for {outage:?} at {rate:.0} msg/s (mock) ---");
+    println!(
+        "bridge RSS during the outage: {min:.1}-{max:.1} MiB over {} samples; backlog {count} messages held by mosquitto",
+        samples.len()
+    );
+    println!(
+        "after Kafka returned: all {count} delivered in {:.1} s ({records} records: {} redelivered duplicates, at-least-once)",
+        recovery.as_secs_f64(),
+        records - count
+    );
 }
 
 fn machine() -> String {
@@ -354,6 +438,10 @@ fn main() {
         "end-to-end benchmark: {n} HVAC messages at QoS 1, batch {BATCH}, commit interval 100 ms"
     );
     println!("machine: {}", machine());
+    let outage_s: u64 = std::env::var("BENCH_OUTAGE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     runtime.block_on(async {
         let broker = Mosquitto::start();
         let reference = reference_rate(&broker, n).await;
@@ -382,6 +470,9 @@ fn main() {
                 "bridge at half that rate ({:.0} msg/s offered): latency p50 {:.1} ms, p99 {:.1} ms; CPU {:.1} us/msg",
                 full.rate / 2.0, half.p50_ms, half.p99_ms, half.cpu_us_per_msg
             );
+        }
+        if outage_s > 0 {
+            outage_run(&broker, 2000.0, Duration::from_secs(outage_s)).await;
         }
     });
 }
