@@ -35,6 +35,7 @@ pub struct Stats {
     pub unrouted: AtomicU64,
     pub kept_on_mqtt: AtomicU64,
     pub commits: AtomicU64,
+    pub aborts: AtomicU64,
     /// Sum of commit durations in microseconds, for a mean over an interval.
     pub commit_micros: AtomicU64,
 }
@@ -46,6 +47,7 @@ pub static STATS: Stats = Stats {
     unrouted: AtomicU64::new(0),
     kept_on_mqtt: AtomicU64::new(0),
     commits: AtomicU64::new(0),
+    aborts: AtomicU64::new(0),
     commit_micros: AtomicU64::new(0),
 };
 
@@ -146,6 +148,7 @@ pub fn committed(
 pub fn aborted(error: &dyn std::fmt::Display) {
     tracing::warn!(%error, "Kafka transaction aborted; retrying the batch");
     counter!(TX_ABORTED).increment(1);
+    STATS.aborts.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The MQTT connection came up.

@@ -345,14 +345,16 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     }
     let bootstrap = kafka.bootstrap_servers();
     let client_id = unique("bridge");
-    let bridge = Bridge::start(bridge_config(
-        broker.port,
-        &bootstrap,
-        &client_id,
-        "",
-        &topics,
-    ))
-    .await;
+    // Short Kafka timeouts: the first bridge's commit, stuck while Kafka is
+    // down, gives up quickly, and the mock coordinator expires its open
+    // transaction soon after the second bridge fences it.
+    let outage_config = || {
+        let mut c = bridge_config(broker.port, &bootstrap, &client_id, "", &topics);
+        c.bridge.delivery.commit_timeout_ms = 2000;
+        c.bridge.delivery.transaction_timeout_ms = 10_000;
+        c
+    };
+    let bridge = Bridge::start(outage_config()).await;
 
     kafka.broker_down(1).expect("broker down");
     let messages = telemetry_messages("d", 300, 3, 1);
@@ -367,15 +369,14 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     );
     kafka.broker_up(1).expect("broker up");
 
-    let bridge = Bridge::start(bridge_config(
-        broker.port,
+    let bridge = Bridge::start(outage_config()).await;
+    let landed = read_committed(
         &bootstrap,
-        &client_id,
-        "",
-        &topics,
-    ))
-    .await;
-    let landed = read_committed(&bootstrap, &[&topics.telemetry()], 300, ARRIVE, SETTLE);
+        &[&topics.telemetry()],
+        300,
+        Duration::from_secs(60),
+        SETTLE,
+    );
     bridge.stop().await;
     // At least once here: the first bridge's commit may still complete once
     // Kafka returns (exactly-once is the delivery protocol's job).

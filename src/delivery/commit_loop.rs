@@ -202,14 +202,22 @@ impl CommitLoop {
                     return Ok(true);
                 }
                 Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
-                Err(SinkError::Retriable(e)) => {
-                    tracing::warn!(error = %e, "commit failed; retrying");
+                Err(SinkError::Abortable(e)) => {
+                    telemetry::aborted(&e);
+                    if let Err(e) = self.sink.abort().await {
+                        tracing::warn!(error = %e, "abort failed; re-creating the producer");
+                        if !self.recover(shutdown).await? {
+                            return Ok(false);
+                        }
+                    }
                 }
                 Err(e) => {
+                    // Timed out or otherwise without a verdict: whether the
+                    // transaction committed is unknown. Never carry on with
+                    // that producer.
                     telemetry::aborted(&e);
-                    match self.sink.abort().await {
-                        Ok(()) | Err(SinkError::Retriable(_)) => {}
-                        Err(e) => return Err(e.into()),
+                    if !self.recover(shutdown).await? {
+                        return Ok(false);
                     }
                 }
             }
@@ -222,14 +230,32 @@ impl CommitLoop {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RETRY_MAX);
-            if !self.sink.in_transaction() {
-                for record in &batch.records {
-                    match self.sink.send(record).await {
-                        Ok(()) | Err(SinkError::Abortable(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+            for record in &batch.records {
+                match self.sink.send(record).await {
+                    Ok(()) | Err(SinkError::Abortable(_)) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
+        }
+    }
+
+    /// Re-creates the producer, retrying while Kafka is unreachable.
+    /// Returns false if shutdown was requested first.
+    async fn recover(&mut self, shutdown: &CancellationToken) -> Result<bool, DeliveryError> {
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.sink.recreate().await {
+                Ok(()) => return Ok(true),
+                Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-create the Kafka producer; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 

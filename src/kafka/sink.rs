@@ -51,6 +51,8 @@ impl SinkError {
 /// polling thread's 100 ms poll cycle.)
 pub struct TransactionalSink {
     producer: Arc<BaseProducer>,
+    /// Kept to re-create the producer after an indefinite outcome.
+    config: rdkafka::ClientConfig,
     commit_timeout: Duration,
     in_transaction: bool,
 }
@@ -68,15 +70,31 @@ impl TransactionalSink {
             "transaction.timeout.ms",
             delivery.transaction_timeout_ms.to_string(),
         );
-        let producer: Arc<BaseProducer> = Arc::new(config.create().map_err(SinkError::Create)?);
         let timeout = Duration::from_millis(delivery.commit_timeout_ms);
-        let init = producer.clone();
-        blocking(move || init.init_transactions(timeout)).await?;
+        let producer = init_producer(&config, timeout).await?;
         Ok(Self {
             producer,
+            config,
             commit_timeout: timeout,
             in_transaction: false,
         })
+    }
+
+    /// Replaces the producer with a new one after a commit or abort whose
+    /// outcome is unknown (timed out, or failed so the transaction cannot
+    /// be aborted). The new producer's `init_transactions` bumps the epoch,
+    /// which fences the old producer and makes the coordinator abort or
+    /// complete whatever it left open, so nothing the old one did can land
+    /// after we act on a later transaction. (Reusing the old producer is
+    /// how a delayed EndTxn can hit a later transaction; see Jepsen's 2024
+    /// Kafka analysis and KIP-890.)
+    pub async fn recreate(&mut self) -> Result<(), SinkError> {
+        let producer = init_producer(&self.config, self.commit_timeout).await?;
+        let old = std::mem::replace(&mut self.producer, producer);
+        self.in_transaction = false;
+        // Destroying a producer can wait on its brokers: not on this task.
+        tokio::task::spawn_blocking(move || drop(old));
+        Ok(())
     }
 
     /// Starts a transaction unless one is open.
@@ -174,6 +192,16 @@ fn flush(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
         producer.poll(Duration::from_millis(10));
     }
     Ok(())
+}
+
+async fn init_producer(
+    config: &rdkafka::ClientConfig,
+    timeout: Duration,
+) -> Result<Arc<BaseProducer>, SinkError> {
+    let producer: Arc<BaseProducer> = Arc::new(config.create().map_err(SinkError::Create)?);
+    let init = producer.clone();
+    blocking(move || init.init_transactions(timeout)).await?;
+    Ok(producer)
 }
 
 async fn blocking(

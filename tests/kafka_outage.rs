@@ -1,0 +1,91 @@
+//! A Kafka outage longer than the commit timeout is ridden out without a
+//! restart: the failed commit and abort leave the transaction's outcome
+//! unknown, so the bridge re-creates its producer (which fences the old
+//! one) and produces the batch again once Kafka is back.
+//! (Its own test binary: it watches the process-wide abort counter.)
+
+mod common;
+
+use common::mosquitto::Mosquitto;
+use common::*;
+use mqtt_kafka_bridge::{app, telemetry::STATS};
+use rdkafka::mocking::MockCluster;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart() {
+    let broker = Mosquitto::start();
+    let topics = Topics::new();
+    // Error injection on demand: only the mock cluster can take a broker
+    // down and bring it back within a test.
+    let kafka = MockCluster::new(1).expect("mock cluster");
+    for topic in topics.all() {
+        kafka.create_topic(&topic, 3, 1).expect("create topic");
+    }
+    let bootstrap = kafka.bootstrap_servers();
+    let mut config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
+    config.bridge.delivery.commit_timeout_ms = 1500;
+    config.bridge.delivery.transaction_timeout_ms = 10_000;
+    let shutdown = CancellationToken::new();
+    let ready = CancellationToken::new();
+    let bridge = tokio::spawn(app::run_with_readiness(
+        config,
+        shutdown.clone(),
+        ready.clone(),
+    ));
+    await_token(&ready, "bridge subscribed", Duration::from_secs(30)).await;
+
+    kafka.broker_down(1).expect("broker down");
+    let body = r#"{"ts": 1, "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0, "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0, "energy_kwh": 1000.0, "seq": SEQ}"#;
+    let messages: Vec<_> = (0..200)
+        .map(|seq| {
+            Publish::new(
+                format!("site/o/hvac/u{}/telemetry", seq % 4),
+                body.replace("SEQ", &seq.to_string()),
+                1,
+            )
+        })
+        .collect();
+    publish_all(broker.port, &messages).await;
+    // Wait until a commit has failed for real before bringing Kafka back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while STATS.aborts.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no commit failed while Kafka was down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kafka.broker_up(1).expect("broker up");
+
+    let landed = read_committed(
+        &bootstrap,
+        &[&topics.telemetry()],
+        200,
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+    );
+    assert!(
+        !bridge.is_finished(),
+        "the bridge kept running through the outage"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), bridge)
+        .await
+        .expect("bridge stops")
+        .unwrap()
+        .expect("bridge exits cleanly");
+    let mut seqs: Vec<u64> = landed
+        .iter()
+        .map(|r| r.json()["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(
+        seqs,
+        (0..200).collect::<Vec<u64>>(),
+        "every message delivered after the outage"
+    );
+}
