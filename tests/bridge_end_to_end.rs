@@ -359,12 +359,13 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     kafka.broker_down(1).expect("broker down");
     let messages = telemetry_messages("d", 300, 3, 1);
     publish_all(broker.port, &messages).await;
-    // Stop the bridge while Kafka is down: the commit cannot finish, so
-    // shutdown gives up after its bound and acknowledges nothing; the
-    // persistent session keeps the messages.
+    // Stop the bridge while Kafka is down: the commit cannot finish, so the
+    // bridge acknowledges nothing, either stopping cleanly once the failed
+    // commit is aborted or giving up at the shutdown bound; the persistent
+    // session keeps the messages.
     let stopped = bridge.stop_result().await;
     assert!(
-        matches!(stopped, Err(app::AppError::ShutdownTimeout(_))),
+        matches!(stopped, Ok(()) | Err(app::AppError::ShutdownTimeout(_))),
         "{stopped:?}"
     );
     kafka.broker_up(1).expect("broker up");

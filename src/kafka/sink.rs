@@ -8,7 +8,7 @@ use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::route::KafkaRecord;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,7 +169,15 @@ impl TransactionalSink {
         }
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking(move || producer.abort_transaction(timeout)).await?;
+        blocking(move || {
+            // Aborting waits for the delivery reports of every outstanding
+            // record, and nothing else polls this producer: drop them from
+            // the queues and serve their reports first.
+            producer.purge(PurgeConfig::default().queue().inflight());
+            flush(&producer, timeout)?;
+            producer.abort_transaction(timeout)
+        })
+        .await?;
         self.in_transaction = false;
         Ok(())
     }
