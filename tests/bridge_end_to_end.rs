@@ -432,7 +432,12 @@ async fn a_flood_beyond_the_inflight_window_does_not_stall() {
         .map(|r| r.json()["seq"].as_u64().unwrap())
         .collect();
     seqs.sort();
-    assert_eq!(seqs, (0..3000).collect::<Vec<u64>>());
+    let records = seqs.len();
+    seqs.dedup();
+    // At least once: a reconnect under this load may redeliver some.
+    assert_eq!(seqs.len(), 3000, "distinct messages ({records} records)");
+    assert_eq!(seqs.first().copied(), Some(0));
+    assert_eq!(seqs.last().copied(), Some(2999));
 }
 
 /// M2M commands never reach Kafka, at any QoS, even under a route that
