@@ -1,6 +1,6 @@
 //! Human-readable output for `check` and `translate`.
 
-use crate::config::{Config, MappingSource};
+use crate::config::Config;
 use crate::mqtt::MqttMessage;
 use crate::route::{KafkaRecord, Outcome, RouteTable};
 use anyhow::{bail, Context as _};
@@ -173,10 +173,4 @@ pub fn route_table_text(table: &RouteTable) -> String {
         let _ = write!(out, "\n  {} (QoS {})", sub.filter, sub.qos);
     }
     out
-}
-
-/// Loads one mapping file on its own, for tools and tests that have no
-/// bridge file.
-pub fn load_mapping(path: &Path) -> anyhow::Result<MappingSource> {
-    Ok(MappingSource::load(path)?)
 }

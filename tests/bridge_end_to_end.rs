@@ -490,3 +490,60 @@ async fn commands_in_an_m2m_tree_never_reach_kafka() {
         "no command reached Kafka"
     );
 }
+
+/// A record Kafka itself refuses (over librdkafka's `message.max.bytes`,
+/// which a route's `max_payload_bytes` may exceed) is not acknowledged into
+/// nowhere: a stub with the reason goes to the dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_kafka_refuses_is_dead_lettered_not_lost() {
+    let Rig {
+        broker,
+        topics,
+        kafka: _kafka,
+        bootstrap,
+    } = Rig::start().await;
+    let mut config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
+    config
+        .bridge
+        .kafka
+        .properties
+        .insert("message.max.bytes".into(), "2000".into());
+    let bridge = Bridge::start(config).await;
+    publish_all(
+        broker.port,
+        &[
+            Publish::new("site/k/hvac/u1/diagnostics", vec![7u8; 5000], 1),
+            Publish::new("site/k/hvac/u1/diagnostics", vec![8u8; 100], 1),
+        ],
+    )
+    .await;
+    let landed = read_committed(
+        &bootstrap,
+        &[&topics.diagnostics(), &topics.dead_letter()],
+        2,
+        ARRIVE,
+        SETTLE,
+    );
+    bridge.stop().await;
+    let diagnostics: Vec<_> = landed
+        .iter()
+        .filter(|r| r.topic == topics.diagnostics())
+        .collect();
+    assert_eq!(diagnostics.len(), 1);
+    assert_eq!(diagnostics[0].value, vec![8u8; 100]);
+    let dead: Vec<_> = landed
+        .iter()
+        .filter(|r| r.topic == topics.dead_letter())
+        .collect();
+    assert_eq!(dead.len(), 1, "{landed:?}");
+    assert_eq!(dead[0].header("bridge.error.reason"), "kafka_rejected");
+    assert_eq!(dead[0].header("bridge.route"), "hvac-diagnostics");
+    assert!(
+        dead[0]
+            .header("bridge.error.detail")
+            .contains("payload of 5000 bytes not included"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert!(dead[0].value.is_empty());
+}

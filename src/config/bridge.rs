@@ -184,6 +184,9 @@ fn default_commit_timeout_ms() -> u64 {
 fn default_shutdown_timeout_ms() -> u64 {
     10_000
 }
+/// 900 KiB: below librdkafka's default `message.max.bytes` (1 000 000)
+/// with room for key and headers, so a payload the bridge accepts is one
+/// Kafka accepts too.
 fn default_max_payload_bytes() -> usize {
-    1024 * 1024
+    900 * 1024
 }

@@ -3,7 +3,7 @@
 use crate::config::DeliveryConfig;
 use crate::kafka::{SinkError, TransactionalSink};
 use crate::mqtt::{AckToken, Acker, Delivery, MqttError};
-use crate::route::{KafkaRecord, Outcome, RouteTable};
+use crate::route::{KafkaRecord, Outcome, RejectReason, RouteTable};
 use crate::telemetry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -144,7 +144,7 @@ impl CommitLoop {
         if let Some(token) = delivery.ack {
             batch.acks.push(token);
         }
-        let record = match self.table.route(&delivery.message) {
+        let (route, record, reason) = match self.table.route(&delivery.message) {
             Outcome::Unrouted => {
                 telemetry::message_unrouted(&delivery.message.topic);
                 return Ok(());
@@ -153,30 +153,42 @@ impl CommitLoop {
                 telemetry::message_kept_on_mqtt(&delivery.message.topic);
                 return Ok(());
             }
-            Outcome::Forward { route, record } => {
-                telemetry::message_received(self.table.route_name(route));
-                *batch.produced.entry(route).or_default() += 1;
-                record
-            }
+            Outcome::Forward { route, record } => (Some(route), record, None),
             Outcome::DeadLetter {
                 route,
                 record,
                 rejection,
             } => {
                 let name = route.map_or("", |r| self.table.route_name(r));
-                telemetry::message_received(name);
                 tracing::debug!(route = name, topic = %delivery.message.topic, %rejection, "dead-lettering message");
-                *batch
-                    .dead_lettered
-                    .entry((route, rejection.reason.as_str()))
-                    .or_default() += 1;
-                record
+                (route, record, Some(rejection.reason.as_str()))
             }
         };
-        // An enqueue failure is dealt with at commit, which then fails too.
-        match self.sink.send(&record).await {
-            Ok(()) | Err(SinkError::Abortable(_)) => {}
+        telemetry::message_received(route.map_or("", |r| self.table.route_name(r)));
+        let (record, reason) = match self.sink.send(&record).await {
+            // An enqueue failure of the transaction is dealt with at
+            // commit, which then fails too and produces the batch again.
+            Ok(()) | Err(SinkError::Abortable(_)) => (record, reason),
+            Err(SinkError::Rejected(error)) => {
+                // Kafka refuses this record itself (e.g. larger than
+                // `message.max.bytes`): dead-letter a stub that says so
+                // rather than acknowledge a message that went nowhere.
+                tracing::warn!(%error, topic = %delivery.message.topic, "Kafka rejected a record; dead-lettering a stub");
+                let stub =
+                    self.table
+                        .rejected_by_kafka(route, &delivery.message, &error.to_string());
+                match self.sink.send(&stub).await {
+                    Ok(()) | Err(SinkError::Abortable(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                (stub, Some(RejectReason::KafkaRejected.as_str()))
+            }
             Err(e) => return Err(e.into()),
+        };
+        match (route, reason) {
+            (Some(route), None) => *batch.produced.entry(route).or_default() += 1,
+            (route, Some(reason)) => *batch.dead_lettered.entry((route, reason)).or_default() += 1,
+            (None, None) => {}
         }
         batch.records.push(record);
         Ok(())

@@ -22,6 +22,10 @@ pub enum SinkError {
     /// The transaction must be aborted and its records produced again.
     #[error("Kafka transaction must be aborted: {0}")]
     Abortable(KafkaError),
+    /// Kafka refuses this one record whatever happens (e.g. it is larger
+    /// than `message.max.bytes`); the transaction is unaffected.
+    #[error("Kafka rejected the record: {0}")]
+    Rejected(KafkaError),
     /// The same call may succeed if tried again.
     #[error("retriable Kafka error: {0}")]
     Retriable(KafkaError),
@@ -108,10 +112,6 @@ impl TransactionalSink {
         Ok(())
     }
 
-    pub fn in_transaction(&self) -> bool {
-        self.in_transaction
-    }
-
     /// Enqueues one record in the open transaction. Delivery is confirmed by
     /// the commit, so the per-record future is not kept.
     pub async fn send(&mut self, record: &KafkaRecord) -> Result<(), SinkError> {
@@ -140,6 +140,13 @@ impl TransactionalSink {
                     self.producer.poll(Duration::ZERO);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
+                Err((
+                    error @ KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                        | RDKafkaErrorCode::InvalidMessageSize,
+                    ),
+                    _,
+                )) => return Err(SinkError::Rejected(error)),
                 Err((error, _)) => return Err(SinkError::Abortable(error)),
             }
         }

@@ -74,6 +74,8 @@ pub enum RejectReason {
     Topic,
     Header,
     Timestamp,
+    /// Kafka itself refused the record (e.g. over `message.max.bytes`).
+    KafkaRejected,
 }
 
 impl RejectReason {
@@ -88,6 +90,7 @@ impl RejectReason {
             Self::Topic => "topic",
             Self::Header => "header",
             Self::Timestamp => "timestamp",
+            Self::KafkaRejected => "kafka_rejected",
         }
     }
 }

@@ -76,6 +76,7 @@ pub struct RouteSummary {
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    default_dead_letter_topic: String,
     index: RouteIndex,
     /// M2M trees with where they were declared (`file:line`).
     m2m: Vec<(TopicFilter, String)>,
@@ -165,6 +166,7 @@ impl RouteTable {
         }
         Ok(Self {
             routes,
+            default_dead_letter_topic: config.bridge.kafka.dead_letter_topic.clone(),
             index,
             m2m,
             summaries,
@@ -175,6 +177,30 @@ impl RouteTable {
     /// Route summaries in precedence order.
     pub fn routes(&self) -> &[RouteSummary] {
         &self.summaries
+    }
+
+    /// The dead-letter record for a message whose record Kafka refused:
+    /// without the payload (it is what Kafka refused), with the reason.
+    pub fn rejected_by_kafka(
+        &self,
+        route: Option<usize>,
+        message: &MqttMessage,
+        detail: &str,
+    ) -> KafkaRecord {
+        let route = route.map(|r| &self.routes[r]);
+        let mut stub = message.clone();
+        stub.payload = Bytes::new();
+        let rejection = Rejection::new(
+            RejectReason::KafkaRejected,
+            format!(
+                "{detail} (payload of {} bytes not included)",
+                message.payload.len()
+            ),
+        );
+        let topic = route.map_or(self.default_dead_letter_topic.as_str(), |r| {
+            r.dead_letter_topic.as_str()
+        });
+        dead_letter_record(topic, route.map(|r| r.name.as_str()), &stub, &rejection)
     }
 
     /// The declared M2M trees (filter, `file:line`).

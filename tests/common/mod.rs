@@ -246,8 +246,9 @@ pub fn read_committed(
             settle_until = Some(now + settle);
         } else if now >= deadline {
             panic!(
-                "only {} of {expected} records arrived within {timeout:?}: {out:#?}",
-                out.len()
+                "only {} of {expected} records arrived within {timeout:?}; the last: {:?}",
+                out.len(),
+                out.last()
             );
         }
         if let Some(result) = consumer.poll(Duration::from_millis(100)) {
