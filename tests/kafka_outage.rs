@@ -8,11 +8,10 @@ mod common;
 
 use common::mosquitto::Mosquitto;
 use common::*;
-use mqtt_kafka_bridge::{app, telemetry::STATS};
+use mqtt_kafka_bridge::telemetry::STATS;
 use rdkafka::mocking::MockCluster;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart() {
@@ -28,14 +27,7 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
     let mut config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
     config.bridge.delivery.commit_timeout_ms = 1500;
     config.bridge.delivery.transaction_timeout_ms = 10_000;
-    let shutdown = CancellationToken::new();
-    let ready = CancellationToken::new();
-    let bridge = tokio::spawn(app::run_with_readiness(
-        config,
-        shutdown.clone(),
-        ready.clone(),
-    ));
-    await_token(&ready, "bridge subscribed", Duration::from_secs(30)).await;
+    let bridge = Bridge::start(config).await;
 
     kafka.broker_down(1).expect("broker down");
     let body = r#"{"ts": 1, "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0, "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0, "energy_kwh": 1000.0, "seq": SEQ}"#;
@@ -60,7 +52,7 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
     }
     kafka.broker_up(1).expect("broker up");
 
-    let landed = read_committed(
+    let landed = read_committed_distinct(
         &bootstrap,
         &[&topics.telemetry()],
         200,
@@ -71,18 +63,8 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
         !bridge.is_finished(),
         "the bridge kept running through the outage"
     );
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), bridge)
-        .await
-        .expect("bridge stops")
-        .unwrap()
-        .expect("bridge exits cleanly");
-    let mut seqs: Vec<u64> = landed
-        .iter()
-        .map(|r| r.json()["seq"].as_u64().unwrap())
-        .collect();
-    seqs.sort();
-    seqs.dedup();
+    bridge.stop().await;
+    let (seqs, _records) = distinct_seqs(&landed);
     assert_eq!(
         seqs,
         (0..200).collect::<Vec<u64>>(),

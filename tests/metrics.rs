@@ -6,10 +6,8 @@ mod common;
 use common::kafka::test_kafka;
 use common::mosquitto::{free_port, Mosquitto};
 use common::*;
-use mqtt_kafka_bridge::app;
 use std::io::{Read, Write};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 fn scrape(port: u16) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
@@ -47,14 +45,7 @@ async fn metrics_count_received_produced_dead_lettered_and_commits() {
     let metrics_port = free_port();
     config.bridge.metrics.listen = Some(([127, 0, 0, 1], metrics_port).into());
 
-    let shutdown = CancellationToken::new();
-    let ready = CancellationToken::new();
-    let bridge = tokio::spawn(app::run_with_readiness(
-        config,
-        shutdown.clone(),
-        ready.clone(),
-    ));
-    await_token(&ready, "bridge subscribed", Duration::from_secs(30)).await;
+    let bridge = Bridge::start(config).await;
 
     let good = r#"{"ts": 1764000000000, "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0, "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0, "energy_kwh": 1000.0}"#;
     let mut messages: Vec<_> = (0..3)
@@ -90,8 +81,7 @@ async fn metrics_count_received_produced_dead_lettered_and_commits() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    shutdown.cancel();
-    bridge.await.unwrap().unwrap();
+    bridge.stop().await;
 
     assert_eq!(
         value(

@@ -223,6 +223,32 @@ pub fn read_committed(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<Landed> {
+    read_committed_until(bootstrap, topics, timeout, settle, &|out| {
+        out.len() >= expected
+    })
+}
+
+/// Reads until `expected` distinct `seq` values arrived (for at-least-once
+/// runs, where redelivered duplicates must not end the read early).
+pub fn read_committed_distinct(
+    bootstrap: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Landed> {
+    read_committed_until(bootstrap, topics, timeout, settle, &|out| {
+        out.len() >= expected && distinct_seqs(out).0.len() >= expected
+    })
+}
+
+fn read_committed_until(
+    bootstrap: &str,
+    topics: &[&str],
+    timeout: Duration,
+    settle: Duration,
+    done: &dyn Fn(&[Landed]) -> bool,
+) -> Vec<Landed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
@@ -242,11 +268,11 @@ pub fn read_committed(
             if now >= until {
                 break;
             }
-        } else if out.len() >= expected {
+        } else if done(&out) {
             settle_until = Some(now + settle);
         } else if now >= deadline {
             panic!(
-                "only {} of {expected} records arrived within {timeout:?}; the last: {:?}",
+                "only {} records arrived within {timeout:?}, not what was expected; the last: {:?}",
                 out.len(),
                 out.last()
             );
@@ -276,6 +302,64 @@ pub fn read_committed(
         }
     }
     out
+}
+
+/// The distinct `seq` fields of JSON records, sorted, and how many records
+/// there were (more than distinct ones when some were redelivered).
+pub fn distinct_seqs(landed: &[Landed]) -> (Vec<u64>, usize) {
+    let mut seqs: Vec<u64> = landed
+        .iter()
+        .map(|r| r.json()["seq"].as_u64().expect("seq"))
+        .collect();
+    seqs.sort_unstable();
+    let records = seqs.len();
+    seqs.dedup();
+    (seqs, records)
+}
+
+/// The bridge running in-process, subscribed and ready.
+pub struct Bridge {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), mqtt_kafka_bridge::app::AppError>>,
+}
+
+impl Bridge {
+    /// Starts the bridge and waits until its subscriptions are in place.
+    pub async fn start(config: Config) -> Self {
+        // BRIDGE_TEST_LOG=debug shows the bridge's log in a failing test.
+        if let Ok(filter) = std::env::var("BRIDGE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let ready = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(mqtt_kafka_bridge::app::run_with_readiness(
+            config,
+            shutdown.clone(),
+            ready.clone(),
+        ));
+        await_token(&ready, "bridge subscribed", Duration::from_secs(30)).await;
+        Self { shutdown, task }
+    }
+
+    /// Whether the bridge has stopped on its own.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    pub async fn stop(self) {
+        self.stop_result().await.expect("bridge exits cleanly");
+    }
+
+    pub async fn stop_result(self) -> Result<(), mqtt_kafka_bridge::app::AppError> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("bridge stops within 20 s")
+            .expect("bridge task")
+    }
 }
 
 /// Waits for `token` with a deadline, naming what was awaited on failure.
