@@ -524,13 +524,8 @@ impl Route {
         }
         let (value, bytes) = match (parsed, &self.transform) {
             (Some(value), Some(transform)) => {
-                let ctx = Context {
-                    captures,
-                    message,
-                    value: Some(&value),
-                };
                 let out = transform
-                    .apply(value.clone(), &ctx)
+                    .apply(value, captures, message)
                     .map_err(|e| Rejection::new(RejectReason::Transform, e))?;
                 let bytes =
                     Bytes::from(serde_json::to_vec(&out).expect("a Value always serializes"));

@@ -5,6 +5,7 @@
 
 use super::template::{Context, Template};
 use crate::config::TransformConfig;
+use crate::mqtt::MqttMessage;
 use serde_json::{Map, Value};
 
 /// A compiled transform.
@@ -68,9 +69,31 @@ impl Transform {
         })
     }
 
-    /// Applies the transform. `ctx.value` must be the payload as parsed, which
-    /// is what `set` templates with `{/pointer}` read.
-    pub fn apply(&self, mut value: Value, ctx: &Context<'_>) -> Result<Value, String> {
+    /// Applies the transform to the parsed payload, which it consumes.
+    ///
+    /// `set` templates read the payload as parsed (`{/pointer}`), so their
+    /// values are rendered first; the payload is then reshaped in place,
+    /// without the copy a later render would need.
+    pub fn apply(
+        &self,
+        mut value: Value,
+        captures: &[&str],
+        message: &MqttMessage,
+    ) -> Result<Value, String> {
+        let ctx = Context {
+            captures,
+            message,
+            value: Some(&value),
+        };
+        let mut set_values = Vec::with_capacity(self.sets.len());
+        for (path, set) in &self.sets {
+            set_values.push(match set {
+                SetValue::Constant(v) => v.clone(),
+                SetValue::Template(t) => t
+                    .render_value(&ctx)
+                    .map_err(|e| format!("set `{path}`: {e}"))?,
+            });
+        }
         if !self.renames.is_empty() || !self.drops.is_empty() {
             if !value.is_object() {
                 return Err(format!(
@@ -98,13 +121,7 @@ impl Transform {
                 kind(&value)
             ));
         }
-        for (path, set) in &self.sets {
-            let v = match set {
-                SetValue::Constant(v) => v.clone(),
-                SetValue::Template(t) => t
-                    .render_value(ctx)
-                    .map_err(|e| format!("set `{path}`: {e}"))?,
-            };
+        for ((path, _), v) in self.sets.iter().zip(set_values) {
             put(&mut value, path, v)?;
         }
         Ok(value)
@@ -167,7 +184,6 @@ fn kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::MqttMessage;
     use serde_json::json;
 
     fn transform(yaml: &str) -> Transform {
@@ -178,12 +194,7 @@ mod tests {
     fn apply(t: &Transform, input: Value) -> Result<Value, String> {
         let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", "");
         m.qos = 1;
-        let ctx = Context {
-            captures: &["s1", "u7"],
-            message: &m,
-            value: Some(&input),
-        };
-        t.apply(input.clone(), &ctx)
+        t.apply(input, &["s1", "u7"], &m)
     }
 
     #[test]
