@@ -216,10 +216,7 @@ impl BridgeProcess {
     async fn start(broker: &Mosquitto, kafka: &TestKafka) -> Self {
         let bootstrap = &kafka.bootstrap();
         let topics = common::Topics::new();
-        let names = topics.all();
-        kafka
-            .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
-            .await;
+        kafka.create_test_topics(&topics).await;
         let dir = tempfile::tempdir().unwrap();
         let mapping = std::fs::read_to_string(common::repo_path("mappings/hvac.yaml"))
             .unwrap()
@@ -347,9 +344,7 @@ async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<
 /// the backlog once Kafka is back.
 async fn outage_run(broker: &Mosquitto, rate: f64, outage: Duration) {
     let kafka = TestKafka::mock();
-    let TestKafka::Mock(mock) = &kafka else {
-        unreachable!()
-    };
+    let mock = kafka.mock_cluster();
     let bridge = BridgeProcess::start(broker, &kafka).await;
     let count = (rate * outage.as_secs_f64()) as u64;
     mock.broker_down(1).unwrap();

@@ -5,26 +5,14 @@
 
 mod common;
 
-use common::kafka::test_kafka;
-use common::mosquitto::Mosquitto;
+use common::kafka::TestKafka;
 use common::*;
 use mqtt_kafka_bridge::app;
-use rdkafka::mocking::MockCluster;
 use serde_json::json;
 use std::time::Duration;
 
 const ARRIVE: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_millis(500);
-
-/// Kafka with this test's topics created.
-async fn kafka_with_topics(topics: &Topics) -> common::kafka::TestKafka {
-    let kafka = test_kafka();
-    let names = topics.all();
-    kafka
-        .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
-        .await;
-    kafka
-}
 
 fn telemetry(unit: u32, seq: u32) -> String {
     json!({
@@ -48,29 +36,6 @@ fn telemetry_messages(site: &str, count: u32, units: u32, qos: u8) -> Vec<Publis
             )
         })
         .collect()
-}
-
-/// A mosquitto and the test's Kafka with this test's topics created.
-struct Rig {
-    broker: Mosquitto,
-    topics: Topics,
-    kafka: common::kafka::TestKafka,
-    bootstrap: String,
-}
-
-impl Rig {
-    async fn start() -> Self {
-        let broker = Mosquitto::start();
-        let topics = Topics::new();
-        let kafka = kafka_with_topics(&topics).await;
-        let bootstrap = kafka.bootstrap();
-        Self {
-            broker,
-            topics,
-            kafka,
-            bootstrap,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,13 +266,12 @@ async fn mqtt_311_sessions_deliver_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
-    let broker = Mosquitto::start();
-    let topics = Topics::new();
-    let kafka = MockCluster::new(1).expect("mock cluster");
-    for topic in topics.all() {
-        kafka.create_topic(&topic, 3, 1).expect("create topic");
-    }
-    let bootstrap = kafka.bootstrap_servers();
+    let Rig {
+        broker,
+        topics,
+        kafka,
+        bootstrap,
+    } = Rig::start_with(TestKafka::mock()).await;
     let client_id = unique("bridge");
     // Short Kafka timeouts: the first bridge's commit, stuck while Kafka is
     // down, gives up quickly, and the mock coordinator expires its open
@@ -320,7 +284,7 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     };
     let bridge = Bridge::start(outage_config()).await;
 
-    kafka.broker_down(1).expect("broker down");
+    kafka.mock_cluster().broker_down(1).expect("broker down");
     let messages = telemetry_messages("d", 300, 3, 1);
     publish_all(broker.port, &messages).await;
     // Stop the bridge while Kafka is down: the commit cannot finish, so the
@@ -332,7 +296,7 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
         matches!(stopped, Ok(()) | Err(app::AppError::ShutdownTimeout(_))),
         "{stopped:?}"
     );
-    kafka.broker_up(1).expect("broker up");
+    kafka.mock_cluster().broker_up(1).expect("broker up");
 
     let bridge = Bridge::start(outage_config()).await;
     let landed = read_committed_distinct(
@@ -345,13 +309,7 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
     bridge.stop().await;
     // At least once here: the first bridge's commit may still complete once
     // Kafka returns (exactly-once is the delivery protocol's job).
-    let (seqs, _records) = distinct_seqs(&landed);
-    assert_eq!(
-        seqs.len(),
-        300,
-        "every message arrived after Kafka came back; log:\n{}",
-        broker.log()
-    );
+    assert_every_seq(&landed, 300);
 }
 
 /// Regression: with a broker that sends more than the in-flight window
@@ -409,11 +367,8 @@ async fn flood_through_a_small_window(keep_alive_s: u64) {
         SETTLE,
     );
     bridge.stop().await;
-    let (seqs, records) = distinct_seqs(&landed);
     // At least once: a reconnect may redeliver some.
-    assert_eq!(seqs.len(), 3000, "distinct messages ({records} records)");
-    assert_eq!(seqs.first().copied(), Some(0));
-    assert_eq!(seqs.last().copied(), Some(2999));
+    assert_every_seq(&landed, 3000);
 }
 
 /// M2M commands never reach Kafka, at any QoS, even under a route that

@@ -6,30 +6,28 @@
 
 mod common;
 
-use common::mosquitto::Mosquitto;
+use common::kafka::TestKafka;
 use common::*;
 use mqtt_kafka_bridge::telemetry::STATS;
-use rdkafka::mocking::MockCluster;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart() {
-    let broker = Mosquitto::start();
-    let topics = Topics::new();
     // Error injection on demand: only the mock cluster can take a broker
     // down and bring it back within a test.
-    let kafka = MockCluster::new(1).expect("mock cluster");
-    for topic in topics.all() {
-        kafka.create_topic(&topic, 3, 1).expect("create topic");
-    }
-    let bootstrap = kafka.bootstrap_servers();
+    let Rig {
+        broker,
+        topics,
+        kafka,
+        bootstrap,
+    } = Rig::start_with(TestKafka::mock()).await;
     let mut config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
     config.bridge.delivery.commit_timeout_ms = 1500;
     config.bridge.delivery.transaction_timeout_ms = 10_000;
     let bridge = Bridge::start(config).await;
 
-    kafka.broker_down(1).expect("broker down");
+    kafka.mock_cluster().broker_down(1).expect("broker down");
     let body = r#"{"ts": 1, "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0, "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0, "energy_kwh": 1000.0, "seq": SEQ}"#;
     let messages: Vec<_> = (0..200)
         .map(|seq| {
@@ -50,7 +48,7 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    kafka.broker_up(1).expect("broker up");
+    kafka.mock_cluster().broker_up(1).expect("broker up");
 
     let landed = read_committed_distinct(
         &bootstrap,
@@ -64,10 +62,5 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
         "the bridge kept running through the outage"
     );
     bridge.stop().await;
-    let (seqs, _records) = distinct_seqs(&landed);
-    assert_eq!(
-        seqs,
-        (0..200).collect::<Vec<u64>>(),
-        "every message delivered after the outage"
-    );
+    assert_every_seq(&landed, 200);
 }

@@ -31,10 +31,7 @@ async fn metrics_count_received_produced_dead_lettered_and_commits() {
     let broker = Mosquitto::start();
     let topics = Topics::new();
     let kafka = test_kafka();
-    let names = topics.all();
-    kafka
-        .create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 1)
-        .await;
+    kafka.create_test_topics(&topics).await;
     let mut config = bridge_config(
         broker.port,
         &kafka.bootstrap(),

@@ -71,6 +71,25 @@ impl TestKafka {
         }
     }
 
+    /// The mock cluster, for error injection (`broker_down`, ...).
+    ///
+    /// # Panics
+    /// If this is not the mock cluster: a test that injects errors must
+    /// ask for [`TestKafka::mock`].
+    pub fn mock_cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        match self {
+            Self::Mock(m) => m,
+            _ => panic!("error injection needs TestKafka::mock()"),
+        }
+    }
+
+    /// Creates one test's topics, three partitions each.
+    pub async fn create_test_topics(&self, topics: &super::Topics) {
+        let names = topics.all();
+        self.create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
+            .await;
+    }
+
     /// Creates topics (test topics are never auto-created).
     pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
         match self {

@@ -317,6 +317,49 @@ pub fn distinct_seqs(landed: &[Landed]) -> (Vec<u64>, usize) {
     (seqs, records)
 }
 
+/// Asserts that messages `0..count` all landed (by their `seq` field),
+/// duplicates allowed (at least once); returns how many records there were.
+pub fn assert_every_seq(landed: &[Landed], count: u64) -> usize {
+    let (seqs, records) = distinct_seqs(landed);
+    assert_eq!(
+        seqs.len() as u64,
+        count,
+        "distinct messages ({records} records)"
+    );
+    assert_eq!(seqs.first().copied(), Some(0));
+    assert_eq!(seqs.last().copied(), Some(count - 1));
+    records
+}
+
+/// A mosquitto and a Kafka with one test's topics created.
+pub struct Rig {
+    pub broker: mosquitto::Mosquitto,
+    pub topics: Topics,
+    pub kafka: kafka::TestKafka,
+    pub bootstrap: String,
+}
+
+impl Rig {
+    /// With the Kafka the environment selects (see `kafka::test_kafka`).
+    pub async fn start() -> Self {
+        Self::start_with(kafka::test_kafka()).await
+    }
+
+    /// With the given Kafka, e.g. `TestKafka::mock()` for error injection.
+    pub async fn start_with(kafka: kafka::TestKafka) -> Self {
+        let broker = mosquitto::Mosquitto::start();
+        let topics = Topics::new();
+        kafka.create_test_topics(&topics).await;
+        let bootstrap = kafka.bootstrap();
+        Self {
+            broker,
+            topics,
+            kafka,
+            bootstrap,
+        }
+    }
+}
+
 /// The bridge running in-process, subscribed and ready.
 pub struct Bridge {
     shutdown: tokio_util::sync::CancellationToken,
