@@ -1,8 +1,8 @@
 //! Wiring: builds the parts from a [`Config`] and runs them until shutdown.
 
-use crate::config::{Config, ConfigErrors};
-use crate::delivery::{CommitLoop, DeliveryError};
-use crate::kafka::{SinkError, TransactionalSink};
+use crate::config::{Config, ConfigErrors, Guarantee};
+use crate::delivery::{CommitLoop, DeliveryError, ExactlyOnce, SessionState, StateError};
+use crate::kafka::{state_store, SinkError, StateStoreError, TransactionalSink};
 use crate::mqtt::{MqttError, MqttSession};
 use crate::route::RouteTable;
 use crate::telemetry;
@@ -23,6 +23,10 @@ pub enum AppError {
     Mqtt(#[from] MqttError),
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    StateStore(#[from] StateStoreError),
+    #[error("the exactly-once state in Kafka is unreadable: {0}")]
+    State(#[from] StateError),
     #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
     ShutdownTimeout(Duration),
 }
@@ -60,6 +64,16 @@ pub async fn run_with_readiness(
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(transactional_id = %bridge.kafka.transactional_id, "Kafka producer ready");
+    // After `init_transactions` (which settled what an earlier instance left
+    // open) and before subscribing: the state of the last committed
+    // transaction.
+    let exactly_once = match bridge.delivery.guarantee {
+        Guarantee::AtLeastOnce => None,
+        Guarantee::ExactlyOnce => tokio::select! {
+            state = load_state(&config) => Some(state?),
+            _ = shutdown.cancelled() => return Ok(()),
+        },
+    };
 
     let subscriptions = table.subscriptions();
     for sub in &subscriptions {
@@ -75,7 +89,7 @@ pub async fn run_with_readiness(
     let mut intake =
         tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));
 
-    let commit_loop = CommitLoop::new(table, sink, acker.clone(), &bridge.delivery);
+    let commit_loop = CommitLoop::new(table, sink, acker.clone(), &bridge.delivery, exactly_once);
     let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);
     let run = commit_loop.run(rx, shutdown.clone());
     let deadline = async {
@@ -101,4 +115,22 @@ pub async fn run_with_readiness(
     }
     tracing::info!("bridge stopped");
     result
+}
+
+/// Reads this bridge's exactly-once state from the state topic.
+async fn load_state(config: &Config) -> Result<ExactlyOnce, AppError> {
+    let bridge = &config.bridge;
+    let topic = &bridge.delivery.state_topic;
+    let key = &bridge.kafka.transactional_id;
+    let timeout = Duration::from_millis(bridge.delivery.commit_timeout_ms);
+    let state = match state_store::load(&bridge.kafka, topic, key, timeout).await? {
+        Some(bytes) => SessionState::decode(&bytes)?,
+        None => SessionState::default(),
+    };
+    tracing::info!(%topic, entries = state.len(), "exactly-once state loaded");
+    Ok(ExactlyOnce {
+        state,
+        topic: topic.clone(),
+        key: key.clone(),
+    })
 }

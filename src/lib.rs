@@ -12,7 +12,10 @@
 //!    becomes a dead-letter record carrying the reason.
 //! 3. [`delivery`] enqueues the record in the open Kafka transaction
 //!    ([`kafka`]), commits when the batch is full or old enough, and only
-//!    then acknowledges the batch's MQTT messages, in arrival order.
+//!    then acknowledges the batch's MQTT messages, in arrival order. With
+//!    exactly-once delivery, each transaction also carries the packet ids it
+//!    produced, so a message the broker resends is recognised and not
+//!    produced again.
 //!
 //! [`config`] loads the YAML files, [`telemetry`] counts everything,
 //! [`app`] wires the parts and owns shutdown, [`demo`] runs it all
@@ -23,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod fault;
 pub mod kafka;
 pub mod mqtt;
 pub mod route;

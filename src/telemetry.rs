@@ -25,6 +25,8 @@ pub const COMMIT_SECONDS: &str = "bridge_commit_duration_seconds";
 pub const BATCH_MESSAGES: &str = "bridge_batch_messages";
 pub const MQTT_CONNECTED: &str = "bridge_mqtt_connected";
 pub const MQTT_RECONNECTS: &str = "bridge_mqtt_reconnects_total";
+pub const DUPLICATES_DROPPED: &str = "bridge_duplicates_dropped_total";
+pub const BEST_EFFORT: &str = "bridge_exactly_once_best_effort_total";
 
 /// Process-wide counters for the demo's live summary.
 #[derive(Debug, Default)]
@@ -34,6 +36,7 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     pub unrouted: AtomicU64,
     pub kept_on_mqtt: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
     pub commits: AtomicU64,
     pub aborts: AtomicU64,
     /// Sum of commit durations in microseconds, for a mean over an interval.
@@ -46,6 +49,7 @@ pub static STATS: Stats = Stats {
     dead_lettered: AtomicU64::new(0),
     unrouted: AtomicU64::new(0),
     kept_on_mqtt: AtomicU64::new(0),
+    duplicates_dropped: AtomicU64::new(0),
     commits: AtomicU64::new(0),
     aborts: AtomicU64::new(0),
     commit_micros: AtomicU64::new(0),
@@ -98,6 +102,14 @@ fn describe() {
     );
     describe_gauge!(MQTT_CONNECTED, "1 while connected to the MQTT broker");
     describe_counter!(MQTT_RECONNECTS, "MQTT connections lost");
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        "Resent MQTT messages recognised as already in Kafka and not produced again, by QoS"
+    );
+    describe_counter!(
+        BEST_EFFORT,
+        "Exactly-once decisions that are best effort, by kind (qos0_message, qos1_fingerprint)"
+    );
 }
 
 /// A message matched `route`.
@@ -118,6 +130,26 @@ pub fn message_kept_on_mqtt(topic: &str) {
     tracing::debug!(topic, "M2M message kept on MQTT");
     counter!(KEPT_ON_MQTT).increment(1);
     STATS.kept_on_mqtt.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A resent message was recognised as already in Kafka. At QoS 1 the
+/// decision rests on the fingerprint: a best-effort one.
+pub fn duplicate_dropped(qos: u8, exact: bool) {
+    tracing::debug!(
+        qos,
+        exact,
+        "resent message already in Kafka; not produced again"
+    );
+    counter!(DUPLICATES_DROPPED, "qos" => if qos == 2 { "2" } else { "1" }).increment(1);
+    STATS.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+    if !exact {
+        best_effort("qos1_fingerprint");
+    }
+}
+
+/// An exactly-once decision that cannot be exact.
+pub fn best_effort(kind: &'static str) {
+    counter!(BEST_EFFORT, "kind" => kind).increment(1);
 }
 
 /// A transaction committed: count what it made visible.

@@ -87,9 +87,30 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// What the bridge promises about each MQTT message reaching Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// QoS 2 messages land exactly once, also across crashes; QoS 1 ones
+    /// exactly once wherever a redelivery can be recognised (see
+    /// docs/delivery.md). Costs one small state record per transaction.
+    #[default]
+    ExactlyOnce,
+    /// Nothing is lost; a crash between commit and acknowledgement can
+    /// produce a message twice.
+    AtLeastOnce,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
+    #[serde(default)]
+    pub guarantee: Guarantee,
+    /// Compacted topic holding each bridge's exactly-once state, keyed by
+    /// `kafka.transactional_id`. Created (compacted, one partition) if
+    /// missing.
+    #[serde(default = "default_state_topic")]
+    pub state_topic: String,
     /// A transaction commits once it holds this many messages...
     #[serde(default = "default_batch_max_messages")]
     pub batch_max_messages: usize,
@@ -113,6 +134,8 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
+            guarantee: Guarantee::default(),
+            state_topic: default_state_topic(),
             batch_max_messages: default_batch_max_messages(),
             commit_interval_ms: default_commit_interval_ms(),
             transaction_timeout_ms: default_transaction_timeout_ms(),
@@ -168,6 +191,9 @@ fn default_reconnect_delay_ms() -> u64 {
 }
 fn default_dead_letter_topic() -> String {
     "mqtt-bridge.dead-letter".into()
+}
+fn default_state_topic() -> String {
+    "mqtt-bridge.state".into()
 }
 fn default_batch_max_messages() -> usize {
     1000

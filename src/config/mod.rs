@@ -11,7 +11,7 @@ mod locate;
 mod mapping;
 
 pub use bridge::{
-    BridgeConfig, DeliveryConfig, KafkaConfig, LimitsConfig, MetricsConfig, MqttConfig,
+    BridgeConfig, DeliveryConfig, Guarantee, KafkaConfig, LimitsConfig, MetricsConfig, MqttConfig,
     MqttProtocol,
 };
 pub use error::{ConfigError, ConfigErrors};
@@ -187,6 +187,26 @@ fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
         "must not exceed delivery.transaction_timeout_ms",
     );
     check(
+        crate::route::is_valid_kafka_topic(&bridge.delivery.state_topic),
+        "delivery.state_topic",
+        "is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)",
+    );
+    if bridge.delivery.guarantee == Guarantee::ExactlyOnce {
+        check(
+            !bridge.mqtt.clean_session,
+            "mqtt.clean_session",
+            "must be false for `delivery.guarantee: exactly_once`: a clean session forgets \
+             unacknowledged messages and the packet ids the bridge uses to recognise resends \
+             (or set `delivery.guarantee: at_least_once`)",
+        );
+        check(
+            bridge.mqtt.qos > 0,
+            "mqtt.qos",
+            "is 0 (at most once), below what `delivery.guarantee: exactly_once` needs; \
+             use 2 (exact) or 1 (exact where resends are recognisable)",
+        );
+    }
+    check(
         !bridge.mappings.is_empty(),
         "mappings",
         "names no mapping file",
@@ -282,6 +302,46 @@ mod tests {
             text.contains("a.yaml:5:7: routes[0].kafka: unknown field `topik`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn exactly_once_refuses_a_clean_session_and_qos_0() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "m/a.yaml",
+            "routes:\n  - name: r\n    mqtt: { filter: a, qos: 0 }\n    kafka: { topic: t }\n",
+        );
+        let bad = BRIDGE.replace(
+            "client_id: b1",
+            "client_id: b1\n  clean_session: true\n  qos: 0",
+        );
+        let path = write(dir.path(), "bridge.yaml", &bad);
+        let errors = Config::load(&path).unwrap_err().0;
+        let texts: Vec<_> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert!(
+            texts[0].contains(":4:18: mqtt.clean_session: must be false"),
+            "{texts:?}"
+        );
+        assert!(texts[1].contains(":5:8: mqtt.qos: is 0"), "{texts:?}");
+        // The route's own QoS 0 is refused when the table is compiled.
+        let ok = path.with_file_name("ok.yaml");
+        std::fs::write(&ok, BRIDGE).unwrap();
+        let config = Config::load(&ok).unwrap();
+        let errors = crate::route::RouteTable::compile(&config).unwrap_err().0;
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("a.yaml:3:29: routes[0].mqtt.qos: is 0"),
+            "{}",
+            errors[0]
+        );
+        // At least once accepts all of it.
+        let relaxed = format!("{bad}delivery: {{ guarantee: at_least_once }}\n");
+        std::fs::write(&path, relaxed).unwrap();
+        let config = Config::load(&path).unwrap();
+        crate::route::RouteTable::compile(&config).unwrap();
     }
 
     #[test]

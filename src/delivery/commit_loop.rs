@@ -1,10 +1,13 @@
 //! The batch → commit → ack loop.
 
+use super::session_state::{fingerprint, SessionState, Verdict};
 use crate::config::DeliveryConfig;
+use crate::fault;
 use crate::kafka::{SinkError, TransactionalSink};
-use crate::mqtt::{AckToken, Acker, Delivery, MqttError};
+use crate::mqtt::{Ack, Acker, Delivery, Intake, MqttError};
 use crate::route::{KafkaRecord, Outcome, RejectReason, RouteTable};
 use crate::telemetry;
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,8 +35,10 @@ struct Batch {
     /// Kept until commit so an aborted transaction can be produced again.
     records: Vec<KafkaRecord>,
     /// In arrival order; QoS 0 messages have none.
-    acks: Vec<AckToken>,
+    acks: Vec<Ack>,
     messages: usize,
+    /// The exactly-once state changed: the transaction must carry it.
+    state_changed: bool,
     produced: HashMap<usize, u64>,
     dead_lettered: HashMap<(Option<usize>, &'static str), u64>,
 }
@@ -51,9 +56,21 @@ pub struct CommitLoop {
     table: Arc<RouteTable>,
     sink: TransactionalSink,
     acker: Acker,
-    acks: VecDeque<AckToken>,
+    acks: VecDeque<Ack>,
+    /// Acks queued so far; the session counts the same acks in the same
+    /// order, which is how `Intake::AcksConfirmed` maps onto them.
+    acks_queued: u64,
     batch_max_messages: usize,
     commit_interval: Duration,
+    exactly_once: Option<ExactlyOnce>,
+}
+
+/// The state of exactly-once delivery and where it is written.
+pub struct ExactlyOnce {
+    pub state: SessionState,
+    pub topic: String,
+    /// The bridge's identity (`kafka.transactional_id`).
+    pub key: String,
 }
 
 impl CommitLoop {
@@ -62,14 +79,17 @@ impl CommitLoop {
         sink: TransactionalSink,
         acker: Acker,
         delivery: &DeliveryConfig,
+        exactly_once: Option<ExactlyOnce>,
     ) -> Self {
         Self {
             table,
             sink,
             acker,
             acks: VecDeque::new(),
+            acks_queued: 0,
             batch_max_messages: delivery.batch_max_messages,
             commit_interval: Duration::from_millis(delivery.commit_interval_ms),
+            exactly_once,
         }
     }
 
@@ -78,7 +98,7 @@ impl CommitLoop {
     /// acknowledging the open batch.
     pub async fn run(
         mut self,
-        mut input: mpsc::Receiver<Delivery>,
+        mut input: mpsc::Receiver<Intake>,
         shutdown: CancellationToken,
     ) -> Result<(), DeliveryError> {
         loop {
@@ -112,10 +132,22 @@ impl CommitLoop {
                 // of it; the broker redelivers it to the next run.
                 return self.drain_acks().await;
             }
-            self.acks.extend(batch.acks.drain(..));
+            self.queue_acks(&mut batch);
             if stopping {
                 return self.drain_acks().await;
             }
+        }
+    }
+
+    /// Queues the acks of a committed batch, numbering them as the session
+    /// will count them.
+    fn queue_acks(&mut self, batch: &mut Batch) {
+        for ack in batch.acks.drain(..) {
+            self.acks_queued += 1;
+            if let (Some(eo), Ack::PubAck(id)) = (&mut self.exactly_once, ack) {
+                eo.state.acked(id, self.acks_queued);
+            }
+            self.acks.push_back(ack);
         }
     }
 
@@ -138,12 +170,67 @@ impl CommitLoop {
         Ok(())
     }
 
-    /// Routes one message into the batch.
-    async fn add(&mut self, batch: &mut Batch, delivery: Delivery) -> Result<(), DeliveryError> {
-        batch.messages += 1;
-        if let Some(token) = delivery.ack {
-            batch.acks.push(token);
+    /// Takes one item from the session into the batch.
+    async fn add(&mut self, batch: &mut Batch, intake: Intake) -> Result<(), DeliveryError> {
+        match intake {
+            Intake::Message(delivery) => {
+                fault::point("after_receive");
+                self.add_message(batch, delivery).await
+            }
+            Intake::Released(packet_id) => {
+                fault::point("after_pubrel");
+                batch.messages += 1;
+                if let Some(eo) = &mut self.exactly_once {
+                    // PUBCOMP frees the id for a new message: only once the
+                    // state without it has committed.
+                    batch.state_changed |= eo.state.release(packet_id);
+                }
+                batch.acks.push(Ack::PubComp(packet_id));
+                Ok(())
+            }
+            Intake::AcksConfirmed(acks) => {
+                if let Some(eo) = &mut self.exactly_once {
+                    // Smaller state in the next transaction; nothing to
+                    // commit for it alone.
+                    eo.state.confirm(acks);
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Routes one message into the batch, unless it is a resend of one
+    /// already produced.
+    async fn add_message(
+        &mut self,
+        batch: &mut Batch,
+        delivery: Delivery,
+    ) -> Result<(), DeliveryError> {
+        batch.messages += 1;
+        if let Some(ack) = delivery.ack {
+            batch.acks.push(ack);
+        }
+        let message = &delivery.message;
+        let fingerprint = match (&self.exactly_once, delivery.ack) {
+            (Some(eo), Some(_)) => {
+                let fp = fingerprint(&message.topic, &message.payload);
+                match eo
+                    .state
+                    .check(delivery.packet_id, message.qos, message.dup, fp)
+                {
+                    Verdict::New => Some(fp),
+                    Verdict::Duplicate { exact } => {
+                        telemetry::duplicate_dropped(message.qos, exact);
+                        return Ok(());
+                    }
+                }
+            }
+            (Some(_), None) => {
+                telemetry::best_effort("qos0_message");
+                None
+            }
+            (None, _) => None,
+        };
         let (route, record, reason) = match self.table.route(&delivery.message) {
             Outcome::Unrouted => {
                 telemetry::message_unrouted(&delivery.message.topic);
@@ -191,6 +278,12 @@ impl CommitLoop {
             (None, None) => {}
         }
         batch.records.push(record);
+        fault::point("after_produce");
+        if let (Some(eo), Some(fp)) = (&mut self.exactly_once, fingerprint) {
+            eo.state
+                .record(delivery.packet_id, delivery.message.qos, fp);
+            batch.state_changed = true;
+        }
         Ok(())
     }
 
@@ -202,6 +295,24 @@ impl CommitLoop {
         batch: &mut Batch,
         shutdown: &CancellationToken,
     ) -> Result<bool, DeliveryError> {
+        if batch.state_changed {
+            if let Some(eo) = &self.exactly_once {
+                // The state as of this batch, as the transaction's last
+                // record, so it commits or aborts with the batch.
+                let record = KafkaRecord {
+                    topic: eo.topic.clone(),
+                    key: Some(eo.key.clone()),
+                    value: Bytes::from(eo.state.encode()),
+                    headers: Vec::new(),
+                    timestamp_ms: chrono::Utc::now().timestamp_millis(),
+                };
+                match self.sink.send(&record).await {
+                    Ok(()) | Err(SinkError::Abortable(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                batch.records.push(record);
+            }
+        }
         if batch.records.is_empty() {
             return Ok(true);
         }
@@ -210,6 +321,7 @@ impl CommitLoop {
             let started = Instant::now();
             match self.sink.commit().await {
                 Ok(()) => {
+                    fault::point("after_commit");
                     self.committed(batch, started.elapsed());
                     return Ok(true);
                 }

@@ -4,9 +4,13 @@
 //! enqueues its record in the open transaction, closes the batch on size or
 //! time, commits, and only then acknowledges the batch's messages to the
 //! broker, in arrival order. A crash before the commit loses nothing (the
-//! broker redelivers what was not acknowledged); a crash between commit and
-//! ack can duplicate, which is what the exactly-once work closes.
+//! broker redelivers what was not acknowledged). With exactly-once
+//! delivery, every transaction also records the packet ids it produced
+//! ([`SessionState`]), so that a message the broker resends after a crash
+//! between commit and ack is recognised and not produced again.
 
 mod commit_loop;
+mod session_state;
 
-pub use commit_loop::{CommitLoop, DeliveryError};
+pub use commit_loop::{CommitLoop, DeliveryError, ExactlyOnce};
+pub use session_state::{SessionState, StateError};

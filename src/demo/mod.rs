@@ -46,10 +46,13 @@ pub struct DemoArgs {
     pub duration_s: Option<u64>,
 }
 
-const TOPICS: [&str; 3] = [
+const TOPICS: [&str; 4] = [
     "hvac.telemetry",
     "hvac.diagnostics",
     "mqtt-bridge.dead-letter",
+    // The mock cluster does not answer CreateTopics, so the bridge cannot
+    // create its state topic itself here.
+    "mqtt-bridge.state",
 ];
 
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -2,8 +2,10 @@
 //! visible atomically.
 
 mod sink;
+pub mod state_store;
 
 pub use sink::{SinkError, TransactionalSink};
+pub use state_store::StateStoreError;
 
 use crate::config::KafkaConfig;
 use rdkafka::ClientConfig;

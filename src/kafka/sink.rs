@@ -162,6 +162,8 @@ impl TransactionalSink {
         let timeout = self.commit_timeout;
         blocking(move || {
             flush(&producer, timeout)?;
+            crate::fault::point("before_commit");
+            crate::fault::point_soon("during_commit");
             producer.commit_transaction(timeout)
         })
         .await?;

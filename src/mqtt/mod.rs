@@ -1,13 +1,15 @@
 //! The MQTT side: one persistent session that feeds a bounded channel and
 //! acknowledges on request.
 //!
-//! rumqttc drives the protocol. Two rules keep it honest: the task that polls
-//! the event loop never awaits an ack (acks come from the delivery task
-//! through [`Acker`]), and the request channel is sized well above the
-//! in-flight window, so queued acks never wait on a full channel.
+//! The session speaks the protocol itself over rumqttc's packet codec (see
+//! `session` for why not rumqttc's event loop). One task owns the
+//! connection: it reads, writes the acks the delivery task queues, and keeps
+//! the connection alive, also while the delivery task is too busy to take
+//! more messages.
 
 mod message;
 mod session;
+mod wire;
 
 pub use message::MqttMessage;
-pub use session::{AckToken, Acker, Delivery, MqttError, MqttSession};
+pub use session::{Ack, Acker, Delivery, Intake, MqttError, MqttSession};

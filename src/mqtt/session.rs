@@ -1,208 +1,187 @@
-//! Connecting, subscribing and reading one MQTT session.
+//! One persistent MQTT session, driven packet by packet.
+//!
+//! The bridge speaks the protocol itself on top of rumqttc's codec instead
+//! of using rumqttc's event loop, because exactly-once delivery needs things
+//! that event loop decides on its own:
+//!
+//! - **PUBCOMP after a durable commit.** rumqttc answers PUBREL with PUBCOMP
+//!   at once; the bridge must first commit that it forgot the packet id.
+//! - **Unknown PUBREL.** After a restart the broker resends PUBREL for a
+//!   message whose PUBREC went out before the crash. rumqttc treats that as
+//!   a protocol error and disconnects, and the broker resends it on every
+//!   reconnect, forever (rumqtt issue #664). Here it is answered like any
+//!   other PUBREL.
+//! - **Keep-alive independent of backpressure.** rumqttc pings only while
+//!   its event loop is polled; when Kafka stalled and the intake stopped
+//!   polling, the connection dropped. Here one task keeps writing acks and
+//!   PINGREQs while it waits for room in the delivery channel.
+//! - **Knowing which acks arrived.** A PINGRESP answers a PINGREQ sent after
+//!   some acks, so the broker has processed those acks (it handles a
+//!   connection's packets in order). The delivery task uses that to forget
+//!   duplicate-detection state it no longer needs.
 
+use super::wire::{Inbound, Outbound, Wire, WireError};
 use super::MqttMessage;
-use crate::config::{MqttConfig, MqttProtocol};
+use crate::config::MqttConfig;
 use crate::route::Subscription;
 use crate::telemetry;
-use bytes::Bytes;
-use chrono::Utc;
-use rumqttc::v5;
+use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// MQTT's largest packet: the bridge accepts whatever the broker sends and
-/// applies its own per-route size limit, so that an oversized message is
-/// dead-lettered instead of breaking the connection in a redelivery loop.
-const MAX_PACKET_BYTES: u32 = 268_435_455;
+/// How long to wait for TCP, TLS and CONNACK before trying again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("MQTT request channel closed: {0}")]
-    Client(String),
-    #[error("invalid MQTT settings: {0}")]
-    Settings(String),
+    #[error("MQTT session has ended")]
+    Closed,
+    #[error("MQTT connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("MQTT broker refused the connection: {0}")]
+    Refused(String),
+    #[error("MQTT broker disconnected: {0}")]
+    BrokerDisconnect(String),
+    #[error("MQTT broker closed the connection")]
+    ConnectionClosed,
+    #[error("no {0} from the MQTT broker in time")]
+    Timeout(&'static str),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
-/// What is needed to acknowledge one message later: MQTT acks carry only
-/// the packet id, and the QoS decides between PUBACK and PUBREC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckToken {
-    pub packet_id: u16,
-    pub qos: u8,
+/// An acknowledgement the delivery task sends once it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ack {
+    /// QoS 1: the message is done.
+    PubAck(u16),
+    /// QoS 2, first half: the message is taken; the broker answers PUBREL.
+    PubRec(u16),
+    /// QoS 2, second half: the packet id is free again.
+    PubComp(u16),
+}
+
+impl Ack {
+    /// The ack a received message needs, by its QoS.
+    pub fn for_message(packet_id: u16, qos: u8) -> Option<Self> {
+        match qos {
+            0 => None,
+            1 => Some(Self::PubAck(packet_id)),
+            _ => Some(Self::PubRec(packet_id)),
+        }
+    }
+
+    fn outbound(self) -> Outbound {
+        match self {
+            Self::PubAck(id) => Outbound::PubAck(id),
+            Self::PubRec(id) => Outbound::PubRec(id),
+            Self::PubComp(id) => Outbound::PubComp(id),
+        }
+    }
 }
 
 /// One received message and, for QoS 1 and 2, how to acknowledge it.
 #[derive(Debug)]
 pub struct Delivery {
     pub message: MqttMessage,
-    pub ack: Option<AckToken>,
+    pub packet_id: u16,
+    pub ack: Option<Ack>,
+}
+
+/// What the session hands to the delivery task, in the order it happened
+/// on the connection.
+#[derive(Debug)]
+pub enum Intake {
+    Message(Delivery),
+    /// PUBREL: the broker will not resend this QoS 2 message; answer with
+    /// PUBCOMP once that is durable.
+    Released(u16),
+    /// The broker has processed the first `n` acks the session was given
+    /// (counted over the session's life, all connections).
+    AcksConfirmed(u64),
+}
+
+enum Command {
+    Ack(Ack),
+    Disconnect,
 }
 
 /// Cloneable handle that acknowledges messages and ends the session.
 #[derive(Clone)]
-pub enum Acker {
-    V311(rumqttc::AsyncClient),
-    V5(v5::AsyncClient),
+pub struct Acker {
+    commands: mpsc::Sender<Command>,
 }
 
 impl Acker {
-    /// Queues the PUBACK/PUBREC for one message. Acks must be sent in the
-    /// order messages arrived (MQTT 3.1.1 §4.6); callers ack in order.
-    pub async fn ack(&self, token: AckToken) -> Result<(), MqttError> {
-        match self {
-            Self::V311(client) => {
-                let mut p = rumqttc::Publish::new("", qos_v4(token.qos), Vec::new());
-                p.pkid = token.packet_id;
-                client.ack(&p).await
-            }
-            .map_err(|e| MqttError::Client(e.to_string())),
-            Self::V5(client) => {
-                let mut p =
-                    v5::mqttbytes::v5::Publish::new("", qos_v5(token.qos), Vec::<u8>::new(), None);
-                p.pkid = token.packet_id;
-                client.ack(&p).await
-            }
-            .map_err(|e| MqttError::Client(e.to_string())),
-        }
+    /// Queues an ack. Acks must go out in the order messages arrived
+    /// (MQTT 3.1.1 §4.6); callers ack in order.
+    pub async fn ack(&self, ack: Ack) -> Result<(), MqttError> {
+        self.commands
+            .send(Command::Ack(ack))
+            .await
+            .map_err(|_| MqttError::Closed)
     }
 
-    /// Queues the ack without waiting; `false` when the request channel is
-    /// full (or closed), so the caller keeps the token and tries again. The
-    /// commit loop never awaits an ack: the task that drains the channel may
-    /// itself be waiting for the commit loop to take a message (see
-    /// `delivery::commit_loop`).
-    pub fn try_ack(&self, token: AckToken) -> bool {
-        match self {
-            Self::V311(client) => {
-                let mut p = rumqttc::Publish::new("", qos_v4(token.qos), Vec::new());
-                p.pkid = token.packet_id;
-                client.try_ack(&p).is_ok()
-            }
-            Self::V5(client) => {
-                let mut p =
-                    v5::mqttbytes::v5::Publish::new("", qos_v5(token.qos), Vec::<u8>::new(), None);
-                p.pkid = token.packet_id;
-                client.try_ack(&p).is_ok()
-            }
-        }
+    /// Queues the ack without waiting; `false` when the channel is full (or
+    /// the session has ended), so the caller keeps it and tries again.
+    pub fn try_ack(&self, ack: Ack) -> bool {
+        self.commands.try_send(Command::Ack(ack)).is_ok()
     }
 
-    /// Sends DISCONNECT. The broker keeps the session (when not clean), so
-    /// unacknowledged messages are redelivered to the next connection.
+    /// Sends DISCONNECT after the acks queued before it. The broker keeps the
+    /// session (when not clean), so unacknowledged messages are redelivered
+    /// to the next connection.
     pub async fn disconnect(&self) -> Result<(), MqttError> {
-        match self {
-            Self::V311(client) => client
-                .disconnect()
-                .await
-                .map_err(|e| MqttError::Client(e.to_string())),
-            Self::V5(client) => client
-                .disconnect()
-                .await
-                .map_err(|e| MqttError::Client(e.to_string())),
-        }
+        self.commands
+            .send(Command::Disconnect)
+            .await
+            .map_err(|_| MqttError::Closed)
     }
-
-    async fn subscribe(&self, subs: &[Subscription]) -> Result<(), MqttError> {
-        match self {
-            Self::V311(client) => client
-                .subscribe_many(
-                    subs.iter()
-                        .map(|s| rumqttc::SubscribeFilter::new(s.filter.clone(), qos_v4(s.qos))),
-                )
-                .await
-                .map_err(|e| MqttError::Client(e.to_string())),
-            Self::V5(client) => {
-                // Retain handling 1: retained messages only for a new
-                // subscription, so resubscribing on reconnect does not
-                // replay them.
-                let filters = subs.iter().map(|s| {
-                    let mut f = v5::mqttbytes::v5::Filter::new(s.filter.clone(), qos_v5(s.qos));
-                    f.retain_forward_rule = v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
-                    f
-                });
-                client
-                    .subscribe_many(filters)
-                    .await
-                    .map_err(|e| MqttError::Client(e.to_string()))
-            }
-        }
-    }
-}
-
-enum EventLoop {
-    V311(Box<rumqttc::EventLoop>),
-    V5(Box<v5::EventLoop>),
-}
-
-/// What one poll of the event loop produced, whatever the protocol.
-enum Polled {
-    Connected { session_present: bool },
-    Message(Delivery),
-    Subscribed,
-    Disconnected,
-    Other,
 }
 
 /// The MQTT session: an acker for the delivery task and an intake loop that
-/// forwards messages into a bounded channel.
+/// forwards what the broker sends into a bounded channel.
 pub struct MqttSession {
+    config: MqttConfig,
+    wire: Wire,
+    commands: mpsc::Receiver<Command>,
     acker: Acker,
-    event_loop: EventLoop,
     subscriptions: Vec<Subscription>,
-    reconnect_delay: Duration,
+    /// Acks taken from `commands` so far, over all connections.
+    acks_written: u64,
+    next_packet_id: u16,
 }
+
+/// Why serving a connection ended without an error.
+enum Ended {
+    Disconnected,
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 impl MqttSession {
     /// Prepares the session; nothing connects until [`Self::run_intake`].
     pub fn new(config: &MqttConfig, subscriptions: Vec<Subscription>) -> Result<Self, MqttError> {
-        // Room for one ack per in-flight message plus subscribes and
-        // disconnect, so an ack never waits for space (see module docs).
+        // Room for one ack per in-flight message and more, so the delivery
+        // task rarely finds the channel full.
         let cap = usize::from(config.inflight_window) * 2 + 64;
-        let keep_alive = Duration::from_secs(config.keep_alive_s);
-        let (acker, event_loop) = match config.protocol {
-            MqttProtocol::V311 => {
-                let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
-                o.set_keep_alive(keep_alive)
-                    .set_clean_session(config.clean_session)
-                    .set_manual_acks(true)
-                    .set_max_packet_size(MAX_PACKET_BYTES as usize, MAX_PACKET_BYTES as usize)
-                    .set_request_channel_capacity(cap);
-                if let Some(u) = config.username.as_deref().filter(|u| !u.is_empty()) {
-                    o.set_credentials(u, config.password.as_deref().unwrap_or(""));
-                }
-                if config.tls {
-                    o.set_transport(rumqttc::Transport::tls_with_default_config());
-                }
-                let (client, ev) = rumqttc::AsyncClient::new(o, cap);
-                (Acker::V311(client), EventLoop::V311(Box::new(ev)))
-            }
-            MqttProtocol::V5 => {
-                let mut o = v5::MqttOptions::new(&config.client_id, &config.host, config.port);
-                o.set_keep_alive(keep_alive)
-                    .set_clean_start(config.clean_session)
-                    .set_manual_acks(true)
-                    .set_max_packet_size(Some(MAX_PACKET_BYTES))
-                    .set_receive_maximum(Some(config.inflight_window))
-                    .set_request_channel_capacity(cap);
-                if !config.clean_session {
-                    o.set_session_expiry_interval(Some(config.session_expiry_s));
-                }
-                if let Some(u) = config.username.as_deref().filter(|u| !u.is_empty()) {
-                    o.set_credentials(u, config.password.as_deref().unwrap_or(""));
-                }
-                if config.tls {
-                    o.set_transport(rumqttc::Transport::tls_with_default_config());
-                }
-                let (client, ev) = v5::AsyncClient::new(o, cap);
-                (Acker::V5(client), EventLoop::V5(Box::new(ev)))
-            }
-        };
+        let (tx, commands) = mpsc::channel(cap);
         Ok(Self {
-            acker,
-            event_loop,
+            config: config.clone(),
+            wire: Wire::new(config.protocol),
+            commands,
+            acker: Acker { commands: tx },
             subscriptions,
-            reconnect_delay: Duration::from_millis(config.reconnect_delay_ms),
+            acks_written: 0,
+            next_packet_id: 0,
         })
     }
 
@@ -210,174 +189,270 @@ impl MqttSession {
         self.acker.clone()
     }
 
-    /// Polls the session until DISCONNECT has gone out or `finished` fires.
+    /// Connects, reconnecting after any failure, until DISCONNECT has gone
+    /// out or `finished` fires.
     ///
-    /// Forwards messages into `deliveries` until `stop_intake` fires; after
-    /// that it only keeps polling, so that the acks of the last transaction
-    /// and the DISCONNECT still reach the broker. Messages arriving after
-    /// `stop_intake` are not acknowledged: the broker redelivers them.
+    /// Forwards messages into `intake` until `stop_intake` fires; after that
+    /// it keeps the connection (so the last acks and the DISCONNECT go out)
+    /// but forwards nothing: what arrives then is not acknowledged and the
+    /// broker redelivers it.
     ///
     /// `subscribed` is cancelled once the broker has confirmed the
-    /// subscriptions (or resumed a session that has them): from then on no
-    /// published message is missed.
+    /// subscriptions: from then on no published message is missed.
     pub async fn run_intake(
         mut self,
-        deliveries: mpsc::Sender<Delivery>,
+        intake: mpsc::Sender<Intake>,
         stop_intake: CancellationToken,
         finished: CancellationToken,
         subscribed: CancellationToken,
     ) -> Result<(), MqttError> {
-        let mut connected = false;
+        let reconnect_delay = Duration::from_millis(self.config.reconnect_delay_ms);
         loop {
-            let polled = tokio::select! {
+            let mut connected = false;
+            let served = tokio::select! {
                 _ = finished.cancelled() => return Ok(()),
-                polled = self.event_loop.poll() => polled,
+                served = self.serve(&intake, &stop_intake, &subscribed, &mut connected) => served,
             };
-            match polled {
-                Ok(Polled::Connected { session_present }) => {
-                    connected = true;
-                    telemetry::mqtt_connected(session_present);
-                    // Subscribe on every connect, also to a resumed session:
-                    // routes may have changed since the session was made.
-                    // (MQTT 3.1.1 brokers resend retained messages then;
-                    // MQTT 5 ones do not, see `Acker::subscribe`.)
-                    {
-                        let acker = self.acker.clone();
-                        let subs = self.subscriptions.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = acker.subscribe(&subs).await {
-                                tracing::error!(error = %e, "subscribe failed");
+            match served {
+                Ok(Ended::Disconnected) => return Ok(()),
+                Err(error) if connected => telemetry::mqtt_disconnected(&error),
+                Err(error) => tracing::warn!(%error, "cannot connect to MQTT broker; retrying"),
+            }
+            tokio::select! {
+                _ = finished.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(reconnect_delay) => {}
+            }
+        }
+    }
+
+    /// One connection: CONNECT, SUBSCRIBE, then read, ack and ping until it
+    /// ends.
+    async fn serve(
+        &mut self,
+        intake: &mpsc::Sender<Intake>,
+        stop_intake: &CancellationToken,
+        subscribed: &CancellationToken,
+        connected: &mut bool,
+    ) -> Result<Ended, MqttError> {
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, open(&self.config))
+            .await
+            .map_err(|_| MqttError::Timeout("TCP/TLS connection"))??;
+        let mut out = BytesMut::new();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        self.wire.encode_connect(&self.config, &mut out)?;
+        write(&mut stream, &mut out).await?;
+        let session_present =
+            tokio::time::timeout(CONNECT_TIMEOUT, self.read_connack(&mut stream, &mut buf))
+                .await
+                .map_err(|_| MqttError::Timeout("CONNACK"))??;
+        *connected = true;
+        telemetry::mqtt_connected(session_present);
+
+        // Subscribe on every connect, also to a resumed session: routes may
+        // have changed since the session was made. (MQTT 3.1.1 brokers
+        // resend retained messages then; MQTT 5 ones do not, see
+        // `Wire::encode_subscribe`.)
+        if !self.subscriptions.is_empty() {
+            let packet_id = self.packet_id();
+            self.wire
+                .encode_subscribe(packet_id, &self.subscriptions, &mut out)?;
+            write(&mut stream, &mut out).await?;
+        } else {
+            subscribed.cancel();
+        }
+
+        let keep_alive = Duration::from_secs(self.config.keep_alive_s.max(1));
+        let mut ticker = tokio::time::interval(keep_alive / 4);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_write = Instant::now();
+        // PINGREQs in flight, each with the number of acks written before
+        // it: its PINGRESP confirms them.
+        let mut pings: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut confirmed = self.acks_written;
+        // A packet read but not yet taken by the delivery task. While it
+        // waits, nothing more is read (backpressure), but acks and pings
+        // still go out.
+        let mut pending: Option<Intake> = None;
+        let mut reading_since = Instant::now();
+
+        loop {
+            while pending.is_none() {
+                let Some(packet) = self.wire.decode(&mut buf)? else {
+                    break;
+                };
+                match packet {
+                    Inbound::Publish { packet_id, message } => {
+                        if !stop_intake.is_cancelled() {
+                            let ack = Ack::for_message(packet_id, message.qos);
+                            pending = Some(Intake::Message(Delivery {
+                                message,
+                                packet_id,
+                                ack,
+                            }));
+                        }
+                    }
+                    Inbound::PubRel(id) => {
+                        if !stop_intake.is_cancelled() {
+                            pending = Some(Intake::Released(id));
+                        }
+                    }
+                    Inbound::PingResp => {
+                        if let Some((_, acks)) = pings.pop_front() {
+                            if acks > confirmed {
+                                confirmed = acks;
+                                pending = Some(Intake::AcksConfirmed(acks));
                             }
-                        });
+                        }
                     }
+                    Inbound::SubAck { refused } => {
+                        if refused > 0 {
+                            tracing::error!(refused, "the MQTT broker refused subscriptions");
+                        } else {
+                            tracing::info!("MQTT subscriptions in place");
+                        }
+                        subscribed.cancel();
+                    }
+                    Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
+                    Inbound::ConnAck { .. } | Inbound::Other => {}
                 }
-                Ok(Polled::Message(delivery)) => {
-                    if stop_intake.is_cancelled() {
-                        continue;
+                if pending.is_some() {
+                    // Waiting for the delivery task from now on.
+                    break;
+                }
+            }
+
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => {
+                    let mut next = command;
+                    // Take every queued command: one write for many acks.
+                    loop {
+                        match next {
+                            Some(Command::Ack(ack)) => {
+                                self.wire.encode(ack.outbound(), &mut out)?;
+                                self.acks_written += 1;
+                            }
+                            Some(Command::Disconnect) | None => {
+                                self.wire.encode(Outbound::Disconnect, &mut out)?;
+                                write(&mut stream, &mut out).await?;
+                                let _ = stream.shutdown().await;
+                                return Ok(Ended::Disconnected);
+                            }
+                        }
+                        if out.len() > 64 * 1024 {
+                            break;
+                        }
+                        match self.commands.try_recv() {
+                            Ok(command) => next = Some(command),
+                            Err(_) => break,
+                        }
                     }
-                    tokio::select! {
-                        _ = stop_intake.cancelled() => {}
-                        sent = deliveries.send(delivery) => if sent.is_err() {
-                            // The delivery task is gone; keep polling for the
-                            // disconnect, forwarding nothing.
+                    // A barrier: its PINGRESP says these acks arrived.
+                    if pings.is_empty() {
+                        self.wire.encode(Outbound::PingReq, &mut out)?;
+                        pings.push_back((Instant::now(), self.acks_written));
+                    }
+                    write(&mut stream, &mut out).await?;
+                    last_write = Instant::now();
+                    crate::fault::point("after_ack");
+                }
+                permit = intake.reserve(), if pending.is_some() => {
+                    match permit {
+                        Ok(permit) => permit.send(pending.take().expect("guarded")),
+                        // The delivery task is gone: keep the connection for
+                        // the DISCONNECT, forward nothing.
+                        Err(_) => {
                             stop_intake.cancel();
-                        },
+                            pending = None;
+                        }
+                    }
+                    reading_since = Instant::now();
+                }
+                read = stream.read_buf(&mut buf), if pending.is_none() => {
+                    if read? == 0 {
+                        return Err(MqttError::ConnectionClosed);
                     }
                 }
-                Ok(Polled::Subscribed) => subscribed.cancel(),
-                Ok(Polled::Disconnected) => return Ok(()),
-                Ok(Polled::Other) => {}
-                Err(error) => {
-                    if connected {
-                        telemetry::mqtt_disconnected(&error);
-                    } else {
-                        tracing::warn!(%error, "cannot connect to MQTT broker; retrying");
+                _ = ticker.tick() => {
+                    // The broker must hear from us within the keep-alive.
+                    if last_write.elapsed() >= keep_alive / 2 {
+                        self.wire.encode(Outbound::PingReq, &mut out)?;
+                        pings.push_back((Instant::now(), self.acks_written));
+                        write(&mut stream, &mut out).await?;
+                        last_write = Instant::now();
                     }
-                    connected = false;
-                    tokio::select! {
-                        _ = finished.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(self.reconnect_delay) => {}
+                    // A PINGRESP not read because the delivery task is busy
+                    // is not a dead connection: count only reading time.
+                    if let Some((sent, _)) = pings.front() {
+                        let waiting = (*sent).max(reading_since);
+                        if pending.is_none() && waiting.elapsed() > keep_alive {
+                            return Err(MqttError::Timeout("PINGRESP"));
+                        }
                     }
                 }
             }
         }
     }
-}
 
-impl EventLoop {
-    async fn poll(&mut self) -> Result<Polled, String> {
-        match self {
-            Self::V311(ev) => {
-                use rumqttc::{Event, Outgoing, Packet};
-                Ok(match ev.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(ack)) => Polled::Connected {
-                        session_present: ack.session_present,
-                    },
-                    Event::Incoming(Packet::Publish(p)) => {
-                        let qos = p.qos as u8;
-                        Polled::Message(Delivery {
-                            ack: (qos > 0).then_some(AckToken {
-                                packet_id: p.pkid,
-                                qos,
-                            }),
-                            message: MqttMessage {
-                                topic: p.topic,
-                                payload: p.payload,
-                                qos,
-                                retain: p.retain,
-                                dup: p.dup,
-                                user_properties: Vec::new(),
-                                content_type: None,
-                                received_at: Utc::now(),
-                            },
-                        })
-                    }
-                    Event::Incoming(Packet::SubAck(_)) => Polled::Subscribed,
-                    Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
-                    _ => Polled::Other,
-                })
+    async fn read_connack(
+        &self,
+        stream: &mut Box<dyn Stream>,
+        buf: &mut BytesMut,
+    ) -> Result<bool, MqttError> {
+        loop {
+            while let Some(packet) = self.wire.decode(buf)? {
+                match packet {
+                    Inbound::ConnAck {
+                        refused: Some(reason),
+                        ..
+                    } => return Err(MqttError::Refused(reason)),
+                    Inbound::ConnAck {
+                        session_present, ..
+                    } => return Ok(session_present),
+                    Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
+                    _ => {}
+                }
             }
-            Self::V5(ev) => {
-                use rumqttc::Outgoing;
-                use v5::mqttbytes::v5::Packet;
-                use v5::Event;
-                Ok(match ev.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(ack)) => Polled::Connected {
-                        session_present: ack.session_present,
-                    },
-                    Event::Incoming(Packet::Publish(p)) => {
-                        let qos = p.qos as u8;
-                        let (user_properties, content_type) = match p.properties {
-                            Some(props) => (props.user_properties, props.content_type),
-                            None => (Vec::new(), None),
-                        };
-                        Polled::Message(Delivery {
-                            ack: (qos > 0).then_some(AckToken {
-                                packet_id: p.pkid,
-                                qos,
-                            }),
-                            message: MqttMessage {
-                                topic: topic_string(p.topic),
-                                payload: p.payload,
-                                qos,
-                                retain: p.retain,
-                                dup: p.dup,
-                                user_properties,
-                                content_type,
-                                received_at: Utc::now(),
-                            },
-                        })
-                    }
-                    Event::Incoming(Packet::SubAck(_)) => Polled::Subscribed,
-                    Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
-                    _ => Polled::Other,
-                })
+            if stream.read_buf(buf).await? == 0 {
+                return Err(MqttError::ConnectionClosed);
             }
         }
     }
-}
 
-/// MQTT topics are UTF-8 by specification; a broker that breaks that rule
-/// gets its bytes replaced rather than a crash.
-fn topic_string(topic: Bytes) -> String {
-    match String::from_utf8(topic.to_vec()) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    /// Packet ids of our own packets (SUBSCRIBE); never 0.
+    fn packet_id(&mut self) -> u16 {
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        self.next_packet_id
     }
 }
 
-fn qos_v4(qos: u8) -> rumqttc::QoS {
-    match qos {
-        0 => rumqttc::QoS::AtMostOnce,
-        1 => rumqttc::QoS::AtLeastOnce,
-        _ => rumqttc::QoS::ExactlyOnce,
-    }
+async fn write(stream: &mut Box<dyn Stream>, out: &mut BytesMut) -> Result<(), MqttError> {
+    stream.write_all(out).await?;
+    stream.flush().await?;
+    out.clear();
+    Ok(())
 }
 
-fn qos_v5(qos: u8) -> v5::mqttbytes::QoS {
-    match qos {
-        0 => v5::mqttbytes::QoS::AtMostOnce,
-        1 => v5::mqttbytes::QoS::AtLeastOnce,
-        _ => v5::mqttbytes::QoS::ExactlyOnce,
+async fn open(config: &MqttConfig) -> Result<Box<dyn Stream>, MqttError> {
+    let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port)).await?;
+    tcp.set_nodelay(true)?;
+    if !config.tls {
+        return Ok(Box::new(tcp));
     }
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A certificate the store cannot use is skipped, as browsers do.
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(config.host.clone())
+        .map_err(|e| MqttError::Tls(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    Ok(Box::new(stream))
 }

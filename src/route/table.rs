@@ -8,7 +8,9 @@ use super::{
     dead_letter_record, headers, is_valid_kafka_topic, KafkaRecord, Outcome, RejectReason,
     Rejection, TopicFilter,
 };
-use crate::config::{locate_all, Config, ConfigError, ConfigErrors, MappingSource, RouteConfig};
+use crate::config::{
+    locate_all, Config, ConfigError, ConfigErrors, Guarantee, MappingSource, RouteConfig,
+};
 use crate::mqtt::MqttMessage;
 use crate::schema::Schema;
 use bytes::Bytes;
@@ -377,6 +379,14 @@ fn compile_route(
     let qos = route.mqtt.qos.unwrap_or(config.bridge.mqtt.qos);
     if qos > 2 {
         problems.push(("mqtt.qos".into(), "must be 0, 1 or 2".into()));
+    }
+    if route.mqtt.qos == Some(0) && config.bridge.delivery.guarantee == Guarantee::ExactlyOnce {
+        problems.push((
+            "mqtt.qos".into(),
+            "is 0 (at most once), below what `delivery.guarantee: exactly_once` needs; use 2 \
+             (exact) or 1 (exact where resends are recognisable)"
+                .into(),
+        ));
     }
     let format = Format::compile(route.format, route.text.as_ref())
         .map_err(|e| problems.push(e))

@@ -88,6 +88,11 @@ impl TestKafka {
         let names = topics.all();
         self.create_topics(&names.iter().map(String::as_str).collect::<Vec<_>>(), 3)
             .await;
+        // The mock does not answer CreateTopics, so the bridge cannot create
+        // its state topic there; on real Kafka it does (and that is tested).
+        if let Self::Mock(m) = self {
+            let _ = m.create_topic(STATE_TOPIC, 1, 1);
+        }
     }
 
     /// Creates topics (test topics are never auto-created).
@@ -103,6 +108,9 @@ impl TestKafka {
         }
     }
 }
+
+/// The bridge's default exactly-once state topic.
+pub const STATE_TOPIC: &str = "mqtt-bridge.state";
 
 /// `replication` -1 means the cluster's default.
 pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32, replication: i32) {

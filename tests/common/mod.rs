@@ -3,6 +3,7 @@
 
 pub mod kafka;
 pub mod mosquitto;
+pub mod process;
 
 use mqtt_kafka_bridge::config::{BridgeConfig, Config, MappingSource};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -378,12 +379,15 @@ impl Bridge {
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
         let ready = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(mqtt_kafka_bridge::app::run_with_readiness(
+        let mut task = tokio::spawn(mqtt_kafka_bridge::app::run_with_readiness(
             config,
             shutdown.clone(),
             ready.clone(),
         ));
-        await_token(&ready, "bridge subscribed", Duration::from_secs(30)).await;
+        tokio::select! {
+            _ = await_token(&ready, "bridge subscribed", Duration::from_secs(30)) => {}
+            stopped = &mut task => panic!("the bridge stopped before it was ready: {stopped:?}"),
+        }
         Self { shutdown, task }
     }
 

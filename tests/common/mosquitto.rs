@@ -45,18 +45,20 @@ impl Mosquitto {
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                      max_queued_messages 0\nmax_inflight_messages 0\n\
-                     log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
-                    dir.path().join("mosquitto.log").display()
+                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
                 ),
             )
             .expect("write mosquitto.conf");
+            // stderr, not `log_dest file`: stderr is unbuffered, so the log
+            // is complete while mosquitto runs.
+            let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
             let mut command = Command::new(binary());
             command
                 .arg("-c")
                 .arg(&conf)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .stderr(log);
             super::die_with_parent(&mut command);
             let mut child = command.spawn().unwrap_or_else(|e| {
                 panic!(

@@ -225,7 +225,7 @@ fn shadowed_routes_are_warned_and_subscriptions_merge() {
         r#"
 routes:
   - name: all
-    mqtt: { filter: "a/#", qos: 0 }
+    mqtt: { filter: "a/#", qos: 1 }
     kafka: { topic: t }
   - name: narrow
     mqtt: { filter: "a/{x}/c", qos: 2 }

@@ -1,0 +1,260 @@
+//! What the bridge must remember about MQTT packet ids to produce each
+//! message once: the state written to Kafka in every transaction.
+//!
+//! An entry says "the message with this packet id is in Kafka". It is added
+//! in the transaction that produced the message and removed when the broker
+//! can no longer resend that message:
+//!
+//! - QoS 2: on PUBREL. The broker cannot reuse the id before our PUBCOMP,
+//!   and the PUBCOMP goes out only after the transaction that removed the
+//!   entry committed, so a PUBLISH whose id is in the state is always a
+//!   resend of the same message. Exact.
+//! - QoS 1: there is no PUBREL, and the broker may reuse the id as soon as
+//!   it has our PUBACK. A resend carries DUP=1; it is a duplicate when the
+//!   entry has the same fingerprint (topic and payload). The entry is
+//!   removed once a PINGRESP proves the broker processed the PUBACK. Best
+//!   effort in one case: a new message reusing the id, with identical topic
+//!   and payload, that is itself a resend (DUP=1) before the old entry was
+//!   confirmed away. Such drops are counted.
+
+use std::collections::HashMap;
+use std::hash::Hasher;
+
+/// Format of [`SessionState::encode`]; bumped on any change.
+const FORMAT_VERSION: u8 = 1;
+/// Packet id (2), QoS (1), fingerprint (8).
+const ENTRY_BYTES: usize = 11;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("state record has format version {0}; this bridge reads version {FORMAT_VERSION}")]
+    Version(u8),
+    #[error("state record is truncated ({0} bytes)")]
+    Truncated(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    qos: u8,
+    fingerprint: u64,
+    /// Number of the PUBACK sent for it (QoS 1), once sent; see
+    /// `Intake::AcksConfirmed`.
+    ack_seq: Option<u64>,
+}
+
+/// Whether a received message is new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    New,
+    /// Produced before; acknowledge it again and produce nothing. `exact`
+    /// is false for a QoS 1 decision made on the fingerprint.
+    Duplicate {
+        exact: bool,
+    },
+}
+
+/// Packet ids produced to Kafka and not yet known to be done with.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    entries: HashMap<u16, Entry>,
+}
+
+/// Identifies a message's content for QoS 1 duplicate detection. FNV-1a:
+/// stable across builds and versions, which the state written to Kafka
+/// needs (std's hasher is not).
+pub fn fingerprint(topic: &str, payload: &[u8]) -> u64 {
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(topic.as_bytes());
+    hasher.write(&[0]);
+    hasher.write(payload);
+    hasher.finish()
+}
+
+impl SessionState {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn check(&self, packet_id: u16, qos: u8, dup: bool, fingerprint: u64) -> Verdict {
+        match (qos, self.entries.get(&packet_id)) {
+            // The broker cannot have reused the id: a resend, DUP flag or not.
+            (2, Some(entry)) if entry.qos == 2 => Verdict::Duplicate { exact: true },
+            (1, Some(entry)) if dup && entry.qos == 1 && entry.fingerprint == fingerprint => {
+                Verdict::Duplicate { exact: false }
+            }
+            _ => Verdict::New,
+        }
+    }
+
+    /// The message is in the open transaction.
+    pub fn record(&mut self, packet_id: u16, qos: u8, fingerprint: u64) {
+        self.entries.insert(
+            packet_id,
+            Entry {
+                qos,
+                fingerprint,
+                ack_seq: None,
+            },
+        );
+    }
+
+    /// The PUBACK for `packet_id` is the session's `seq`th ack.
+    pub fn acked(&mut self, packet_id: u16, seq: u64) {
+        if let Some(entry) = self.entries.get_mut(&packet_id) {
+            if entry.qos == 1 {
+                entry.ack_seq = Some(seq);
+            }
+        }
+    }
+
+    /// PUBREL: forget a QoS 2 id. Returns whether it was known.
+    pub fn release(&mut self, packet_id: u16) -> bool {
+        match self.entries.get(&packet_id) {
+            Some(entry) if entry.qos == 2 => {
+                self.entries.remove(&packet_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The broker has processed the first `acks` acks: QoS 1 messages acked
+    /// among them will not be resent. Returns whether anything was removed.
+    pub fn confirm(&mut self, acks: u64) -> bool {
+        let before = self.entries.len();
+        self.entries
+            .retain(|_, e| !(e.qos == 1 && e.ack_seq.is_some_and(|seq| seq <= acks)));
+        self.entries.len() != before
+    }
+
+    /// Compact binary form for the state topic: a version byte, then per
+    /// entry the packet id (u16), QoS (u8) and fingerprint (u64), big
+    /// endian, sorted by packet id.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut ids: Vec<_> = self.entries.keys().copied().collect();
+        ids.sort_unstable();
+        let mut out = Vec::with_capacity(1 + ids.len() * ENTRY_BYTES);
+        out.push(FORMAT_VERSION);
+        for id in ids {
+            let e = &self.entries[&id];
+            out.extend_from_slice(&id.to_be_bytes());
+            out.push(e.qos);
+            out.extend_from_slice(&e.fingerprint.to_be_bytes());
+        }
+        out
+    }
+
+    /// Reads what [`Self::encode`] wrote. Entries come back without ack
+    /// numbers: acks of an earlier run are never confirmed, so its QoS 1
+    /// entries stay until their packet id is used again.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+        let Some((&version, rest)) = bytes.split_first() else {
+            return Err(StateError::Truncated(0));
+        };
+        if version != FORMAT_VERSION {
+            return Err(StateError::Version(version));
+        }
+        if rest.len() % ENTRY_BYTES != 0 {
+            return Err(StateError::Truncated(bytes.len()));
+        }
+        let entries = rest
+            .chunks_exact(ENTRY_BYTES)
+            .map(|c| {
+                let id = u16::from_be_bytes([c[0], c[1]]);
+                let fingerprint = u64::from_be_bytes(c[3..11].try_into().expect("8 bytes"));
+                (
+                    id,
+                    Entry {
+                        qos: c[2],
+                        fingerprint,
+                        ack_seq: None,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self { entries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qos2_resend_is_a_duplicate_until_released() {
+        let mut s = SessionState::default();
+        assert_eq!(s.check(7, 2, false, 1), Verdict::New);
+        s.record(7, 2, 1);
+        // Resent with or without DUP, any content: the id is ours.
+        assert_eq!(s.check(7, 2, true, 1), Verdict::Duplicate { exact: true });
+        assert_eq!(s.check(7, 2, false, 99), Verdict::Duplicate { exact: true });
+        // Confirmations concern QoS 1 only.
+        s.acked(7, 1);
+        assert!(!s.confirm(10));
+        assert!(s.release(7));
+        assert_eq!(s.check(7, 2, false, 1), Verdict::New);
+        assert!(!s.release(7), "an unknown PUBREL is not an error");
+    }
+
+    #[test]
+    fn qos1_duplicate_needs_dup_flag_and_same_fingerprint() {
+        let mut s = SessionState::default();
+        s.record(3, 1, 42);
+        assert_eq!(s.check(3, 1, true, 42), Verdict::Duplicate { exact: false });
+        // DUP=0 is a first attempt: a new message reusing the id.
+        assert_eq!(s.check(3, 1, false, 42), Verdict::New);
+        assert_eq!(s.check(3, 1, true, 43), Verdict::New);
+        // A QoS 2 message with the id is never a QoS 1 resend.
+        assert_eq!(s.check(3, 2, true, 42), Verdict::New);
+    }
+
+    #[test]
+    fn confirmed_acks_forget_qos1_entries() {
+        let mut s = SessionState::default();
+        s.record(1, 1, 10);
+        s.record(2, 1, 20);
+        s.record(3, 1, 30);
+        s.acked(1, 5);
+        s.acked(2, 6);
+        assert!(s.confirm(5));
+        assert_eq!(s.check(1, 1, true, 10), Verdict::New);
+        assert_eq!(s.check(2, 1, true, 20), Verdict::Duplicate { exact: false });
+        // Not yet acked: kept whatever is confirmed.
+        assert!(s.confirm(100));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.check(3, 1, true, 30), Verdict::Duplicate { exact: false });
+    }
+
+    #[test]
+    fn encoding_round_trips_and_rejects_garbage() {
+        let mut s = SessionState::default();
+        s.record(65535, 2, u64::MAX);
+        s.record(1, 1, 0x0102_0304_0506_0708);
+        let bytes = s.encode();
+        assert_eq!(bytes.len(), 1 + 2 * ENTRY_BYTES);
+        assert_eq!(&bytes[..4], &[FORMAT_VERSION, 0, 1, 1]);
+        assert_eq!(SessionState::decode(&bytes), Ok(s));
+        assert_eq!(
+            SessionState::decode(&SessionState::default().encode()),
+            Ok(SessionState::default())
+        );
+        assert_eq!(SessionState::decode(&[]), Err(StateError::Truncated(0)));
+        assert_eq!(SessionState::decode(&[9]), Err(StateError::Version(9)));
+        assert_eq!(
+            SessionState::decode(&bytes[..5]),
+            Err(StateError::Truncated(5))
+        );
+    }
+
+    #[test]
+    fn fingerprint_separates_topic_from_payload() {
+        assert_ne!(fingerprint("a/b", b"c"), fingerprint("a/", b"bc"));
+        // Pinned: the value is stored in Kafka and must not change.
+        // (FNV-1a 64 of the single byte 0x00.)
+        assert_eq!(fingerprint("", b""), 0xaf63_bd4c_8601_b7df);
+    }
+}

@@ -1,0 +1,152 @@
+//! The state topic: where the exactly-once state lives, written in every
+//! transaction and read back once at start-up.
+//!
+//! A compacted topic keyed by the bridge's `transactional.id`, so it keeps
+//! one record per bridge. It is read with `read_committed` after
+//! `init_transactions` has settled whatever the previous instance left
+//! open, so what is read is exactly the state of the last committed
+//! transaction.
+
+use super::client_config;
+use crate::config::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateStoreError {
+    #[error("cannot read state topic {topic}: {error}")]
+    Kafka { topic: String, error: KafkaError },
+    #[error("state topic {0} does not exist and could not be created")]
+    Missing(String),
+    #[error("state topic {0} was not read to its end within {1:?}")]
+    Timeout(String, Duration),
+}
+
+/// Creates the state topic (compacted, one partition, the broker's default
+/// replication). Failing is not an error here: another instance may have
+/// created it meanwhile; the read that follows reports a topic that is
+/// really missing.
+async fn create_topic(kafka: &KafkaConfig, topic: &str, timeout: Duration) {
+    let admin: AdminClient<DefaultClientContext> = match client_config(kafka).create() {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::warn!(%error, "cannot create Kafka admin client");
+            return;
+        }
+    };
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "compact")
+        .set("min.compaction.lag.ms", "0");
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    match admin.create_topics(&[new], &options).await {
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(name) => tracing::info!(topic = name, "created state topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) => {
+                        tracing::warn!(topic = name, %code, "cannot create state topic")
+                    }
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot create state topic"),
+    }
+}
+
+/// The value of the last committed record under `key`, if any. Creates the
+/// topic first if it does not exist.
+pub async fn load(
+    kafka: &KafkaConfig,
+    topic: &str,
+    key: &str,
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, StateStoreError> {
+    let mut config = client_config(kafka);
+    config
+        .set("group.id", format!("{key}.state-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    let read = |wait: bool| {
+        let (config, topic, key) = (config.clone(), topic.to_string(), key.to_string());
+        async move {
+            tokio::task::spawn_blocking(move || read_last(&config, &topic, &key, timeout, wait))
+                .await
+                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+        }
+    };
+    match read(false).await {
+        Err(StateStoreError::Missing(_)) => {
+            create_topic(kafka, topic, timeout).await;
+            read(true).await
+        }
+        other => other,
+    }
+}
+
+/// Reads every partition of `topic` to its end. A missing topic is an
+/// error at once, or after `timeout` if `wait` (just created: its metadata
+/// may lag).
+fn read_last(
+    config: &rdkafka::ClientConfig,
+    topic: &str,
+    key: &str,
+    timeout: Duration,
+    wait: bool,
+) -> Result<Option<Vec<u8>>, StateStoreError> {
+    let kafka = |error| StateStoreError::Kafka {
+        topic: topic.to_string(),
+        error,
+    };
+    let deadline = Instant::now() + timeout;
+    let consumer: BaseConsumer = config.create().map_err(kafka)?;
+    tracing::debug!(topic, key, "reading exactly-once state");
+    let partitions = loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(kafka)?;
+        let t = metadata.topics().first();
+        match t.map(|t| (t.error(), t.partitions().len())) {
+            Some((None, n)) if n > 0 => break n,
+            _ if wait && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            _ => return Err(StateStoreError::Missing(topic.to_string())),
+        }
+    };
+    tracing::debug!(topic, partitions, "state topic found");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(kafka)?;
+    }
+    consumer.assign(&assignment).map_err(kafka)?;
+    let mut at_end = HashSet::new();
+    let mut last = None;
+    while at_end.len() < partitions {
+        if Instant::now() >= deadline {
+            return Err(StateStoreError::Timeout(topic.to_string(), timeout));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.key() == Some(key.as_bytes()) => {
+                last = m.payload().map(<[u8]>::to_vec);
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(error)) => return Err(kafka(error)),
+        }
+    }
+    Ok(last)
+}

@@ -1,0 +1,321 @@
+//! Exactly once across crashes, kills and zombies: the real binary against
+//! real mosquitto and real Kafka, checked the way Kafka's own exactly-once
+//! system test checks: copy a known set of messages while the copier dies,
+//! then read the output with `read_committed` and find every message once.
+//!
+//! Each test publishes messages whose JSON carries a unique `seq`; every
+//! publish is acknowledged by mosquitto before the check, so "the set the
+//! publisher got acknowledged" is all of them.
+
+mod common;
+
+use common::process::{tail, BridgeProcess};
+use common::{publish_all, read_committed, unique, Landed, Publish, Rig, Topics};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const SUBSCRIBED: &str = "MQTT subscriptions in place";
+const DEVICES: u64 = 20;
+
+/// One bridge identity (MQTT client id = transactional id) with its config
+/// files and log in a temporary directory.
+struct Identity {
+    dir: tempfile::TempDir,
+    topic: String,
+}
+
+impl Identity {
+    fn new(rig: &Rig, topics: &Topics, qos: u8) -> Self {
+        Self::with_guarantee(rig, topics, qos, "exactly_once")
+    }
+
+    fn with_guarantee(rig: &Rig, topics: &Topics, qos: u8, guarantee: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let id = unique("eo");
+        let topic = topics.telemetry();
+        std::fs::write(
+            dir.path().join("bridge.yaml"),
+            format!(
+                "mqtt:\n  host: 127.0.0.1\n  port: {port}\n  client_id: {id}\n  keep_alive_s: 5\n  \
+                 reconnect_delay_ms: 100\n  inflight_window: 100\n\
+                 kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {id}\n  \
+                 dead_letter_topic: {dlq}\n\
+                 delivery:\n  guarantee: {guarantee}\n  batch_max_messages: 200\n  \
+                 commit_interval_ms: 50\n  commit_timeout_ms: 5000\n  \
+                 transaction_timeout_ms: 10000\n  shutdown_timeout_ms: 5000\n\
+                 mappings: [mapping.yaml]\n",
+                port = rig.broker.port,
+                bootstrap = rig.bootstrap,
+                dlq = topics.dead_letter(),
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("mapping.yaml"),
+            format!(
+                "routes:\n  - name: eo\n    mqtt: {{ filter: 'eo/{{device}}/data', qos: {qos} }}\n    \
+                 kafka: {{ topic: {topic}, key: '{{device}}' }}\n"
+            ),
+        )
+        .unwrap();
+        Self { dir, topic }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("bridge.yaml")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("bridge.log")
+    }
+
+    fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
+        BridgeProcess::start(&self.config(), &self.log(), crash_at)
+    }
+}
+
+fn messages(range: std::ops::Range<u64>, qos: u8) -> Vec<Publish> {
+    range
+        .map(|seq| {
+            Publish::new(
+                format!("eo/dev{}/data", seq % DEVICES),
+                format!("{{\"seq\":{seq}}}"),
+                qos,
+            )
+        })
+        .collect()
+}
+
+/// Reads `count` records (and any extra for a few seconds) off the blocking
+/// pool.
+async fn read_all(bootstrap: &str, topic: &str, count: usize) -> Vec<Landed> {
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        read_committed(
+            &bootstrap,
+            &[&topic],
+            count,
+            Duration::from_secs(120),
+            Duration::from_secs(3),
+        )
+    })
+    .await
+    .expect("reader")
+}
+
+/// Every `seq` in `0..count` exactly once and, unless `ordered` is false,
+/// per device in publish order.
+fn assert_exactly_once(landed: &[Landed], count: u64, ordered: bool, log: &Path) {
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    let mut per_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for record in landed {
+        let seq = record.json()["seq"].as_u64().expect("seq");
+        *seen.entry(seq).or_default() += 1;
+        let key = record.key.clone().expect("key");
+        assert_eq!(key, format!("dev{}", seq % DEVICES));
+        per_key.entry(key).or_default().push(seq);
+    }
+    let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    let missing: Vec<_> = (0..count).filter(|s| !seen.contains_key(s)).collect();
+    assert!(
+        duplicated.is_empty() && missing.is_empty() && landed.len() as u64 == count,
+        "{} records for {count} messages; duplicated (seq, times): {duplicated:?}; missing: {missing:?}\n{}",
+        landed.len(),
+        tail(log)
+    );
+    for (key, seqs) in per_key.iter().filter(|_| ordered) {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {seqs:?}"
+        );
+    }
+}
+
+/// Kills the bridge at `point` while `count` messages flow, restarts it,
+/// and checks the output.
+async fn crash_and_recover(rig: &Rig, qos: u8, point: &str, count: u64) {
+    let (landed, identity) = crash_and_restart(rig, qos, point, count, "exactly_once").await;
+    assert_exactly_once(&landed, count, true, &identity.log());
+}
+
+/// Runs a bridge until it crashes at `point`, restarts it and returns what
+/// landed once all `count` messages did.
+async fn crash_and_restart(
+    rig: &Rig,
+    qos: u8,
+    point: &str,
+    count: u64,
+    guarantee: &str,
+) -> (Vec<Landed>, Identity) {
+    // Fresh topics per run, so each check sees only its own records.
+    let topics = Topics::new();
+    rig.kafka.create_test_topics(&topics).await;
+    let identity = Identity::with_guarantee(rig, &topics, qos, guarantee);
+    let mut bridge = identity.start(Some(point));
+    bridge.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let port = rig.broker.port;
+    let publisher = tokio::spawn(async move { publish_all(port, &messages(0..count, qos)).await });
+    let (status, bridge) = tokio::task::spawn_blocking(move || {
+        let status = bridge.wait(Duration::from_secs(60));
+        (status, bridge)
+    })
+    .await
+    .unwrap();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{point}: the bridge did not reach its crash point:\n{}",
+            tail(&identity.log())
+        )
+    });
+    assert!(!status.success(), "{point}: {status}");
+    drop(bridge);
+    publisher.await.expect("publisher");
+
+    let mut bridge = identity.start(None);
+    bridge.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
+    let landed = read_all(&rig.bootstrap, &identity.topic, count as usize).await;
+    bridge.stop();
+    (landed, identity)
+}
+
+/// Control: the same crash between commit and ack with `at_least_once`
+/// does produce duplicates, so the exactly-once checks above can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_at_least_once_duplicates_after_a_crash_between_commit_and_ack() {
+    let rig = Rig::start().await;
+    let (landed, identity) =
+        crash_and_restart(&rig, 2, "after_commit:3", 1500, "at_least_once").await;
+    let (seqs, records) = common::distinct_seqs(&landed);
+    assert_eq!(seqs.len(), 1500, "nothing lost");
+    assert!(
+        records > 1500,
+        "expected duplicates without the exactly-once state, got {records} records\n{}",
+        tail(&identity.log())
+    );
+}
+
+/// The protocol's steps at which a crash is interesting, with the hit that
+/// crashes: late enough that earlier batches committed and were acked.
+const CRASHES: &[(&str, &str)] = &[
+    ("after_receive", "after_receive:700"),
+    ("after_produce", "after_produce:700"),
+    ("before_commit", "before_commit:3"),
+    ("during_commit", "during_commit:3"),
+    ("after_commit", "after_commit:3"),
+    ("after_ack", "after_ack:3"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
+    let rig = Rig::start().await;
+    let pubrel = [("after_pubrel", "after_pubrel:300")];
+    for (name, point) in CRASHES.iter().chain(&pubrel) {
+        eprintln!("crash point {name}");
+        crash_and_recover(&rig, 2, point, 1500).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_crash_matrix_loses_and_duplicates_nothing() {
+    let rig = Rig::start().await;
+    for (name, point) in CRASHES {
+        eprintln!("crash point {name}");
+        crash_and_recover(&rig, 1, point, 1500).await;
+    }
+}
+
+/// SIGKILL at random moments under continuous load, restarting each time.
+/// `BRIDGE_TEST_KILLS` sets the number of kills (default 6; the documented
+/// long run uses 100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
+    let kills: usize = std::env::var("BRIDGE_TEST_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let rig = Rig::start().await;
+    let identity = Identity::new(&rig, &rig.topics, 2);
+    // Paced: about 2 000 messages a second, QoS 2 and 1 mixed, for as long
+    // as the kills take.
+    let count = (kills as u64 + 2) * 1500;
+    let mut first = identity.start(None);
+    first.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let port = rig.broker.port;
+    let publisher = tokio::spawn(async move {
+        let all: Vec<_> = messages(0..count, 2)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut m)| {
+                m.qos = mixed_qos(i as u64);
+                m
+            })
+            .collect();
+        for chunk in all.chunks(200) {
+            publish_all(port, chunk).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut bridge = first;
+    for kill in 0..kills {
+        let alive = Duration::from_millis(fastrand::u64(300..1500));
+        tokio::time::sleep(alive).await;
+        bridge.kill();
+        eprintln!("kill {} after {alive:?}", kill + 1);
+        bridge = identity.start(None);
+        bridge.await_log(SUBSCRIBED, kill + 2, Duration::from_secs(30));
+    }
+    publisher.await.expect("publisher");
+    let landed = read_all(&rig.bootstrap, &identity.topic, count as usize).await;
+    bridge.stop();
+    // Not checked for order: MQTT orders messages of one QoS only, and with
+    // QoS 1 and 2 mixed, one run saw a QoS 2 message land 60 places late
+    // after a kill (exactly once all the same); see docs/delivery.md.
+    assert_exactly_once(&landed, count, false, &identity.log());
+}
+
+fn mixed_qos(seq: u64) -> u8 {
+    if seq % 3 == 0 {
+        1
+    } else {
+        2
+    }
+}
+
+/// Two bridges with one identity. The first is frozen (SIGSTOP) mid-stream,
+/// a second takes over the MQTT session and fences the first's producer;
+/// when the first is thawed its commit fails and it stops without
+/// acknowledging anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_bridge_is_fenced_and_duplicates_nothing() {
+    let rig = Rig::start().await;
+    let identity = Identity::new(&rig, &rig.topics, 2);
+    let count = 3000;
+    let mut zombie = identity.start(None);
+    zombie.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let port = rig.broker.port;
+    publish_all(port, &messages(0..1000, 2)).await;
+    zombie.signal(libc::SIGSTOP);
+
+    let mut successor = identity.start(None);
+    successor.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
+    publish_all(port, &messages(1000..2000, 2)).await;
+    zombie.signal(libc::SIGCONT);
+    publish_all(port, &messages(2000..count, 2)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = zombie.wait(Duration::from_secs(60));
+        (status, zombie)
+    })
+    .await
+    .unwrap();
+    let landed = read_all(&rig.bootstrap, &identity.topic, count as usize).await;
+    successor.stop();
+    let log = identity.log();
+    assert!(
+        matches!(status.0, Some(s) if !s.success()),
+        "the zombie must stop with an error once fenced: {:?}\n{}",
+        status.0,
+        tail(&log)
+    );
+    assert_exactly_once(&landed, count, true, &log);
+}
