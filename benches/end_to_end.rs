@@ -2,7 +2,8 @@
 //! binary, its own process) → Kafka → `read_committed` consumer.
 //!
 //! `cargo bench --bench end_to_end` (env: `BENCH_MESSAGES`, default 100000;
-//! `BENCH_KAFKA=mock,real`). Needs mosquitto, mosquitto_sub
+//! `BENCH_KAFKA=mock,real`; `BENCH_GUARANTEE=exactly_once,at_least_once`;
+//! `BENCH_OUTAGE_S`, 0 skips the outage run). Needs mosquitto, mosquitto_sub
 //! (mosquitto-clients) and, for `real`, Java 17 (see docs/testing.md).
 //! Reports per Kafka: the reference (the same load delivered by the same
 //! broker to `mosquitto_sub`), the Kafka ceiling (the same records produced
@@ -213,7 +214,7 @@ struct BridgeProcess {
 }
 
 impl BridgeProcess {
-    async fn start(broker: &Mosquitto, kafka: &TestKafka) -> Self {
+    async fn start(broker: &Mosquitto, kafka: &TestKafka, guarantee: &str) -> Self {
         let bootstrap = &kafka.bootstrap();
         let topics = common::Topics::new();
         kafka.create_test_topics(&topics).await;
@@ -233,7 +234,7 @@ impl BridgeProcess {
             format!(
                 "mqtt: {{ host: 127.0.0.1, port: {}, client_id: {id}, inflight_window: 2000 }}\n\
                  kafka: {{ bootstrap_servers: '{bootstrap}', transactional_id: {id}, dead_letter_topic: {} }}\n\
-                 delivery: {{ batch_max_messages: {BATCH}, commit_interval_ms: 100 }}\nmappings: ['hvac.yaml']\n",
+                 delivery: {{ guarantee: {guarantee}, batch_max_messages: {BATCH}, commit_interval_ms: 100 }}\nmappings: ['hvac.yaml']\n",
                 broker.port,
                 topics.dead_letter()
             ),
@@ -294,8 +295,14 @@ impl BridgeProcess {
 
 /// Runs the bridge, publishes `n` messages (paced at `rate` or flat out)
 /// and reads them back.
-async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<f64>) -> BridgeRun {
-    let bridge = BridgeProcess::start(broker, kafka).await;
+async fn bridge_run(
+    broker: &Mosquitto,
+    kafka: &TestKafka,
+    guarantee: &str,
+    n: u64,
+    rate: Option<f64>,
+) -> BridgeRun {
+    let bridge = BridgeProcess::start(broker, kafka, guarantee).await;
     let (pid, consumer) = (bridge.pid, &bridge.consumer);
     eprintln!("  publishing {n}");
     let cpu_before = proc_cpu_ticks(pid);
@@ -345,7 +352,7 @@ async fn bridge_run(broker: &Mosquitto, kafka: &TestKafka, n: u64, rate: Option<
 async fn outage_run(broker: &Mosquitto, rate: f64, outage: Duration) {
     let kafka = TestKafka::mock();
     let mock = kafka.mock_cluster();
-    let bridge = BridgeProcess::start(broker, &kafka).await;
+    let bridge = BridgeProcess::start(broker, &kafka, "exactly_once").await;
     let count = (rate * outage.as_secs_f64()) as u64;
     mock.broker_down(1).unwrap();
     let port = broker.port;
@@ -424,6 +431,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let kinds = std::env::var("BENCH_KAFKA").unwrap_or_else(|_| "mock,real".into());
+    let guarantees =
+        std::env::var("BENCH_GUARANTEE").unwrap_or_else(|_| "exactly_once,at_least_once".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -452,11 +461,14 @@ fn main() {
             kafka.create_topics(&[&ceiling_topic], 3).await;
             eprintln!("{kind}: measuring the Kafka ceiling");
             let ceiling = kafka_ceiling(&bootstrap, &ceiling_topic, n);
-            eprintln!("{kind}: {ceiling:.0} msg/s; bridge flat out");
-            let full = bridge_run(&broker, &kafka, n, None).await;
-            let half = bridge_run(&broker, &kafka, n / 2, Some(full.rate / 2.0)).await;
+            eprintln!("{kind}: {ceiling:.0} msg/s");
             println!("--- Kafka: {kind} ---");
             println!("kafka ceiling (rdkafka, transactional, no MQTT): {ceiling:.0} msg/s");
+            for guarantee in guarantees.split(',') {
+            eprintln!("{kind}, {guarantee}: bridge flat out");
+            let full = bridge_run(&broker, &kafka, guarantee, n, None).await;
+            let half = bridge_run(&broker, &kafka, guarantee, n / 2, Some(full.rate / 2.0)).await;
+            println!("{guarantee}:");
             println!(
                 "bridge flat out: {:.0} msg/s = {:.2} x reference; latency p50 {:.1} ms, p99 {:.1} ms; CPU {:.1} us/msg ({:.1} s per million); RSS {:.1} MiB (peak {:.1} MiB)",
                 full.rate, full.rate / reference, full.p50_ms, full.p99_ms, full.cpu_us_per_msg, full.cpu_us_per_msg, full.rss_mib, full.peak_rss_mib
@@ -465,6 +477,7 @@ fn main() {
                 "bridge at half that rate ({:.0} msg/s offered): latency p50 {:.1} ms, p99 {:.1} ms; CPU {:.1} us/msg",
                 full.rate / 2.0, half.p50_ms, half.p99_ms, half.cpu_us_per_msg
             );
+            }
         }
         if outage_s > 0 {
             outage_run(&broker, 2000.0, Duration::from_secs(outage_s)).await;

@@ -1,7 +1,9 @@
 //! Wiring: builds the parts from a [`Config`] and runs them until shutdown.
 
 use crate::config::{Config, ConfigErrors, Guarantee};
-use crate::delivery::{CommitLoop, DeliveryError, ExactlyOnce, SessionState, StateError};
+use crate::delivery::{
+    session_state, CommitLoop, DeliveryError, ExactlyOnce, SessionState, StateError,
+};
 use crate::kafka::{state_store, SinkError, StateStoreError, TransactionalSink};
 use crate::mqtt::{MqttError, MqttSession};
 use crate::route::RouteTable;
@@ -123,10 +125,12 @@ async fn load_state(config: &Config) -> Result<ExactlyOnce, AppError> {
     let topic = &bridge.delivery.state_topic;
     let key = &bridge.kafka.transactional_id;
     let timeout = Duration::from_millis(bridge.delivery.commit_timeout_ms);
-    let state = match state_store::load(&bridge.kafka, topic, key, timeout).await? {
-        Some(bytes) => SessionState::decode(&bytes)?,
-        None => SessionState::default(),
-    };
+    let buckets =
+        state_store::load(&bridge.kafka, topic, key, session_state::BUCKETS, timeout).await?;
+    let mut state = SessionState::default();
+    for bytes in buckets.values() {
+        state.merge_bucket(bytes)?;
+    }
     tracing::info!(%topic, entries = state.len(), "exactly-once state loaded");
     Ok(ExactlyOnce {
         state,

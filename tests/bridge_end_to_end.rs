@@ -8,35 +8,10 @@ mod common;
 use common::kafka::TestKafka;
 use common::*;
 use mqtt_kafka_bridge::app;
-use serde_json::json;
 use std::time::Duration;
 
 const ARRIVE: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_millis(500);
-
-fn telemetry(unit: u32, seq: u32) -> String {
-    json!({
-        "ts": 1_700_000_000_000u64 + u64::from(seq),
-        "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0,
-        "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0,
-        "energy_kwh": 1000.0 + f64::from(seq), "seq": seq, "unit_no": unit
-    })
-    .to_string()
-}
-
-/// `count` telemetry messages spread over `units` units of one site.
-fn telemetry_messages(site: &str, count: u32, units: u32, qos: u8) -> Vec<Publish> {
-    (0..count)
-        .map(|seq| {
-            let unit = seq % units;
-            Publish::new(
-                format!("site/{site}/hvac/u{unit}/telemetry"),
-                telemetry(unit, seq),
-                qos,
-            )
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {

@@ -5,7 +5,11 @@
 mod common;
 
 use common::kafka::{create_topics, KafkaCluster};
-use common::unique;
+use common::mosquitto::Mosquitto;
+use common::{
+    assert_every_seq, bridge_config, publish_all, read_committed, telemetry_messages, unique,
+    Bridge, Topics,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -100,4 +104,49 @@ async fn transactional_produce_survives_losing_the_partition_leader() {
 
     cluster.restart(victim);
     assert_eq!(cluster.node_ids().len(), 3);
+}
+
+/// The bridge, exactly once, while each of the three brokers in turn is
+/// killed (kill -9) and restarted under load; one of them is the
+/// transaction coordinator, one leads the state topic, all lead data
+/// partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_rides_out_every_broker_restart_exactly_once() {
+    let mut cluster = KafkaCluster::start(3);
+    let broker = Mosquitto::start();
+    let topics = Topics::new();
+    let names = topics.all();
+    let state = format!("{}state", topics.prefix);
+    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+    all.push(&state);
+    create_topics(&cluster.bootstrap, &all, 3, 3).await;
+    let mut config = bridge_config(
+        broker.port,
+        &cluster.bootstrap,
+        &unique("bridge"),
+        "",
+        &topics,
+    );
+    config.bridge.delivery.state_topic = state.clone();
+    let bridge = Bridge::start(config).await;
+
+    let messages = telemetry_messages("k", 2000, 8, 2);
+    let mut chunks = messages.chunks(500);
+    publish_all(broker.port, chunks.next().unwrap()).await;
+    for (node, chunk) in cluster.node_ids().into_iter().zip(chunks) {
+        tokio::task::block_in_place(|| cluster.kill(node));
+        publish_all(broker.port, chunk).await;
+        tokio::task::block_in_place(|| cluster.restart(node));
+    }
+    let landed = tokio::task::block_in_place(|| {
+        read_committed(
+            &cluster.bootstrap,
+            &[&topics.telemetry()],
+            2000,
+            Duration::from_secs(120),
+            Duration::from_secs(2),
+        )
+    });
+    bridge.stop().await;
+    assert_eq!(assert_every_seq(&landed, 2000), 2000, "records");
 }

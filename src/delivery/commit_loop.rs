@@ -3,12 +3,12 @@
 use super::session_state::{fingerprint, SessionState, Verdict};
 use crate::config::DeliveryConfig;
 use crate::fault;
-use crate::kafka::{SinkError, TransactionalSink};
+use crate::kafka::{state_store, SinkError, TransactionalSink};
 use crate::mqtt::{Ack, Acker, Delivery, Intake, MqttError};
 use crate::route::{KafkaRecord, Outcome, RejectReason, RouteTable};
 use crate::telemetry;
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -21,9 +21,6 @@ pub enum DeliveryError {
     #[error(transparent)]
     Mqtt(#[from] MqttError),
 }
-
-/// How often a backlog of acks is offered to the MQTT client again.
-const ACK_RETRY: Duration = Duration::from_millis(2);
 
 /// Backoff between attempts to get a batch committed while Kafka is failing.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -45,19 +42,17 @@ struct Batch {
 
 /// Routes, produces, commits and acknowledges.
 ///
-/// Acks of committed messages wait in `acks` (in arrival order) and are
-/// handed to the MQTT client without ever awaiting room in its request
-/// channel. Awaiting would close a cycle: the intake task drains that
-/// channel only while it polls, and it stops polling while it waits for
-/// this loop to take a message from a full delivery channel. The backlog
-/// holds only packet ids and is bounded by the broker's in-flight limit
-/// (MQTT 5 Receive Maximum, or the broker's own setting for 3.1.1).
+/// The acks of a committed batch go to the MQTT session as one command:
+/// one channel operation, one socket write and one barrier PINGREQ per
+/// transaction. (Handing them over one by one had the session write, and
+/// ping, once per ack, with the two tasks on different cores.) Awaiting room
+/// in the session's channel cannot deadlock: the session takes commands
+/// also while it waits for this loop to take a message.
 pub struct CommitLoop {
     table: Arc<RouteTable>,
     sink: TransactionalSink,
     acker: Acker,
-    acks: VecDeque<Ack>,
-    /// Acks queued so far; the session counts the same acks in the same
+    /// Acks handed to the session so far; the session counts the same acks in the same
     /// order, which is how `Intake::AcksConfirmed` maps onto them.
     acks_queued: u64,
     batch_max_messages: usize,
@@ -85,7 +80,6 @@ impl CommitLoop {
             table,
             sink,
             acker,
-            acks: VecDeque::new(),
             acks_queued: 0,
             batch_max_messages: delivery.batch_max_messages,
             commit_interval: Duration::from_millis(delivery.commit_interval_ms),
@@ -102,13 +96,11 @@ impl CommitLoop {
         shutdown: CancellationToken,
     ) -> Result<(), DeliveryError> {
         loop {
-            self.offer_acks();
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return self.drain_acks().await,
-                _ = tokio::time::sleep(ACK_RETRY), if !self.acks.is_empty() => continue,
+                _ = shutdown.cancelled() => return Ok(()),
                 first = input.recv() => match first {
                     Some(d) => d,
-                    None => return self.drain_acks().await,
+                    None => return Ok(()),
                 },
             };
             let mut batch = Batch::default();
@@ -120,7 +112,6 @@ impl CommitLoop {
                     biased;
                     _ = shutdown.cancelled() => { stopping = true; break; }
                     _ = tokio::time::sleep_until(deadline) => break,
-                    _ = tokio::time::sleep(ACK_RETRY), if !self.acks.is_empty() => self.offer_acks(),
                     next = input.recv() => match next {
                         Some(d) => self.add(&mut batch, d).await?,
                         None => { stopping = true; break; }
@@ -130,43 +121,30 @@ impl CommitLoop {
             if !self.commit(&mut batch, &shutdown).await? {
                 // Shut down before Kafka took the batch: acknowledge nothing
                 // of it; the broker redelivers it to the next run.
-                return self.drain_acks().await;
+                return Ok(());
             }
-            self.queue_acks(&mut batch);
+            self.send_acks(&mut batch).await?;
             if stopping {
-                return self.drain_acks().await;
+                return Ok(());
             }
         }
     }
 
-    /// Queues the acks of a committed batch, numbering them as the session
-    /// will count them.
-    fn queue_acks(&mut self, batch: &mut Batch) {
-        for ack in batch.acks.drain(..) {
-            self.acks_queued += 1;
-            if let (Some(eo), Ack::PubAck(id)) = (&mut self.exactly_once, ack) {
-                eo.state.acked(id, self.acks_queued);
+    /// Hands the acks of a committed batch to the session, numbering them
+    /// as the session counts them (see `Intake::AcksConfirmed`).
+    async fn send_acks(&mut self, batch: &mut Batch) -> Result<(), DeliveryError> {
+        if batch.acks.is_empty() {
+            return Ok(());
+        }
+        if let Some(eo) = &mut self.exactly_once {
+            for (n, ack) in batch.acks.iter().enumerate() {
+                if let Ack::PubAck(id) = ack {
+                    eo.state.acked(*id, self.acks_queued + n as u64 + 1);
+                }
             }
-            self.acks.push_back(ack);
         }
-    }
-
-    /// Hands queued acks to the MQTT client, in order, as far as it has room.
-    fn offer_acks(&mut self) {
-        while let Some(token) = self.acks.front() {
-            if !self.acker.try_ack(*token) {
-                break;
-            }
-            self.acks.pop_front();
-        }
-    }
-
-    /// At shutdown the intake only polls (it no longer forwards), so
-    /// awaiting room for the remaining acks cannot deadlock.
-    async fn drain_acks(&mut self) -> Result<(), DeliveryError> {
-        while let Some(token) = self.acks.pop_front() {
-            self.acker.ack(token).await?;
-        }
+        self.acks_queued += batch.acks.len() as u64;
+        self.acker.ack_all(std::mem::take(&mut batch.acks)).await?;
         Ok(())
     }
 
@@ -296,21 +274,31 @@ impl CommitLoop {
         shutdown: &CancellationToken,
     ) -> Result<bool, DeliveryError> {
         if batch.state_changed {
-            if let Some(eo) = &self.exactly_once {
-                // The state as of this batch, as the transaction's last
-                // record, so it commits or aborts with the batch.
-                let record = KafkaRecord {
-                    topic: eo.topic.clone(),
-                    key: Some(eo.key.clone()),
-                    value: Bytes::from(eo.state.encode()),
-                    headers: Vec::new(),
-                    timestamp_ms: chrono::Utc::now().timestamp_millis(),
-                };
-                match self.sink.send(&record).await {
-                    Ok(()) | Err(SinkError::Abortable(_)) => {}
-                    Err(e) => return Err(e.into()),
+            if let Some(eo) = &mut self.exactly_once {
+                // The buckets of the state this batch changed, as the
+                // transaction's last records, so they commit or abort with
+                // the batch (and are produced again with it).
+                let dirty = eo.state.take_dirty();
+                tracing::trace!(
+                    records = dirty.len(),
+                    bytes = dirty.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                    messages = batch.messages,
+                    "state records"
+                );
+                for (bucket, bytes) in dirty {
+                    let record = KafkaRecord {
+                        topic: eo.topic.clone(),
+                        key: Some(state_store::bucket_key(&eo.key, bucket)),
+                        value: Bytes::from(bytes),
+                        headers: Vec::new(),
+                        timestamp_ms: chrono::Utc::now().timestamp_millis(),
+                    };
+                    match self.sink.send(&record).await {
+                        Ok(()) | Err(SinkError::Abortable(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    batch.records.push(record);
                 }
-                batch.records.push(record);
             }
         }
         if batch.records.is_empty() {

@@ -10,7 +10,7 @@
 //! between commit and ack is recognised and not produced again.
 
 mod commit_loop;
-mod session_state;
+pub mod session_state;
 
 pub use commit_loop::{CommitLoop, DeliveryError, ExactlyOnce};
 pub use session_state::{SessionState, StateError};

@@ -16,14 +16,27 @@
 //!   effort in one case: a new message reusing the id, with identical topic
 //!   and payload, that is itself a resend (DUP=1) before the old entry was
 //!   confirmed away. Such drops are counted.
+//!
+//! The state is kept in 64 buckets of 1 024 packet ids, and a transaction
+//! writes only the buckets it changed, one record each. Brokers hand out
+//! packet ids in sequence, so a batch touches one or two buckets, and the
+//! bytes written per transaction stay bounded however far the broker's
+//! confirmations lag (under saturation they lagged by 20 000 acks).
 
 use std::collections::HashMap;
 use std::hash::Hasher;
 
-/// Format of [`SessionState::encode`]; bumped on any change.
+/// Format of [`SessionState::encode_bucket`]; bumped on any change.
 const FORMAT_VERSION: u8 = 1;
 /// Packet id (2), QoS (1), fingerprint (8).
 const ENTRY_BYTES: usize = 11;
+/// Packet ids per bucket: 1 024, so 64 buckets.
+const BUCKET_BITS: u32 = 10;
+pub const BUCKETS: usize = 1 << (16 - BUCKET_BITS);
+
+fn bucket(packet_id: u16) -> usize {
+    usize::from(packet_id >> BUCKET_BITS)
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
@@ -54,9 +67,20 @@ pub enum Verdict {
 }
 
 /// Packet ids produced to Kafka and not yet known to be done with.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionState {
-    entries: HashMap<u16, Entry>,
+    buckets: Vec<HashMap<u16, Entry>>,
+    /// Bit `b`: bucket `b` changed since it was last encoded.
+    dirty: u64,
+}
+
+impl Default for SessionState {
+    fn default() -> Self {
+        Self {
+            buckets: vec![HashMap::new(); BUCKETS],
+            dirty: 0,
+        }
+    }
 }
 
 /// Identifies a message's content for QoS 1 duplicate detection. FNV-1a:
@@ -72,15 +96,19 @@ pub fn fingerprint(topic: &str, payload: &[u8]) -> u64 {
 
 impl SessionState {
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.buckets.iter().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.buckets.iter().all(HashMap::is_empty)
+    }
+
+    fn get(&self, packet_id: u16) -> Option<&Entry> {
+        self.buckets[bucket(packet_id)].get(&packet_id)
     }
 
     pub fn check(&self, packet_id: u16, qos: u8, dup: bool, fingerprint: u64) -> Verdict {
-        match (qos, self.entries.get(&packet_id)) {
+        match (qos, self.get(packet_id)) {
             // The broker cannot have reused the id: a resend, DUP flag or not.
             (2, Some(entry)) if entry.qos == 2 => Verdict::Duplicate { exact: true },
             (1, Some(entry)) if dup && entry.qos == 1 && entry.fingerprint == fingerprint => {
@@ -92,7 +120,8 @@ impl SessionState {
 
     /// The message is in the open transaction.
     pub fn record(&mut self, packet_id: u16, qos: u8, fingerprint: u64) {
-        self.entries.insert(
+        self.dirty |= 1 << bucket(packet_id);
+        self.buckets[bucket(packet_id)].insert(
             packet_id,
             Entry {
                 qos,
@@ -104,7 +133,7 @@ impl SessionState {
 
     /// The PUBACK for `packet_id` is the session's `seq`th ack.
     pub fn acked(&mut self, packet_id: u16, seq: u64) {
-        if let Some(entry) = self.entries.get_mut(&packet_id) {
+        if let Some(entry) = self.buckets[bucket(packet_id)].get_mut(&packet_id) {
             if entry.qos == 1 {
                 entry.ack_seq = Some(seq);
             }
@@ -113,9 +142,10 @@ impl SessionState {
 
     /// PUBREL: forget a QoS 2 id. Returns whether it was known.
     pub fn release(&mut self, packet_id: u16) -> bool {
-        match self.entries.get(&packet_id) {
+        match self.get(packet_id) {
             Some(entry) if entry.qos == 2 => {
-                self.entries.remove(&packet_id);
+                self.buckets[bucket(packet_id)].remove(&packet_id);
+                self.dirty |= 1 << bucket(packet_id);
                 true
             }
             _ => false,
@@ -125,22 +155,36 @@ impl SessionState {
     /// The broker has processed the first `acks` acks: QoS 1 messages acked
     /// among them will not be resent. Returns whether anything was removed.
     pub fn confirm(&mut self, acks: u64) -> bool {
-        let before = self.entries.len();
-        self.entries
-            .retain(|_, e| !(e.qos == 1 && e.ack_seq.is_some_and(|seq| seq <= acks)));
-        self.entries.len() != before
+        let mut removed = false;
+        for (b, entries) in self.buckets.iter_mut().enumerate() {
+            let before = entries.len();
+            entries.retain(|_, e| !(e.qos == 1 && e.ack_seq.is_some_and(|seq| seq <= acks)));
+            if entries.len() != before {
+                self.dirty |= 1 << b;
+                removed = true;
+            }
+        }
+        removed
     }
 
-    /// Compact binary form for the state topic: a version byte, then per
-    /// entry the packet id (u16), QoS (u8) and fingerprint (u64), big
-    /// endian, sorted by packet id.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut ids: Vec<_> = self.entries.keys().copied().collect();
-        ids.sort_unstable();
-        let mut out = Vec::with_capacity(1 + ids.len() * ENTRY_BYTES);
+    /// The buckets changed since the last call, encoded, as (bucket, bytes).
+    pub fn take_dirty(&mut self) -> Vec<(usize, Vec<u8>)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        (0..BUCKETS)
+            .filter(|b| dirty & (1 << b) != 0)
+            .map(|b| (b, self.encode_bucket(b)))
+            .collect()
+    }
+
+    /// Compact binary form of one bucket for the state topic: a version
+    /// byte, then per entry the packet id (u16), QoS (u8) and fingerprint
+    /// (u64), big endian, in no particular order. An empty bucket is the
+    /// version byte alone.
+    pub fn encode_bucket(&self, b: usize) -> Vec<u8> {
+        let entries = &self.buckets[b];
+        let mut out = Vec::with_capacity(1 + entries.len() * ENTRY_BYTES);
         out.push(FORMAT_VERSION);
-        for id in ids {
-            let e = &self.entries[&id];
+        for (id, e) in entries {
             out.extend_from_slice(&id.to_be_bytes());
             out.push(e.qos);
             out.extend_from_slice(&e.fingerprint.to_be_bytes());
@@ -148,10 +192,10 @@ impl SessionState {
         out
     }
 
-    /// Reads what [`Self::encode`] wrote. Entries come back without ack
-    /// numbers: acks of an earlier run are never confirmed, so its QoS 1
+    /// Adds what [`Self::encode_bucket`] wrote. Entries come back without
+    /// ack numbers: acks of an earlier run are never confirmed, so its QoS 1
     /// entries stay until their packet id is used again.
-    pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+    pub fn merge_bucket(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         let Some((&version, rest)) = bytes.split_first() else {
             return Err(StateError::Truncated(0));
         };
@@ -161,22 +205,19 @@ impl SessionState {
         if rest.len() % ENTRY_BYTES != 0 {
             return Err(StateError::Truncated(bytes.len()));
         }
-        let entries = rest
-            .chunks_exact(ENTRY_BYTES)
-            .map(|c| {
-                let id = u16::from_be_bytes([c[0], c[1]]);
-                let fingerprint = u64::from_be_bytes(c[3..11].try_into().expect("8 bytes"));
-                (
-                    id,
-                    Entry {
-                        qos: c[2],
-                        fingerprint,
-                        ack_seq: None,
-                    },
-                )
-            })
-            .collect();
-        Ok(Self { entries })
+        for c in rest.chunks_exact(ENTRY_BYTES) {
+            let id = u16::from_be_bytes([c[0], c[1]]);
+            let fingerprint = u64::from_be_bytes(c[3..11].try_into().expect("8 bytes"));
+            self.buckets[bucket(id)].insert(
+                id,
+                Entry {
+                    qos: c[2],
+                    fingerprint,
+                    ack_seq: None,
+                },
+            );
+        }
+        Ok(())
     }
 }
 
@@ -225,6 +266,7 @@ mod tests {
         assert_eq!(s.check(2, 1, true, 20), Verdict::Duplicate { exact: false });
         // Not yet acked: kept whatever is confirmed.
         assert!(s.confirm(100));
+        assert_eq!(s.take_dirty().len(), 1, "one bucket changed");
         assert_eq!(s.len(), 1);
         assert_eq!(s.check(3, 1, true, 30), Verdict::Duplicate { exact: false });
     }
@@ -232,20 +274,35 @@ mod tests {
     #[test]
     fn encoding_round_trips_and_rejects_garbage() {
         let mut s = SessionState::default();
-        s.record(65535, 2, u64::MAX);
         s.record(1, 1, 0x0102_0304_0506_0708);
-        let bytes = s.encode();
-        assert_eq!(bytes.len(), 1 + 2 * ENTRY_BYTES);
-        assert_eq!(&bytes[..4], &[FORMAT_VERSION, 0, 1, 1]);
-        assert_eq!(SessionState::decode(&bytes), Ok(s));
         assert_eq!(
-            SessionState::decode(&SessionState::default().encode()),
-            Ok(SessionState::default())
+            s.encode_bucket(0),
+            [FORMAT_VERSION, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7, 8],
+            "the documented layout"
         );
-        assert_eq!(SessionState::decode(&[]), Err(StateError::Truncated(0)));
-        assert_eq!(SessionState::decode(&[9]), Err(StateError::Version(9)));
+        s.record(65535, 2, u64::MAX);
+        s.record(1023, 1, 7);
+        let dirty = s.take_dirty();
         assert_eq!(
-            SessionState::decode(&bytes[..5]),
+            dirty.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+            [0, 63],
+            "ids 1 and 1023 share bucket 0"
+        );
+        assert!(s.take_dirty().is_empty(), "written: clean until changed");
+        let mut back = SessionState::default();
+        for (_, bytes) in &dirty {
+            back.merge_bucket(bytes).unwrap();
+        }
+        assert_eq!(back.buckets, s.buckets);
+        assert_eq!(back.len(), 3);
+        // A release dirties its bucket and writes it smaller.
+        assert!(s.release(65535));
+        assert_eq!(s.take_dirty(), vec![(63, vec![FORMAT_VERSION])]);
+        let mut empty = SessionState::default();
+        assert_eq!(empty.merge_bucket(&[]), Err(StateError::Truncated(0)));
+        assert_eq!(empty.merge_bucket(&[9]), Err(StateError::Version(9)));
+        assert_eq!(
+            empty.merge_bucket(&[FORMAT_VERSION, 0, 1, 1, 1]),
             Err(StateError::Truncated(5))
         );
     }

@@ -1,8 +1,9 @@
 //! The state topic: where the exactly-once state lives, written in every
 //! transaction and read back once at start-up.
 //!
-//! A compacted topic keyed by the bridge's `transactional.id`, so it keeps
-//! one record per bridge. It is read with `read_committed` after
+//! A compacted topic keyed by the bridge's `transactional.id` and a bucket
+//! number (`<id>#<bucket>`), so it keeps one record per bucket per bridge.
+//! It is read with `read_committed` after
 //! `init_transactions` has settled whatever the previous instance left
 //! open, so what is read is exactly the state of the last committed
 //! transaction.
@@ -14,7 +15,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,25 +62,34 @@ async fn create_topic(kafka: &KafkaConfig, topic: &str, timeout: Duration) {
     }
 }
 
-/// The value of the last committed record under `key`, if any. Creates the
-/// topic first if it does not exist.
+/// The record key of one bucket of one bridge's state.
+pub fn bucket_key(id: &str, bucket: usize) -> String {
+    format!("{id}#{bucket}")
+}
+
+/// The last committed value of each of bridge `id`'s `buckets` that has
+/// one. Creates the topic first if it does not exist.
 pub async fn load(
     kafka: &KafkaConfig,
     topic: &str,
-    key: &str,
+    id: &str,
+    buckets: usize,
     timeout: Duration,
-) -> Result<Option<Vec<u8>>, StateStoreError> {
+) -> Result<HashMap<usize, Vec<u8>>, StateStoreError> {
+    let keys: HashMap<Vec<u8>, usize> = (0..buckets)
+        .map(|b| (bucket_key(id, b).into_bytes(), b))
+        .collect();
     let mut config = client_config(kafka);
     config
-        .set("group.id", format!("{key}.state-reader"))
+        .set("group.id", format!("{id}.state-reader"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
     let read = |wait: bool| {
-        let (config, topic, key) = (config.clone(), topic.to_string(), key.to_string());
+        let (config, topic, keys) = (config.clone(), topic.to_string(), keys.clone());
         async move {
-            tokio::task::spawn_blocking(move || read_last(&config, &topic, &key, timeout, wait))
+            tokio::task::spawn_blocking(move || read_last(&config, &topic, &keys, timeout, wait))
                 .await
                 .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
         }
@@ -93,23 +103,23 @@ pub async fn load(
     }
 }
 
-/// Reads every partition of `topic` to its end. A missing topic is an
-/// error at once, or after `timeout` if `wait` (just created: its metadata
-/// may lag).
+/// Reads every partition of `topic` to its end, keeping the last value of
+/// each of `keys`. A missing topic is an error at once, or after `timeout`
+/// if `wait` (just created: its metadata may lag).
 fn read_last(
     config: &rdkafka::ClientConfig,
     topic: &str,
-    key: &str,
+    keys: &HashMap<Vec<u8>, usize>,
     timeout: Duration,
     wait: bool,
-) -> Result<Option<Vec<u8>>, StateStoreError> {
+) -> Result<HashMap<usize, Vec<u8>>, StateStoreError> {
     let kafka = |error| StateStoreError::Kafka {
         topic: topic.to_string(),
         error,
     };
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = config.create().map_err(kafka)?;
-    tracing::debug!(topic, key, "reading exactly-once state");
+    tracing::debug!(topic, "reading exactly-once state");
     let partitions = loop {
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
@@ -132,16 +142,21 @@ fn read_last(
     }
     consumer.assign(&assignment).map_err(kafka)?;
     let mut at_end = HashSet::new();
-    let mut last = None;
+    let mut last = HashMap::new();
     while at_end.len() < partitions {
         if Instant::now() >= deadline {
             return Err(StateStoreError::Timeout(topic.to_string(), timeout));
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if m.key() == Some(key.as_bytes()) => {
-                last = m.payload().map(<[u8]>::to_vec);
+            Some(Ok(m)) => {
+                if let Some(&bucket) = m.key().and_then(|k| keys.get(k)) {
+                    match m.payload() {
+                        Some(value) => last.insert(bucket, value.to_vec()),
+                        None => last.remove(&bucket),
+                    };
+                }
             }
-            Some(Ok(_)) | None => {}
+            None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
             }

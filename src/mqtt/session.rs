@@ -109,7 +109,8 @@ pub enum Intake {
 }
 
 enum Command {
-    Ack(Ack),
+    /// Acks in the order they must go out.
+    Acks(Vec<Ack>),
     Disconnect,
 }
 
@@ -120,19 +121,16 @@ pub struct Acker {
 }
 
 impl Acker {
-    /// Queues an ack. Acks must go out in the order messages arrived
-    /// (MQTT 3.1.1 §4.6); callers ack in order.
-    pub async fn ack(&self, ack: Ack) -> Result<(), MqttError> {
+    /// Queues acks, to be written in this order. Acks must go out in the
+    /// order messages arrived (MQTT 3.1.1 §4.6); callers ack in order.
+    ///
+    /// Waiting for room cannot deadlock with the intake: the session takes
+    /// commands also while it waits for room in the delivery channel.
+    pub async fn ack_all(&self, acks: Vec<Ack>) -> Result<(), MqttError> {
         self.commands
-            .send(Command::Ack(ack))
+            .send(Command::Acks(acks))
             .await
             .map_err(|_| MqttError::Closed)
-    }
-
-    /// Queues the ack without waiting; `false` when the channel is full (or
-    /// the session has ended), so the caller keeps it and tries again.
-    pub fn try_ack(&self, ack: Ack) -> bool {
-        self.commands.try_send(Command::Ack(ack)).is_ok()
     }
 
     /// Sends DISCONNECT after the acks queued before it. The broker keeps the
@@ -170,10 +168,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 impl MqttSession {
     /// Prepares the session; nothing connects until [`Self::run_intake`].
     pub fn new(config: &MqttConfig, subscriptions: Vec<Subscription>) -> Result<Self, MqttError> {
-        // Room for one ack per in-flight message and more, so the delivery
-        // task rarely finds the channel full.
-        let cap = usize::from(config.inflight_window) * 2 + 64;
-        let (tx, commands) = mpsc::channel(cap);
+        // Batches of acks, one per transaction: a handful is plenty.
+        let (tx, commands) = mpsc::channel(64);
         Ok(Self {
             config: config.clone(),
             wire: Wire::new(config.protocol),
@@ -328,9 +324,11 @@ impl MqttSession {
                     // Take every queued command: one write for many acks.
                     loop {
                         match next {
-                            Some(Command::Ack(ack)) => {
-                                self.wire.encode(ack.outbound(), &mut out)?;
-                                self.acks_written += 1;
+                            Some(Command::Acks(acks)) => {
+                                for ack in &acks {
+                                    self.wire.encode(ack.outbound(), &mut out)?;
+                                }
+                                self.acks_written += acks.len() as u64;
                             }
                             Some(Command::Disconnect) | None => {
                                 self.wire.encode(Outbound::Disconnect, &mut out)?;
@@ -347,11 +345,13 @@ impl MqttSession {
                             Err(_) => break,
                         }
                     }
-                    // A barrier: its PINGRESP says these acks arrived.
-                    if pings.is_empty() {
-                        self.wire.encode(Outbound::PingReq, &mut out)?;
-                        pings.push_back((Instant::now(), self.acks_written));
-                    }
+                    // A barrier after every write of acks: its PINGRESP says
+                    // these acks arrived. One per write, not one at a time:
+                    // a PINGRESP queues behind the whole in-flight window,
+                    // and waiting for it before the next barrier doubled how
+                    // long the delivery task must remember acked messages.
+                    self.wire.encode(Outbound::PingReq, &mut out)?;
+                    pings.push_back((Instant::now(), self.acks_written));
                     write(&mut stream, &mut out).await?;
                     last_write = Instant::now();
                     crate::fault::point("after_ack");

@@ -53,7 +53,12 @@ impl TestKafka {
 
     /// A fresh mock cluster, whatever the environment says.
     pub fn mock() -> Self {
-        Self::Mock(MockCluster::new(1).expect("mock cluster"))
+        Self::mock_with_brokers(1)
+    }
+
+    /// A fresh mock cluster of `brokers` brokers.
+    pub fn mock_with_brokers(brokers: i32) -> Self {
+        Self::Mock(MockCluster::new(brokers).expect("mock cluster"))
     }
 
     pub fn bootstrap(&self) -> String {

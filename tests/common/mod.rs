@@ -195,6 +195,32 @@ pub async fn publish_all(port: u16, messages: &[Publish]) {
     .await;
 }
 
+/// An HVAC telemetry payload valid for `mappings/hvac.yaml`, carrying
+/// `seq` so tests can count what landed.
+pub fn telemetry(unit: u32, seq: u32) -> String {
+    serde_json::json!({
+        "ts": 1_700_000_000_000u64 + u64::from(seq),
+        "ambient_c": 21.5, "target_c": 22.0, "humidity_pct": 40.0,
+        "air_quality_ppm": 600, "blower_pct": 55, "load_pct": 48.0,
+        "energy_kwh": 1000.0 + f64::from(seq), "seq": seq, "unit_no": unit
+    })
+    .to_string()
+}
+
+/// `count` telemetry messages spread over `units` units of one site.
+pub fn telemetry_messages(site: &str, count: u32, units: u32, qos: u8) -> Vec<Publish> {
+    (0..count)
+        .map(|seq| {
+            let unit = seq % units;
+            Publish::new(
+                format!("site/{site}/hvac/u{unit}/telemetry"),
+                telemetry(unit, seq),
+                qos,
+            )
+        })
+        .collect()
+}
+
 /// A record as read back from Kafka.
 #[derive(Debug, Clone)]
 pub struct Landed {

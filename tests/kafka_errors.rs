@@ -1,0 +1,121 @@
+//! The real sink against Kafka failures that real brokers do not produce on
+//! demand, injected with librdkafka's mock cluster (after librdkafka's own
+//! `tests/0105-transactions_mock.c`): EndTxn errors, a fenced commit, a
+//! transaction coordinator that moves.
+//!
+//! The mock shows aborted records to `read_committed` readers, so a test
+//! that counts exact records here also proves no transaction was aborted.
+
+mod common;
+
+use common::kafka::TestKafka;
+use common::*;
+use mqtt_kafka_bridge::app::AppError;
+use mqtt_kafka_bridge::delivery::DeliveryError;
+use mqtt_kafka_bridge::kafka::SinkError;
+use rdkafka::mocking::MockCoordinator;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use std::time::{Duration, Instant};
+
+const ARRIVE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Retriable EndTxn errors are retried by librdkafka inside the commit:
+/// the transaction commits, nothing is aborted or produced twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_end_txn_errors_commit_once() {
+    let rig = Rig::start_with(TestKafka::mock()).await;
+    let config = bridge_config(
+        rig.broker.port,
+        &rig.bootstrap,
+        &unique("bridge"),
+        "",
+        &rig.topics,
+    );
+    let bridge = Bridge::start(config).await;
+    rig.kafka.mock_cluster().request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS,
+        ],
+    );
+    publish_all(rig.broker.port, &telemetry_messages("r", 300, 4, 2)).await;
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        300,
+        ARRIVE,
+        SETTLE,
+    );
+    bridge.stop().await;
+    assert_eq!(assert_every_seq(&landed, 300), 300, "records");
+}
+
+/// A commit answered "fenced" stops the bridge with a fatal error and
+/// acknowledges nothing of that batch: a successor gets every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_commit_stops_the_bridge_without_acknowledging() {
+    let rig = Rig::start_with(TestKafka::mock()).await;
+    let id = unique("bridge");
+    let config = || bridge_config(rig.broker.port, &rig.bootstrap, &id, "", &rig.topics);
+    let bridge = Bridge::start(config()).await;
+    rig.kafka.mock_cluster().request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    publish_all(rig.broker.port, &telemetry_messages("f", 200, 4, 2)).await;
+    let deadline = Instant::now() + ARRIVE;
+    while !bridge.is_finished() {
+        assert!(Instant::now() < deadline, "the fenced bridge kept running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = bridge.stop_result().await;
+    assert!(
+        matches!(
+            stopped,
+            Err(AppError::Delivery(DeliveryError::Kafka(SinkError::Fatal(
+                _
+            ))))
+        ),
+        "{stopped:?}"
+    );
+    let successor = Bridge::start(config()).await;
+    let landed = read_committed_distinct(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        200,
+        ARRIVE,
+        SETTLE,
+    );
+    successor.stop().await;
+    assert_every_seq(&landed, 200);
+}
+
+/// The transaction coordinator moves to another broker twice mid-stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_transaction_coordinator_loses_and_duplicates_nothing() {
+    let rig = Rig::start_with(TestKafka::mock_with_brokers(3)).await;
+    let id = unique("bridge");
+    let config = bridge_config(rig.broker.port, &rig.bootstrap, &id, "", &rig.topics);
+    let bridge = Bridge::start(config).await;
+    let messages = telemetry_messages("c", 600, 4, 2);
+    for (chunk, coordinator) in messages.chunks(200).zip([2, 3, 1]) {
+        publish_all(rig.broker.port, chunk).await;
+        rig.kafka
+            .mock_cluster()
+            .coordinator(MockCoordinator::Transaction(id.clone()), coordinator)
+            .expect("move coordinator");
+    }
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        600,
+        ARRIVE,
+        SETTLE,
+    );
+    bridge.stop().await;
+    assert_eq!(assert_every_seq(&landed, 600), 600, "records");
+}
