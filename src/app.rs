@@ -1,5 +1,6 @@
 //! Wiring: builds the parts from a [`Config`] and runs them until shutdown.
 
+use crate::command::{self, CommandError, CommandTable};
 use crate::config::{Config, ConfigErrors, Guarantee};
 use crate::delivery::{
     session_state, CommitLoop, DeliveryError, ExactlyOnce, SessionState, StateError,
@@ -27,6 +28,8 @@ pub enum AppError {
     Delivery(#[from] DeliveryError),
     #[error(transparent)]
     StateStore(#[from] StateStoreError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("the exactly-once state in Kafka is unreadable: {0}")]
     State(#[from] StateError),
     #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
@@ -54,6 +57,7 @@ pub async fn run_with_readiness(
     ready: CancellationToken,
 ) -> Result<(), AppError> {
     let table = Arc::new(RouteTable::compile(&config)?);
+    let commands = Arc::new(CommandTable::compile(&config)?);
     for warning in &table.warnings {
         tracing::warn!("{warning}");
     }
@@ -86,22 +90,42 @@ pub async fn run_with_readiness(
     let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
     // Intake stops forwarding as soon as shutdown is requested, and keeps
     // polling so the last acks and the DISCONNECT go out.
-    let stop_intake = shutdown.child_token();
+    // `stop` is the shutdown request, or the command runner failing.
+    let stop = shutdown.child_token();
+    let stop_intake = stop.child_token();
     let finished = CancellationToken::new();
     let mut intake =
         tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));
+    let command_runner = (!commands.is_empty()).then(|| {
+        let (kafka, acker, stop) = (bridge.kafka.clone(), acker.clone(), stop.clone());
+        tokio::spawn(async move {
+            let result = command::run(commands, &kafka, acker, stop.clone()).await;
+            if result.is_err() {
+                stop.cancel();
+            }
+            result
+        })
+    });
 
     let commit_loop = CommitLoop::new(table, sink, acker.clone(), &bridge.delivery, exactly_once);
     let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);
-    let run = commit_loop.run(rx, shutdown.clone());
+    let run = commit_loop.run(rx, stop.clone());
     let deadline = async {
-        shutdown.cancelled().await;
+        stop.cancelled().await;
         tokio::time::sleep(shutdown_timeout).await;
     };
-    let result = tokio::select! {
+    let mut result = tokio::select! {
         result = run => result.map_err(AppError::from),
         _ = deadline => Err(AppError::ShutdownTimeout(shutdown_timeout)),
     };
+    stop.cancel();
+    if let Some(runner) = command_runner {
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(DISCONNECT_GRACE, runner).await {
+            if result.is_ok() {
+                result = Err(e.into());
+            }
+        }
+    }
 
     stop_intake.cancel();
     if let Err(e) = &result {

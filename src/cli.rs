@@ -1,6 +1,7 @@
 //! The command line: `run`, `check`, `translate`, `demo`.
 
 use crate::app::{self, AppError};
+use crate::command::CommandTable;
 use crate::config::{Config, ConfigErrors};
 use crate::route::RouteTable;
 use crate::translate;
@@ -120,11 +121,29 @@ pub fn execute(cli: Cli) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let table = match Config::load(path).and_then(|c| RouteTable::compile(&c)) {
-        Ok(table) => table,
+    let compiled = Config::load(path).and_then(|c| {
+        let routes = RouteTable::compile(&c);
+        let commands = CommandTable::compile(&c);
+        match (routes, commands) {
+            (Ok(r), Ok(k)) => Ok((r, k)),
+            (Err(mut a), Err(b)) => {
+                a.0.extend(b.0);
+                Err(a)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    });
+    let (table, commands) = match compiled {
+        Ok(t) => t,
         Err(e) => return config_error(&e),
     };
     println!("{}", translate::route_table_text(&table));
+    for topic in commands.topics() {
+        println!(
+            "command route `{}`: Kafka {topic} -> MQTT",
+            commands.route_name(topic)
+        );
+    }
     for warning in &table.warnings {
         println!("warning: {warning}");
     }

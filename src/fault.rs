@@ -28,6 +28,9 @@ pub const POINTS: &[&str] = &[
     "after_ack",
     // A PUBREL received; its removal not yet committed.
     "after_pubrel",
+    // A command from Kafka acknowledged by the MQTT broker; its offset not
+    // yet committed.
+    "command_before_commit",
 ];
 
 struct Plan {

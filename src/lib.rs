@@ -23,6 +23,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod delivery;
 pub mod demo;

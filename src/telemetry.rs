@@ -27,6 +27,9 @@ pub const MQTT_CONNECTED: &str = "bridge_mqtt_connected";
 pub const MQTT_RECONNECTS: &str = "bridge_mqtt_reconnects_total";
 pub const DUPLICATES_DROPPED: &str = "bridge_duplicates_dropped_total";
 pub const BEST_EFFORT: &str = "bridge_exactly_once_best_effort_total";
+pub const COMMANDS_DELIVERED: &str = "bridge_commands_delivered_total";
+pub const COMMANDS_EXPIRED: &str = "bridge_commands_expired_total";
+pub const COMMANDS_DEAD_LETTERED: &str = "bridge_commands_dead_lettered_total";
 
 /// Process-wide counters for the demo's live summary.
 #[derive(Debug, Default)]
@@ -37,6 +40,7 @@ pub struct Stats {
     pub unrouted: AtomicU64,
     pub kept_on_mqtt: AtomicU64,
     pub duplicates_dropped: AtomicU64,
+    pub commands_delivered: AtomicU64,
     pub commits: AtomicU64,
     pub aborts: AtomicU64,
     /// Sum of commit durations in microseconds, for a mean over an interval.
@@ -50,6 +54,7 @@ pub static STATS: Stats = Stats {
     unrouted: AtomicU64::new(0),
     kept_on_mqtt: AtomicU64::new(0),
     duplicates_dropped: AtomicU64::new(0),
+    commands_delivered: AtomicU64::new(0),
     commits: AtomicU64::new(0),
     aborts: AtomicU64::new(0),
     commit_micros: AtomicU64::new(0),
@@ -107,6 +112,18 @@ fn describe() {
         "Resent MQTT messages recognised as already in Kafka and not produced again, by QoS"
     );
     describe_counter!(
+        COMMANDS_DELIVERED,
+        "Kafka commands acknowledged by the MQTT broker"
+    );
+    describe_counter!(
+        COMMANDS_EXPIRED,
+        "Kafka commands older than their TTL, not delivered"
+    );
+    describe_counter!(
+        COMMANDS_DEAD_LETTERED,
+        "Invalid Kafka commands sent to the dead-letter topic, by reason"
+    );
+    describe_counter!(
         BEST_EFFORT,
         "Exactly-once decisions that are best effort, by kind (qos0_message, qos1_fingerprint)"
     );
@@ -150,6 +167,22 @@ pub fn duplicate_dropped(qos: u8, exact: bool) {
 /// An exactly-once decision that cannot be exact.
 pub fn best_effort(kind: &'static str) {
     counter!(BEST_EFFORT, "kind" => kind).increment(1);
+}
+
+/// A command from Kafka was acknowledged by the MQTT broker.
+pub fn command_delivered(route: &str) {
+    counter!(COMMANDS_DELIVERED, "route" => route.to_string()).increment(1);
+    STATS.commands_delivered.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A command older than its route's TTL was dropped.
+pub fn command_expired(route: &str) {
+    counter!(COMMANDS_EXPIRED, "route" => route.to_string()).increment(1);
+}
+
+/// An invalid command went to the dead-letter topic.
+pub fn command_dead_lettered(route: &str, reason: &'static str) {
+    counter!(COMMANDS_DEAD_LETTERED, "route" => route.to_string(), "reason" => reason).increment(1);
 }
 
 /// A transaction committed: count what it made visible.

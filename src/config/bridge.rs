@@ -80,6 +80,9 @@ pub struct KafkaConfig {
     /// reason in headers. A route may override it.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Consumer group of the command routes (Kafka → MQTT). Default:
+    /// `<transactional_id>.commands`.
+    pub command_group: Option<String>,
     /// Passed to librdkafka as they are (`security.protocol`,
     /// `sasl.mechanisms`, `compression.type`, ...). The escape hatch for every
     /// setting the bridge does not model itself.

@@ -17,6 +17,48 @@ pub struct MappingFile {
     pub m2m: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Kafka → MQTT: records of a Kafka topic delivered to devices.
+    #[serde(default)]
+    pub commands: Vec<CommandConfig>,
+}
+
+/// One command route: a Kafka topic whose records become MQTT messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Unique among command routes; used in metrics and dead-letter headers.
+    pub name: String,
+    pub kafka: CommandKafkaConfig,
+    /// JSON Schema the record value must satisfy, relative to this file.
+    pub schema: Option<String>,
+    pub mqtt: CommandMqttConfig,
+    /// A record older than this (by its Kafka timestamp) is not delivered:
+    /// a stale setpoint is worse than none. Absent: no limit.
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandKafkaConfig {
+    pub topic: String,
+    /// Where invalid commands go; defaults to `kafka.dead_letter_topic`.
+    pub dead_letter_topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandMqttConfig {
+    /// Template: `{key}` (the record key) and `{/json/pointer}` (a field of
+    /// the record value).
+    pub topic: String,
+    #[serde(default = "default_command_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+}
+
+fn default_command_qos() -> u8 {
+    1
 }
 
 /// One route: which MQTT messages, how to read and reshape them, where they go.

@@ -17,8 +17,8 @@ pub use bridge::{
 pub use error::{ConfigError, ConfigErrors};
 pub use locate::locate_all;
 pub use mapping::{
-    FieldType, FormatConfig, MappingFile, RouteConfig, RouteKafkaConfig, RouteMqttConfig,
-    TextFormatConfig, TransformConfig,
+    CommandConfig, CommandKafkaConfig, CommandMqttConfig, FieldType, FormatConfig, MappingFile,
+    RouteConfig, RouteKafkaConfig, RouteMqttConfig, TextFormatConfig, TransformConfig,
 };
 
 use serde::de::DeserializeOwned;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 const HVAC_YAML: &str = include_str!("../../mappings/hvac.yaml");
 const HVAC_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-telemetry.schema.json");
 const COMMON_SCHEMA: &str = include_str!("../../mappings/schemas/common.schema.json");
+const SETPOINT_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-setpoint.schema.json");
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -46,10 +47,11 @@ pub struct DemoArgs {
     pub duration_s: Option<u64>,
 }
 
-const TOPICS: [&str; 4] = [
+const TOPICS: [&str; 5] = [
     "hvac.telemetry",
     "hvac.diagnostics",
     "mqtt-bridge.dead-letter",
+    "hvac.commands",
     // The mock cluster does not answer CreateTopics, so the bridge cannot
     // create its state topic itself here.
     "mqtt-bridge.state",
@@ -113,6 +115,12 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         fleet_stop.clone(),
     ));
 
+    let backend = tokio::spawn(backend_setpoints(
+        bootstrap.clone(),
+        args.units,
+        fleet_stop.clone(),
+    ));
+
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let (mut last_commits, mut last_micros) = (0, 0);
@@ -133,13 +141,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         };
         (last_commits, last_micros) = (commits, micros);
         println!(
-            "{:>4}s  received {:>6} | produced {:>6} | dead-lettered {:>4} | unrouted {:>3} | kept on MQTT {:>4} | commits {:>5}, commit {latency} | in Kafka: telemetry {} dead-letter {}",
+            "{:>4}s  received {:>6} | produced {:>6} | dead-lettered {:>4} | unrouted {:>3} | kept on MQTT {:>4} | Kafka->MQTT commands {:>3} | commits {:>5}, commit {latency} | in Kafka: telemetry {} dead-letter {}",
             started.elapsed().as_secs(),
             STATS.received.load(Ordering::Relaxed),
             STATS.produced.load(Ordering::Relaxed),
             STATS.dead_lettered.load(Ordering::Relaxed),
             STATS.unrouted.load(Ordering::Relaxed),
             counts.commands.load(Ordering::Relaxed),
+            STATS.commands_delivered.load(Ordering::Relaxed),
             commits,
             in_kafka.telemetry.load(Ordering::Relaxed),
             in_kafka.dead_letter.load(Ordering::Relaxed),
@@ -147,6 +156,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     }
     fleet_stop.cancel();
     let _ = fleet.await;
+    let _ = backend.await;
     bridge_stop.cancel();
     let result = bridge.await.context("bridge task")?;
     let _ = reader.join();
@@ -160,6 +170,42 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     );
     drop(kafka);
     result.map_err(Into::into)
+}
+
+/// The data centre's side: a setpoint for a random unit every second,
+/// produced to `hvac.commands`, which the bridge delivers to the unit's
+/// MQTT command topic.
+async fn backend_setpoints(bootstrap: String, units: usize, stop: CancellationToken) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = match rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+    {
+        Ok(p) => p,
+        Err(error) => {
+            tracing::warn!(%error, "demo backend: no producer; no commands from Kafka");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // The fleet's naming: unit i is ahu-<i+1> on site-<i % 3 + 1>.
+        let i = fastrand::usize(0..units);
+        let key = format!("ahu-{:03}", i + 1);
+        let value = format!(
+            r#"{{"site":"site-{}","setpoint_c":{},"issued_by":"demo-backend"}}"#,
+            i % 3 + 1,
+            19 + fastrand::u32(0..6)
+        );
+        let record = FutureRecord::to("hvac.commands").key(&key).payload(&value);
+        if let Err((error, _)) = producer.send(record, Duration::from_secs(5)).await {
+            tracing::warn!(%error, "demo backend: command not produced");
+        }
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -217,6 +263,10 @@ impl TempMappings {
             HVAC_SCHEMA,
         )?;
         std::fs::write(dir.path().join("schemas/common.schema.json"), COMMON_SCHEMA)?;
+        std::fs::write(
+            dir.path().join("schemas/hvac-setpoint.schema.json"),
+            SETPOINT_SCHEMA,
+        )?;
         Ok(Self(Some(dir)))
     }
 

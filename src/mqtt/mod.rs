@@ -13,3 +13,4 @@ mod wire;
 
 pub use message::MqttMessage;
 pub use session::{Ack, Acker, Delivery, Intake, MqttError, MqttSession};
+pub use wire::OutgoingPublish;

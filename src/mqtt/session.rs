@@ -20,7 +20,7 @@
 //!   connection's packets in order). The delivery task uses that to forget
 //!   duplicate-detection state it no longer needs.
 
-use super::wire::{Inbound, Outbound, Wire, WireError};
+use super::wire::{Inbound, Outbound, OutgoingPublish, Wire, WireError};
 use super::MqttMessage;
 use crate::config::MqttConfig;
 use crate::route::Subscription;
@@ -30,12 +30,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How long to wait for TCP, TLS and CONNACK before trying again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Our own QoS 1/2 publishes in flight when the broker does not say how
+/// many it takes (MQTT 3.1.1 has no Receive Maximum).
+const DEFAULT_OUTGOING_WINDOW: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -111,7 +115,19 @@ pub enum Intake {
 enum Command {
     /// Acks in the order they must go out.
     Acks(Vec<Ack>),
+    /// One of our own messages; `done` fires when the broker has it
+    /// (PUBACK, PUBCOMP; QoS 0: written).
+    Publish(OutgoingPublish, oneshot::Sender<()>),
     Disconnect,
+}
+
+/// One of our own QoS 1/2 publishes the broker has not completed.
+struct InFlight {
+    packet_id: u16,
+    publish: OutgoingPublish,
+    /// QoS 2: PUBREC received, PUBREL sent.
+    released: bool,
+    done: oneshot::Sender<()>,
 }
 
 /// Cloneable handle that acknowledges messages and ends the session.
@@ -131,6 +147,22 @@ impl Acker {
             .send(Command::Acks(acks))
             .await
             .map_err(|_| MqttError::Closed)
+    }
+
+    /// Publishes one of our own messages. The receiver fires once the broker
+    /// has it (PUBACK or PUBCOMP; QoS 0: once written), also across
+    /// reconnects, where unfinished publishes are resent in order. It fails
+    /// if the session ends first.
+    pub async fn publish(
+        &self,
+        publish: OutgoingPublish,
+    ) -> Result<oneshot::Receiver<()>, MqttError> {
+        let (done, receiver) = oneshot::channel();
+        self.commands
+            .send(Command::Publish(publish, done))
+            .await
+            .map_err(|_| MqttError::Closed)?;
+        Ok(receiver)
     }
 
     /// Sends DISCONNECT after the acks queued before it. The broker keeps the
@@ -155,6 +187,10 @@ pub struct MqttSession {
     /// Acks taken from `commands` so far, over all connections.
     acks_written: u64,
     next_packet_id: u16,
+    /// Our own publishes sent and not completed, in the order sent.
+    in_flight: VecDeque<InFlight>,
+    /// Our own publishes waiting for room in the broker's window.
+    waiting: VecDeque<(OutgoingPublish, oneshot::Sender<()>)>,
 }
 
 /// Why serving a connection ended without an error.
@@ -178,6 +214,8 @@ impl MqttSession {
             subscriptions,
             acks_written: 0,
             next_packet_id: 0,
+            in_flight: VecDeque::new(),
+            waiting: VecDeque::new(),
         })
     }
 
@@ -237,12 +275,23 @@ impl MqttSession {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         self.wire.encode_connect(&self.config, &mut out)?;
         write(&mut stream, &mut out).await?;
-        let session_present =
+        let (session_present, receive_maximum) =
             tokio::time::timeout(CONNECT_TIMEOUT, self.read_connack(&mut stream, &mut buf))
                 .await
                 .map_err(|_| MqttError::Timeout("CONNACK"))??;
         *connected = true;
         telemetry::mqtt_connected(session_present);
+        let window = receive_maximum.map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
+        // Our unfinished publishes first, in their order, as MQTT requires
+        // of a resumed session (MQTT 3.1.1 §4.4).
+        for f in &self.in_flight {
+            if f.released {
+                self.wire.encode(Outbound::PubRel(f.packet_id), &mut out)?;
+            } else {
+                self.wire
+                    .encode_publish(f.packet_id, &f.publish, true, &mut out)?;
+            }
+        }
 
         // Subscribe on every connect, also to a resumed session: routes may
         // have changed since the session was made. (MQTT 3.1.1 brokers
@@ -308,6 +357,13 @@ impl MqttSession {
                         }
                         subscribed.cancel();
                     }
+                    Inbound::PubAck(id) | Inbound::PubComp(id) => self.completed(id),
+                    Inbound::PubRec(id) => {
+                        if let Some(f) = self.in_flight.iter_mut().find(|f| f.packet_id == id) {
+                            f.released = true;
+                        }
+                        self.wire.encode(Outbound::PubRel(id), &mut out)?;
+                    }
                     Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
                     Inbound::ConnAck { .. } | Inbound::Other => {}
                 }
@@ -315,6 +371,12 @@ impl MqttSession {
                     // Waiting for the delivery task from now on.
                     break;
                 }
+            }
+
+            self.send_waiting(window, &mut out)?;
+            if !out.is_empty() {
+                write(&mut stream, &mut out).await?;
+                last_write = Instant::now();
             }
 
             tokio::select! {
@@ -329,6 +391,13 @@ impl MqttSession {
                                     self.wire.encode(ack.outbound(), &mut out)?;
                                 }
                                 self.acks_written += acks.len() as u64;
+                            }
+                            Some(Command::Publish(publish, done)) if publish.qos == 0 => {
+                                self.wire.encode_publish(0, &publish, false, &mut out)?;
+                                let _ = done.send(());
+                            }
+                            Some(Command::Publish(publish, done)) => {
+                                self.waiting.push_back((publish, done));
                             }
                             Some(Command::Disconnect) | None => {
                                 self.wire.encode(Outbound::Disconnect, &mut out)?;
@@ -398,7 +467,7 @@ impl MqttSession {
         &self,
         stream: &mut Box<dyn Stream>,
         buf: &mut BytesMut,
-    ) -> Result<bool, MqttError> {
+    ) -> Result<(bool, Option<u16>), MqttError> {
         loop {
             while let Some(packet) = self.wire.decode(buf)? {
                 match packet {
@@ -407,8 +476,10 @@ impl MqttSession {
                         ..
                     } => return Err(MqttError::Refused(reason)),
                     Inbound::ConnAck {
-                        session_present, ..
-                    } => return Ok(session_present),
+                        session_present,
+                        receive_maximum,
+                        ..
+                    } => return Ok((session_present, receive_maximum)),
                     Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
                     _ => {}
                 }
@@ -419,10 +490,42 @@ impl MqttSession {
         }
     }
 
-    /// Packet ids of our own packets (SUBSCRIBE); never 0.
+    /// Packet ids of our own packets (SUBSCRIBE, PUBLISH); never 0, never
+    /// one still in flight.
     fn packet_id(&mut self) -> u16 {
-        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        self.next_packet_id
+        loop {
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            let id = self.next_packet_id;
+            if !self.in_flight.iter().any(|f| f.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Sends waiting publishes while the broker's window has room.
+    fn send_waiting(&mut self, window: usize, out: &mut BytesMut) -> Result<(), MqttError> {
+        while self.in_flight.len() < window {
+            let Some((publish, done)) = self.waiting.pop_front() else {
+                break;
+            };
+            let packet_id = self.packet_id();
+            self.wire.encode_publish(packet_id, &publish, false, out)?;
+            self.in_flight.push_back(InFlight {
+                packet_id,
+                publish,
+                released: false,
+                done,
+            });
+        }
+        Ok(())
+    }
+
+    /// PUBACK or PUBCOMP of our own publish: it is done.
+    fn completed(&mut self, packet_id: u16) {
+        if let Some(i) = self.in_flight.iter().position(|f| f.packet_id == packet_id) {
+            let f = self.in_flight.remove(i).expect("found");
+            let _ = f.done.send(());
+        }
     }
 }
 

@@ -32,6 +32,9 @@ pub enum Inbound {
         session_present: bool,
         /// Why the broker refused the connection, if it did.
         refused: Option<String>,
+        /// MQTT 5: how many of our QoS 1/2 publishes the broker takes in
+        /// flight at once.
+        receive_maximum: Option<u16>,
     },
     Publish {
         packet_id: u16,
@@ -39,6 +42,10 @@ pub enum Inbound {
     },
     /// QoS 2, second half: the broker releases a packet id it published.
     PubRel(u16),
+    /// Acks of our own publishes.
+    PubAck(u16),
+    PubRec(u16),
+    PubComp(u16),
     /// How many filters of a SUBSCRIBE the broker refused.
     SubAck {
         refused: usize,
@@ -46,18 +53,29 @@ pub enum Inbound {
     PingResp,
     /// MQTT 5: the broker closes the connection and says why.
     Disconnect(String),
-    /// Acks of our own publishes and anything else the bridge ignores.
+    /// Anything else the bridge ignores.
     Other,
 }
 
 /// A packet to the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     PubAck(u16),
     PubRec(u16),
     PubComp(u16),
+    /// QoS 2 of our own publish: the broker has it, release the id.
+    PubRel(u16),
     PingReq,
     Disconnect,
+}
+
+/// One of our own messages to the broker (relays, commands from Kafka).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingPublish {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
 }
 
 /// Encodes and decodes for one protocol version.
@@ -94,6 +112,7 @@ impl Wire {
                     Outbound::PubAck(id) => v4::Packet::PubAck(v4::PubAck::new(id)),
                     Outbound::PubRec(id) => v4::Packet::PubRec(v4::PubRec::new(id)),
                     Outbound::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(id)),
+                    Outbound::PubRel(id) => v4::Packet::PubRel(v4::PubRel::new(id)),
                     Outbound::PingReq => v4::Packet::PingReq,
                     Outbound::Disconnect => v4::Packet::Disconnect,
                 };
@@ -104,12 +123,49 @@ impl Wire {
                     Outbound::PubAck(id) => v5::Packet::PubAck(v5::PubAck::new(id, None)),
                     Outbound::PubRec(id) => v5::Packet::PubRec(v5::PubRec::new(id, None)),
                     Outbound::PubComp(id) => v5::Packet::PubComp(v5::PubComp::new(id, None)),
+                    Outbound::PubRel(id) => v5::Packet::PubRel(v5::PubRel::new(id, None)),
                     Outbound::PingReq => v5::Packet::PingReq(v5::PingReq),
                     Outbound::Disconnect => v5::Packet::Disconnect(v5::Disconnect::new(
                         v5::DisconnectReasonCode::NormalDisconnection,
                     )),
                 };
                 packet.write(buf, Some(MAX_PACKET_BYTES))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// PUBLISH of our own message; `dup` on a resend after reconnect.
+    pub fn encode_publish(
+        &self,
+        packet_id: u16,
+        publish: &OutgoingPublish,
+        dup: bool,
+        buf: &mut BytesMut,
+    ) -> Result<(), WireError> {
+        match self.protocol {
+            MqttProtocol::V311 => {
+                let mut p = v4::Publish::from_bytes(
+                    publish.topic.clone(),
+                    qos_v4(publish.qos),
+                    publish.payload.clone(),
+                );
+                p.pkid = if publish.qos == 0 { 0 } else { packet_id };
+                p.retain = publish.retain;
+                p.dup = dup;
+                v4::Packet::Publish(p).write(buf, MAX_PACKET_BYTES as usize)?;
+            }
+            MqttProtocol::V5 => {
+                let mut p = v5::Publish::new(
+                    publish.topic.clone(),
+                    qos_v5(publish.qos),
+                    publish.payload.clone(),
+                    None,
+                );
+                p.pkid = if publish.qos == 0 { 0 } else { packet_id };
+                p.retain = publish.retain;
+                p.dup = dup;
+                v5::Packet::Publish(p).write(buf, Some(MAX_PACKET_BYTES))?;
             }
         }
         Ok(())
@@ -191,6 +247,7 @@ fn inbound_v4(packet: v4::Packet) -> Inbound {
             session_present: ack.session_present,
             refused: (ack.code != v4::ConnectReturnCode::Success)
                 .then(|| format!("{:?}", ack.code)),
+            receive_maximum: None,
         },
         v4::Packet::Publish(p) => {
             let qos = p.qos as u8;
@@ -209,6 +266,9 @@ fn inbound_v4(packet: v4::Packet) -> Inbound {
             }
         }
         v4::Packet::PubRel(rel) => Inbound::PubRel(rel.pkid),
+        v4::Packet::PubAck(ack) => Inbound::PubAck(ack.pkid),
+        v4::Packet::PubRec(rec) => Inbound::PubRec(rec.pkid),
+        v4::Packet::PubComp(comp) => Inbound::PubComp(comp.pkid),
         v4::Packet::SubAck(ack) => Inbound::SubAck {
             refused: ack
                 .return_codes
@@ -227,6 +287,7 @@ fn inbound_v5(packet: v5::Packet) -> Inbound {
             session_present: ack.session_present,
             refused: (ack.code != v5::ConnectReturnCode::Success)
                 .then(|| format!("{:?}", ack.code)),
+            receive_maximum: ack.properties.and_then(|p| p.receive_max),
         },
         v5::Packet::Publish(p) => {
             let qos = p.qos as u8;
@@ -249,6 +310,9 @@ fn inbound_v5(packet: v5::Packet) -> Inbound {
             }
         }
         v5::Packet::PubRel(rel) => Inbound::PubRel(rel.pkid),
+        v5::Packet::PubAck(ack) => Inbound::PubAck(ack.pkid),
+        v5::Packet::PubRec(rec) => Inbound::PubRec(rec.pkid),
+        v5::Packet::PubComp(comp) => Inbound::PubComp(comp.pkid),
         v5::Packet::SubAck(ack) => Inbound::SubAck {
             refused: ack
                 .return_codes

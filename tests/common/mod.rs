@@ -67,8 +67,16 @@ impl Topics {
     pub fn dead_letter(&self) -> String {
         format!("{}dead-letter", self.prefix)
     }
+    pub fn commands(&self) -> String {
+        format!("{}hvac.commands", self.prefix)
+    }
     pub fn all(&self) -> Vec<String> {
-        vec![self.telemetry(), self.diagnostics(), self.dead_letter()]
+        vec![
+            self.telemetry(),
+            self.diagnostics(),
+            self.dead_letter(),
+            self.commands(),
+        ]
     }
 }
 
