@@ -291,8 +291,8 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
 /// (MQTT 3.1.1 has no Receive Maximum; the test broker allows unlimited
 /// in-flight messages), acks used to pile up in rumqttc's request channel
 /// until the commit loop blocked on one while the intake waited for the
-/// commit loop: a deadlock. Acks are now offered without waiting.
-///
+/// commit loop: a deadlock. The MQTT session now takes acks also while it
+/// waits for room in the delivery channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_inflight_window_does_not_stall() {
     flood_through_a_small_window(60).await;
