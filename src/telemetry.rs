@@ -27,6 +27,7 @@ pub const MQTT_CONNECTED: &str = "bridge_mqtt_connected";
 pub const MQTT_RECONNECTS: &str = "bridge_mqtt_reconnects_total";
 pub const DUPLICATES_DROPPED: &str = "bridge_duplicates_dropped_total";
 pub const BEST_EFFORT: &str = "bridge_exactly_once_best_effort_total";
+pub const RELAYED: &str = "bridge_messages_relayed_total";
 pub const COMMANDS_DELIVERED: &str = "bridge_commands_delivered_total";
 pub const COMMANDS_EXPIRED: &str = "bridge_commands_expired_total";
 pub const COMMANDS_DEAD_LETTERED: &str = "bridge_commands_dead_lettered_total";
@@ -41,6 +42,7 @@ pub struct Stats {
     pub kept_on_mqtt: AtomicU64,
     pub duplicates_dropped: AtomicU64,
     pub commands_delivered: AtomicU64,
+    pub relayed: AtomicU64,
     pub commits: AtomicU64,
     pub aborts: AtomicU64,
     /// Sum of commit durations in microseconds, for a mean over an interval.
@@ -55,6 +57,7 @@ pub static STATS: Stats = Stats {
     kept_on_mqtt: AtomicU64::new(0),
     duplicates_dropped: AtomicU64::new(0),
     commands_delivered: AtomicU64::new(0),
+    relayed: AtomicU64::new(0),
     commits: AtomicU64::new(0),
     aborts: AtomicU64::new(0),
     commit_micros: AtomicU64::new(0),
@@ -167,6 +170,12 @@ pub fn duplicate_dropped(qos: u8, exact: bool) {
 /// An exactly-once decision that cannot be exact.
 pub fn best_effort(kind: &'static str) {
     counter!(BEST_EFFORT, "kind" => kind).increment(1);
+}
+
+/// A relay route republished a message to MQTT.
+pub fn message_relayed(route: &str) {
+    counter!(RELAYED, "route" => route.to_string()).increment(1);
+    STATS.relayed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A command from Kafka was acknowledged by the MQTT broker.

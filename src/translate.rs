@@ -46,7 +46,7 @@ pub fn run(
     let outcome = table.route(&message);
     print!("{}", outcome_text(&table, &outcome));
     Ok(match outcome {
-        Outcome::Forward { .. } => ExitCode::SUCCESS,
+        Outcome::Forward { .. } | Outcome::Relay { .. } => ExitCode::SUCCESS,
         Outcome::DeadLetter { .. } => ExitCode::from(EXIT_DEAD_LETTER),
         Outcome::Unrouted | Outcome::KeptOnMqtt => ExitCode::from(EXIT_UNROUTED),
     })
@@ -70,6 +70,19 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
                 summary.name, summary.origin
             );
             record_text(&mut out, record);
+        }
+        Outcome::Relay { route, publish } => {
+            let summary = &table.routes()[*route];
+            let _ = writeln!(
+                out,
+                "RELAY via route `{}` ({}): published back to MQTT, nothing to Kafka",
+                summary.name, summary.origin
+            );
+            let _ = writeln!(out, "topic:     {}", publish.topic);
+            let _ = writeln!(out, "qos:       {}", publish.qos);
+            let _ = writeln!(out, "retain:    {}", publish.retain);
+            let _ = writeln!(out, "payload ({} bytes):", publish.payload.len());
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(&publish.payload));
         }
         Outcome::DeadLetter {
             route,

@@ -1,7 +1,8 @@
-//! Kafka → MQTT commands: records of a command topic reach the right device
-//! topic once, in order per device; invalid ones are dead-lettered, stale
-//! ones dropped; an offset is committed only after the broker has the
-//! command, so a bridge killed in between delivers it again.
+//! Commands to devices. Kafka → MQTT: records of a command topic reach the
+//! right device topic once, in order per device; invalid ones are
+//! dead-lettered, stale ones dropped; an offset is committed only after the
+//! broker has the command, so a bridge killed in between delivers it again.
+//! MQTT → MQTT: a relay route turns a wall dial into a unit's setpoint.
 
 mod common;
 
@@ -220,4 +221,46 @@ async fn a_command_whose_offset_was_not_committed_is_delivered_again() {
         rx.try_recv().is_err(),
         "committed after the restart: no third copy"
     );
+}
+
+/// The relay route of `mappings/hvac.yaml`: a wall dial reading becomes a
+/// setpoint command for the room's unit, reshaped, on MQTT only. The dial
+/// messages are acknowledged once relayed: a second bridge on the same
+/// session relays none of them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_dial_is_relayed_to_its_unit_reshaped() {
+    let rig = Rig::start().await;
+    let (_device, mut rx) = device(rig.broker.port).await;
+    let id = unique("bridge");
+    let config = || bridge_config(rig.broker.port, &rig.bootstrap, &id, "", &rig.topics);
+    let bridge = Bridge::start(config()).await;
+    let dials: Vec<Publish> = (0..20)
+        .map(|i| {
+            Publish::new(
+                format!("site/s1/room/r{}/thermostat/dial", i % 4),
+                format!(r#"{{"target_c":{}}}"#, 15 + i),
+                1,
+            )
+        })
+        .collect();
+    publish_all(rig.broker.port, &dials).await;
+    let got = receive(&mut rx, 20).await;
+    bridge.stop().await;
+    for (i, (topic, payload)) in got.iter().enumerate() {
+        assert_eq!(topic, &format!("site/s1/hvac/r{}/cmd/setpoint", i % 4));
+        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"setpoint_c": 15 + i, "site": "s1", "issued_by": "wall-dial"})
+        );
+    }
+
+    // Everything was acknowledged: after a restart on the same session the
+    // next thing relayed is a new marker, not an old dial.
+    let bridge = Bridge::start(config()).await;
+    let marker = Publish::new("site/s1/room/r9/thermostat/dial", r#"{"target_c":30}"#, 1);
+    publish_all(rig.broker.port, &[marker]).await;
+    let next = receive(&mut rx, 1).await;
+    bridge.stop().await;
+    assert_eq!(next[0].0, "site/s1/hvac/r9/cmd/setpoint", "{next:?}");
 }

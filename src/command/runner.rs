@@ -16,6 +16,20 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Closing a consumer waits for the group protocol (a join in progress,
+/// leaving the group), polling in a loop: seconds, and on a tokio worker
+/// that stalls the runtime. The consumer is closed on a thread of its own,
+/// which nothing waits for.
+struct CloseInBackground(Option<StreamConsumer>);
+
+impl Drop for CloseInBackground {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            std::thread::spawn(move || drop(consumer));
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("command consumer: {0}")]
@@ -50,6 +64,8 @@ pub async fn run(
         .set("isolation.level", "read_committed")
         .create()?;
     consumer.subscribe(&table.topics())?;
+    let consumer = CloseInBackground(Some(consumer));
+    let consumer = consumer.0.as_ref().expect("set");
     let producer: FutureProducer = client_config(kafka)
         .set("enable.idempotence", "true")
         .create()?;

@@ -80,7 +80,27 @@ pub struct RouteConfig {
     pub max_payload_bytes: Option<usize>,
     #[serde(default)]
     pub transform: TransformConfig,
-    pub kafka: RouteKafkaConfig,
+    /// Where the message goes in Kafka (an ingest route)...
+    pub kafka: Option<RouteKafkaConfig>,
+    /// ...or, instead, the MQTT message it becomes (a relay route, for local
+    /// machine-to-machine rules).
+    pub publish: Option<RoutePublishConfig>,
+}
+
+/// A relay route's output: one MQTT message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePublishConfig {
+    /// Topic template, as for `kafka.topic`; no `+` or `#`.
+    pub topic: String,
+    #[serde(default = "default_publish_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+}
+
+fn default_publish_qos() -> u8 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,10 +8,10 @@ use crate::mqtt::{Ack, Acker, Delivery, Intake, MqttError};
 use crate::route::{KafkaRecord, Outcome, RejectReason, RouteTable};
 use crate::telemetry;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,8 @@ struct Batch {
     records: Vec<KafkaRecord>,
     /// In arrival order; QoS 0 messages have none.
     acks: Vec<Ack>,
+    /// Relay publishes of this batch; its acks wait for all of them.
+    relays: Vec<oneshot::Receiver<()>>,
     messages: usize,
     /// The exactly-once state changed: the transaction must carry it.
     state_changed: bool,
@@ -58,6 +60,27 @@ pub struct CommitLoop {
     batch_max_messages: usize,
     commit_interval: Duration,
     exactly_once: Option<ExactlyOnce>,
+    /// Acks of committed batches whose relay publishes the broker has not
+    /// yet acknowledged, in batch order.
+    waiting: VecDeque<WaitingAcks>,
+}
+
+/// A committed batch's acks, held until its relays are done.
+struct WaitingAcks {
+    acks: Vec<Ack>,
+    relays: Vec<oneshot::Receiver<()>>,
+}
+
+/// Resolves when a relay publish of the front batch is done (`true`) or
+/// the session ended (`false`); never when there is none. Cancel-safe: a
+/// receiver is removed only once it has resolved.
+async fn front_relay_done(waiting: &mut VecDeque<WaitingAcks>) -> bool {
+    let Some(relay) = waiting.front_mut().and_then(|w| w.relays.last_mut()) else {
+        return std::future::pending().await;
+    };
+    let done = relay.await.is_ok();
+    waiting.front_mut().expect("front").relays.pop();
+    done
 }
 
 /// The state of exactly-once delivery and where it is written.
@@ -81,6 +104,7 @@ impl CommitLoop {
             sink,
             acker,
             acks_queued: 0,
+            waiting: VecDeque::new(),
             batch_max_messages: delivery.batch_max_messages,
             commit_interval: Duration::from_millis(delivery.commit_interval_ms),
             exactly_once,
@@ -97,10 +121,14 @@ impl CommitLoop {
     ) -> Result<(), DeliveryError> {
         loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return self.finish().await,
+                done = front_relay_done(&mut self.waiting) => {
+                    self.relay_done(done).await?;
+                    continue;
+                }
                 first = input.recv() => match first {
                     Some(d) => d,
-                    None => return Ok(()),
+                    None => return self.finish().await,
                 },
             };
             let mut batch = Batch::default();
@@ -112,6 +140,7 @@ impl CommitLoop {
                     biased;
                     _ = shutdown.cancelled() => { stopping = true; break; }
                     _ = tokio::time::sleep_until(deadline) => break,
+                    done = front_relay_done(&mut self.waiting) => self.relay_done(done).await?,
                     next = input.recv() => match next {
                         Some(d) => self.add(&mut batch, d).await?,
                         None => { stopping = true; break; }
@@ -121,30 +150,80 @@ impl CommitLoop {
             if !self.commit(&mut batch, &shutdown).await? {
                 // Shut down before Kafka took the batch: acknowledge nothing
                 // of it; the broker redelivers it to the next run.
-                return Ok(());
+                return self.finish().await;
             }
-            self.send_acks(&mut batch).await?;
+            self.waiting.push_back(WaitingAcks {
+                acks: std::mem::take(&mut batch.acks),
+                relays: std::mem::take(&mut batch.relays),
+            });
+            self.release_acks().await?;
             if stopping {
-                return Ok(());
+                return self.finish().await;
             }
         }
     }
 
-    /// Hands the acks of a committed batch to the session, numbering them
-    /// as the session counts them (see `Intake::AcksConfirmed`).
-    async fn send_acks(&mut self, batch: &mut Batch) -> Result<(), DeliveryError> {
-        if batch.acks.is_empty() {
+    /// At shutdown: sends the acks of committed batches, waiting for their
+    /// relays (the session still reads the broker's acks; the caller bounds
+    /// the wait with `delivery.shutdown_timeout_ms`).
+    async fn finish(&mut self) -> Result<(), DeliveryError> {
+        loop {
+            self.release_acks().await?;
+            if self.waiting.is_empty() {
+                return Ok(());
+            }
+            if !front_relay_done(&mut self.waiting).await {
+                return Err(MqttError::Closed.into());
+            }
+        }
+    }
+
+    /// A relay publish finished (or the session ended).
+    async fn relay_done(&mut self, done: bool) -> Result<(), DeliveryError> {
+        if !done {
+            return Err(MqttError::Closed.into());
+        }
+        self.release_acks().await
+    }
+
+    /// Sends, in batch order, the acks of committed batches whose relay
+    /// publishes are all done. The waiting is never a blocking await: the
+    /// loop keeps taking messages meanwhile, which is what lets the session
+    /// read the broker's acks of the relays.
+    async fn release_acks(&mut self) -> Result<(), DeliveryError> {
+        while let Some(front) = self.waiting.front_mut() {
+            while let Some(relay) = front.relays.last_mut() {
+                match relay.try_recv() {
+                    Ok(()) => {
+                        front.relays.pop();
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        return Err(MqttError::Closed.into())
+                    }
+                }
+            }
+            let acks = self.waiting.pop_front().expect("front").acks;
+            self.send_acks(acks).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands acks to the session, numbering them as the session counts them
+    /// (see `Intake::AcksConfirmed`).
+    async fn send_acks(&mut self, acks: Vec<Ack>) -> Result<(), DeliveryError> {
+        if acks.is_empty() {
             return Ok(());
         }
         if let Some(eo) = &mut self.exactly_once {
-            for (n, ack) in batch.acks.iter().enumerate() {
+            for (n, ack) in acks.iter().enumerate() {
                 if let Ack::PubAck(id) = ack {
                     eo.state.acked(*id, self.acks_queued + n as u64 + 1);
                 }
             }
         }
-        self.acks_queued += batch.acks.len() as u64;
-        self.acker.ack_all(std::mem::take(&mut batch.acks)).await?;
+        self.acks_queued += acks.len() as u64;
+        self.acker.ack_all(acks).await?;
         Ok(())
     }
 
@@ -216,6 +295,11 @@ impl CommitLoop {
             }
             Outcome::KeptOnMqtt => {
                 telemetry::message_kept_on_mqtt(&delivery.message.topic);
+                return Ok(());
+            }
+            Outcome::Relay { route, publish } => {
+                telemetry::message_relayed(self.table.route_name(route));
+                batch.relays.push(self.acker.publish(publish).await?);
                 return Ok(());
             }
             Outcome::Forward { route, record } => (Some(route), record, None),

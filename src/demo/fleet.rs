@@ -13,6 +13,8 @@ pub struct FleetCounts {
     pub telemetry: AtomicU64,
     pub malformed: AtomicU64,
     pub commands: AtomicU64,
+    /// Wall-dial readings, which a relay route turns into setpoints.
+    pub dials: AtomicU64,
 }
 
 /// One unit's slowly drifting state.
@@ -147,6 +149,13 @@ pub async fn run(
                 format!("site/{}/hvac/{}/cmd/setpoint", unit.site, unit.id),
                 format!("{{\"target_c\": {}}}", 19 + fastrand::u32(0..6)),
                 &counts.commands,
+            ),
+            // A wall dial in the unit's room: the relay route makes it a
+            // setpoint command for the unit, on MQTT only.
+            70 => (
+                format!("site/{}/room/{}/thermostat/dial", unit.site, unit.id),
+                format!("{{\"target_c\": {}}}", 19 + fastrand::u32(0..6)),
+                &counts.dials,
             ),
             _ if unit.legacy => (format!("{base}/telemetry"), unit.text(), &counts.telemetry),
             _ => (format!("{base}/telemetry"), unit.json(), &counts.telemetry),

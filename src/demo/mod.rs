@@ -27,6 +27,7 @@ const HVAC_YAML: &str = include_str!("../../mappings/hvac.yaml");
 const HVAC_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-telemetry.schema.json");
 const COMMON_SCHEMA: &str = include_str!("../../mappings/schemas/common.schema.json");
 const SETPOINT_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-setpoint.schema.json");
+const DIAL_SCHEMA: &str = include_str!("../../mappings/schemas/wall-dial.schema.json");
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -141,13 +142,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         };
         (last_commits, last_micros) = (commits, micros);
         println!(
-            "{:>4}s  received {:>6} | produced {:>6} | dead-lettered {:>4} | unrouted {:>3} | kept on MQTT {:>4} | Kafka->MQTT commands {:>3} | commits {:>5}, commit {latency} | in Kafka: telemetry {} dead-letter {}",
+            "{:>4}s  received {:>6} | produced {:>6} | dead-lettered {:>4} | unrouted {:>3} | kept on MQTT {:>4} | relayed {:>3} | Kafka->MQTT commands {:>3} | commits {:>5}, commit {latency} | in Kafka: telemetry {} dead-letter {}",
             started.elapsed().as_secs(),
             STATS.received.load(Ordering::Relaxed),
             STATS.produced.load(Ordering::Relaxed),
             STATS.dead_lettered.load(Ordering::Relaxed),
             STATS.unrouted.load(Ordering::Relaxed),
             counts.commands.load(Ordering::Relaxed),
+            STATS.relayed.load(Ordering::Relaxed),
             STATS.commands_delivered.load(Ordering::Relaxed),
             commits,
             in_kafka.telemetry.load(Ordering::Relaxed),
@@ -266,6 +268,10 @@ impl TempMappings {
         std::fs::write(
             dir.path().join("schemas/hvac-setpoint.schema.json"),
             SETPOINT_SCHEMA,
+        )?;
+        std::fs::write(
+            dir.path().join("schemas/wall-dial.schema.json"),
+            DIAL_SCHEMA,
         )?;
         Ok(Self(Some(dir)))
     }

@@ -208,9 +208,9 @@ impl Wire {
         Ok(())
     }
 
-    /// SUBSCRIBE to every filter at once. On MQTT 5, retain handling 1:
-    /// retained messages only for a new subscription, so subscribing again
-    /// on every reconnect does not replay them.
+    /// SUBSCRIBE to every filter at once. On MQTT 5, retain handling 1
+    /// (retained messages only for a new subscription, so subscribing again
+    /// on every reconnect does not replay them) and no local.
     pub fn encode_subscribe(
         &self,
         packet_id: u16,
@@ -230,6 +230,9 @@ impl Wire {
                 let filters = subscriptions.iter().map(|s| {
                     let mut f = v5::Filter::new(s.filter.clone(), qos_v5(s.qos));
                     f.retain_forward_rule = v5::RetainForwardRule::OnNewSubscribe;
+                    // No local: the bridge never receives what it publishes
+                    // itself (relays, commands), so it cannot loop on them.
+                    f.nolocal = true;
                     f
                 });
                 let mut subscribe = v5::Subscribe::new_many(filters, None);

@@ -19,7 +19,7 @@ pub use filter::TopicFilter;
 pub use table::{RouteSummary, RouteTable, Subscription};
 pub use template::{Context, Template, TemplateError};
 
-use crate::mqtt::MqttMessage;
+use crate::mqtt::{MqttMessage, OutgoingPublish};
 use bytes::Bytes;
 use std::fmt;
 
@@ -48,6 +48,11 @@ impl KafkaRecord {
 pub enum Outcome {
     /// Produce this record; `route` indexes [`RouteTable::routes`].
     Forward { route: usize, record: KafkaRecord },
+    /// A relay route: publish this back to MQTT; nothing goes to Kafka.
+    Relay {
+        route: usize,
+        publish: OutgoingPublish,
+    },
     /// The message is bad: produce it to the dead-letter topic instead.
     DeadLetter {
         route: Option<usize>,

@@ -10,8 +10,9 @@ use super::{
 };
 use crate::config::{
     locate_all, Config, ConfigError, ConfigErrors, Guarantee, MappingSource, RouteConfig,
+    RouteKafkaConfig,
 };
-use crate::mqtt::MqttMessage;
+use crate::mqtt::{MqttMessage, OutgoingPublish};
 use crate::schema::Schema;
 use bytes::Bytes;
 use regex::Regex;
@@ -47,12 +48,38 @@ struct Route {
     schema: Option<Schema>,
     max_payload_bytes: usize,
     transform: Option<Transform>,
+    target: Target,
+    dead_letter_topic: String,
+}
+
+/// Where a route sends what it made of a message.
+#[derive(Debug)]
+enum Target {
+    Kafka(KafkaTarget),
+    /// A relay: back to MQTT.
+    Mqtt(MqttTarget),
+}
+
+#[derive(Debug)]
+struct KafkaTarget {
     topic: Template,
     key: Option<Template>,
     headers: Vec<(String, Template)>,
     timestamp: Timestamp,
-    dead_letter_topic: String,
     user_properties: bool,
+}
+
+#[derive(Debug)]
+struct MqttTarget {
+    topic: Template,
+    qos: u8,
+    retain: bool,
+}
+
+/// What a route made of one message.
+enum Processed {
+    Record(KafkaRecord),
+    Publish(OutgoingPublish),
 }
 
 /// A broker subscription derived from the routes.
@@ -276,9 +303,13 @@ impl RouteTable {
             captures.clear();
             if route.matches(&message.topic, &mut captures) {
                 return match route.process(message, &captures) {
-                    Ok(record) => Outcome::Forward {
+                    Ok(Processed::Record(record)) => Outcome::Forward {
                         route: index,
                         record,
+                    },
+                    Ok(Processed::Publish(publish)) => Outcome::Relay {
+                        route: index,
+                        publish,
                     },
                     Err(rejection) => Outcome::DeadLetter {
                         route: Some(index),
@@ -311,8 +342,12 @@ fn summary(config: &RouteConfig, route: &Route) -> RouteSummary {
             Format::Raw => "raw",
         },
         schema: route.schema.is_some(),
-        topic: config.kafka.topic.clone(),
-        key: config.kafka.key.clone(),
+        topic: match (&config.kafka, &config.publish) {
+            (Some(k), _) => k.topic.clone(),
+            (None, Some(p)) => format!("MQTT {} (relay)", p.topic),
+            (None, None) => String::new(),
+        },
+        key: config.kafka.as_ref().and_then(|k| k.key.clone()),
     }
 }
 
@@ -419,17 +454,116 @@ fn compile_route(
             .map_err(|e| problems.push(e))
             .ok()
     };
-    let mut template = |field: &str, text: &str| {
+    let template = |problems: &mut Problems, field: &str, text: &str| {
         Template::parse(text, &captures, structured)
             .map_err(|e| problems.push((field.to_string(), e)))
             .ok()
     };
-    let topic = template("kafka.topic", &route.kafka.topic);
-    let key = route.kafka.key.as_ref().map(|k| template("kafka.key", k));
-    let mut header_templates = Vec::new();
-    for (name, text) in &route.kafka.headers {
-        if let Some(t) = template(&format!("kafka.headers.{name}"), text) {
-            header_templates.push((name.clone(), t));
+    let target = match (&route.kafka, &route.publish) {
+        (Some(kafka), None) => kafka_target(kafka, &template, &mut problems, structured),
+        (None, Some(publish)) => {
+            let topic = template(&mut problems, "publish.topic", &publish.topic);
+            if publish.topic.contains(['+', '#']) {
+                problems.push((
+                    "publish.topic".into(),
+                    "a topic to publish to cannot hold `+` or `#`".into(),
+                ));
+            }
+            if publish.qos > 2 {
+                problems.push(("publish.qos".into(), "must be 0, 1 or 2".into()));
+            }
+            // A relay that hears its own output would loop forever.
+            if let (Some(f), Ok(out)) = (
+                &filter,
+                TopicFilter::parse(&template_as_filter(&publish.topic)),
+            ) {
+                if out.overlaps(f) {
+                    problems.push((
+                        "publish.topic".into(),
+                        format!(
+                            "`{}` can match the route's own filter `{}`: the relay would receive its own output",
+                            publish.topic, route.mqtt.filter
+                        ),
+                    ));
+                }
+            }
+            topic.map(|topic| {
+                Target::Mqtt(MqttTarget {
+                    topic,
+                    qos: publish.qos,
+                    retain: publish.retain,
+                })
+            })
+        }
+        (Some(_), Some(_)) => {
+            problems.push((
+                "publish".into(),
+                "a route has either `kafka` (ingest) or `publish` (an MQTT relay), not both".into(),
+            ));
+            None
+        }
+        (None, None) => {
+            problems.push((
+                "kafka".into(),
+                "missing: a route needs `kafka` (ingest to Kafka) or `publish` (an MQTT relay)"
+                    .into(),
+            ));
+            None
+        }
+    };
+    let dead_letter_topic = route
+        .kafka
+        .as_ref()
+        .and_then(|k| k.dead_letter_topic.clone())
+        .unwrap_or_else(|| config.bridge.kafka.dead_letter_topic.clone());
+    if !is_valid_kafka_topic(&dead_letter_topic) {
+        problems.push((
+            "kafka.dead_letter_topic".into(),
+            format!("`{dead_letter_topic}` is not a valid Kafka topic name"),
+        ));
+    }
+    let max_payload_bytes = route
+        .max_payload_bytes
+        .unwrap_or(config.bridge.limits.max_payload_bytes);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (Some(filter), Some(format), Some(target)) = (filter, format, target) else {
+        unreachable!("every None above recorded a problem");
+    };
+    Ok(Route {
+        name: route.name.clone(),
+        origin: String::new(),
+        filter,
+        regex,
+        regex_groups,
+        captures,
+        qos,
+        format,
+        schema,
+        max_payload_bytes,
+        transform,
+        target,
+        dead_letter_topic,
+    })
+}
+
+/// The Kafka side of an ingest route.
+fn kafka_target(
+    kafka: &RouteKafkaConfig,
+    template: &impl Fn(&mut Problems, &str, &str) -> Option<Template>,
+    problems: &mut Problems,
+    structured: bool,
+) -> Option<Target> {
+    let topic = template(problems, "kafka.topic", &kafka.topic);
+    let key = kafka
+        .key
+        .as_ref()
+        .map(|k| template(problems, "kafka.key", k));
+    let mut headers = Vec::new();
+    for (name, text) in &kafka.headers {
+        if let Some(t) = template(problems, &format!("kafka.headers.{name}"), text) {
+            headers.push((name.clone(), t));
         }
     }
     if let Some(literal) = topic.as_ref().and_then(Template::as_literal) {
@@ -440,7 +574,7 @@ fn compile_route(
             ));
         }
     }
-    let timestamp = match route.kafka.timestamp.as_deref() {
+    let timestamp = match kafka.timestamp.as_deref() {
         None | Some("received") => Timestamp::Received,
         Some(ptr) if ptr.starts_with('/') && structured => Timestamp::Field(ptr.to_string()),
         Some(other) => {
@@ -458,45 +592,28 @@ fn compile_route(
             Timestamp::Received
         }
     };
-    let dead_letter_topic = route
-        .kafka
-        .dead_letter_topic
-        .clone()
-        .unwrap_or_else(|| config.bridge.kafka.dead_letter_topic.clone());
-    if !is_valid_kafka_topic(&dead_letter_topic) {
-        problems.push((
-            "kafka.dead_letter_topic".into(),
-            format!("`{dead_letter_topic}` is not a valid Kafka topic name"),
-        ));
-    }
-    let max_payload_bytes = route
-        .max_payload_bytes
-        .unwrap_or(config.bridge.limits.max_payload_bytes);
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    let (Some(filter), Some(format), Some(topic)) = (filter, format, topic) else {
-        unreachable!("every None above recorded a problem");
-    };
-    Ok(Route {
-        name: route.name.clone(),
-        origin: String::new(),
-        filter,
-        regex,
-        regex_groups,
-        captures,
-        qos,
-        format,
-        schema,
-        max_payload_bytes,
-        transform,
-        topic,
+    Some(Target::Kafka(KafkaTarget {
+        topic: topic?,
         key: key.flatten(),
-        headers: header_templates,
+        headers,
         timestamp,
-        dead_letter_topic,
-        user_properties: route.kafka.user_properties,
-    })
+        user_properties: kafka.user_properties,
+    }))
+}
+
+/// A topic template read as a filter: every level holding a placeholder
+/// becomes `+`, for the loop check.
+fn template_as_filter(text: &str) -> String {
+    text.split('/')
+        .map(|level| {
+            if level.replace("{{", "").contains('{') {
+                "+"
+            } else {
+                level
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 impl Route {
@@ -516,7 +633,7 @@ impl Route {
         true
     }
 
-    fn process(&self, message: &MqttMessage, captures: &[&str]) -> Result<KafkaRecord, Rejection> {
+    fn process(&self, message: &MqttMessage, captures: &[&str]) -> Result<Processed, Rejection> {
         debug_assert_eq!(captures.len(), self.captures.len());
         let size = message.payload.len();
         if size > self.max_payload_bytes {
@@ -558,9 +675,43 @@ impl Route {
             message,
             value: value.as_ref(),
         };
+        match &self.target {
+            Target::Kafka(kafka) => kafka
+                .record(&ctx, message, value.as_ref(), bytes)
+                .map(Processed::Record),
+            Target::Mqtt(mqtt) => {
+                let topic = mqtt
+                    .topic
+                    .render(&ctx)
+                    .map_err(|e| Rejection::new(RejectReason::Topic, format!("topic: {e}")))?;
+                if topic.is_empty() || topic.contains(['+', '#']) {
+                    return Err(Rejection::new(
+                        RejectReason::Topic,
+                        format!("`{topic}` is not a topic to publish to"),
+                    ));
+                }
+                Ok(Processed::Publish(OutgoingPublish {
+                    topic,
+                    payload: bytes,
+                    qos: mqtt.qos,
+                    retain: mqtt.retain,
+                }))
+            }
+        }
+    }
+}
+
+impl KafkaTarget {
+    fn record(
+        &self,
+        ctx: &Context<'_>,
+        message: &MqttMessage,
+        value: Option<&Value>,
+        bytes: Bytes,
+    ) -> Result<KafkaRecord, Rejection> {
         let topic = self
             .topic
-            .render(&ctx)
+            .render(ctx)
             .map_err(|e| Rejection::new(RejectReason::Topic, format!("topic: {e}")))?;
         if !is_valid_kafka_topic(&topic) {
             return Err(Rejection::new(
@@ -570,7 +721,7 @@ impl Route {
         }
         let key = match &self.key {
             Some(t) => Some(
-                t.render(&ctx)
+                t.render(ctx)
                     .map_err(|e| Rejection::new(RejectReason::Key, format!("key: {e}")))?,
             ),
             None => None,
@@ -594,14 +745,14 @@ impl Route {
             }
         }
         for (name, template) in &self.headers {
-            let v = template.render(&ctx).map_err(|e| {
+            let v = template.render(ctx).map_err(|e| {
                 Rejection::new(RejectReason::Header, format!("header `{name}`: {e}"))
             })?;
             headers.push((name.clone(), v.into_bytes()));
         }
         let timestamp_ms = match &self.timestamp {
             Timestamp::Received => message.received_at.timestamp_millis(),
-            Timestamp::Field(ptr) => timestamp_from(value.as_ref(), ptr)?,
+            Timestamp::Field(ptr) => timestamp_from(value, ptr)?,
         };
         Ok(KafkaRecord {
             topic,

@@ -400,7 +400,63 @@ fn config_error_unknown_format() {
 #[test]
 fn config_error_missing_required_field() {
     let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n");
-    assert!(e.contains("routes[0]: missing field `kafka`"), "{e}");
+    assert!(
+        e.contains("m.yaml:2:5: routes[0].kafka: missing: a route needs `kafka` (ingest to Kafka) or `publish` (an MQTT relay)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_relay_route_publishes_the_reshaped_payload_back_to_mqtt() {
+    let t = table(
+        r#"
+routes:
+  - name: dial-to-setpoint
+    mqtt: { filter: "site/{site}/room/{room}/thermostat/dial", qos: 1 }
+    transform:
+      rename: { target_c: setpoint_c }
+      set: { source: wall-dial }
+    publish:
+      topic: "site/{site}/hvac/{room}/cmd/setpoint"
+      qos: 2
+      retain: true
+"#,
+    )
+    .unwrap();
+    let m = MqttMessage::new("site/s1/room/r4/thermostat/dial", r#"{"target_c": 22.5}"#);
+    match t.route(&m) {
+        Outcome::Relay { route: 0, publish } => {
+            assert_eq!(publish.topic, "site/s1/hvac/r4/cmd/setpoint");
+            assert_eq!((publish.qos, publish.retain), (2, true));
+            let v: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({"setpoint_c": 22.5, "source": "wall-dial"})
+            );
+        }
+        other => panic!("expected Relay, got {other:?}"),
+    }
+    // A bad payload is dead-lettered like any other.
+    let bad = MqttMessage::new("site/s1/room/r4/thermostat/dial", "22.5 please");
+    assert_eq!(rejection(t.route(&bad)).1.reason, RejectReason::Parse);
+}
+
+#[test]
+fn a_relay_that_would_hear_its_own_output_is_refused() {
+    let e = error_text(
+        "routes:\n  - name: echo\n    mqtt: { filter: 'dev/{d}/in/#' }\n    publish: { topic: 'dev/{d}/in/again' }\n",
+    );
+    assert!(
+        e.contains("m.yaml:4:23: routes[0].publish.topic: `dev/{d}/in/again` can match the route's own filter"),
+        "{e}"
+    );
+    let e = error_text(
+        "routes:\n  - name: both\n    mqtt: { filter: 'a' }\n    kafka: { topic: t }\n    publish: { topic: b }\n",
+    );
+    assert!(
+        e.contains("routes[0].publish: a route has either `kafka`"),
+        "{e}"
+    );
 }
 
 #[test]
