@@ -105,7 +105,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     let in_kafka = Arc::new(KafkaCounts::default());
-    let reader = spawn_reader(bootstrap.clone(), in_kafka.clone(), shutdown.clone());
+    let reader_stop = CancellationToken::new();
+    let reader = spawn_reader(bootstrap.clone(), in_kafka.clone(), reader_stop.clone());
     let counts = Arc::new(fleet::FleetCounts::default());
     let fleet_stop = CancellationToken::new();
     let fleet = tokio::spawn(fleet::run(
@@ -161,6 +162,9 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let _ = backend.await;
     bridge_stop.cancel();
     let result = bridge.await.context("bridge task")?;
+    // Everything is committed now: let the reader catch up before the last
+    // line says what Kafka holds.
+    reader_stop.cancel();
     let _ = reader.join();
     println!(
         "demo: fleet sent {} telemetry, {} malformed, {} commands; Kafka holds {} telemetry and {} dead-letter records",
@@ -307,17 +311,44 @@ fn spawn_reader(
                 return;
             }
         };
-        if consumer.subscribe(&TOPICS).is_err() {
+        // Assigned, not subscribed: no group to join, so counting starts at
+        // once.
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for topic in ["hvac.telemetry", "mqtt-bridge.dead-letter"] {
+            for partition in 0..3 {
+                let _ =
+                    assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning);
+            }
+        }
+        if consumer.assign(&assignment).is_err() {
             return;
         }
-        while !stop.is_cancelled() {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let counter = match m.topic() {
-                    "hvac.telemetry" => &counts.telemetry,
-                    "mqtt-bridge.dead-letter" => &counts.dead_letter,
-                    _ => continue,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+        // After `stop`: read on until nothing new arrived for a second
+        // (at most ten).
+        let mut quiet_since: Option<Instant> = None;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            if stop.is_cancelled() && drain_until.is_none() {
+                drain_until = Some(Instant::now() + Duration::from_secs(10));
+            }
+            if let Some(until) = drain_until {
+                let quiet = quiet_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(1));
+                if quiet || Instant::now() >= until {
+                    return;
+                }
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    quiet_since = None;
+                    let counter = match m.topic() {
+                        "hvac.telemetry" => &counts.telemetry,
+                        _ => &counts.dead_letter,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    quiet_since.get_or_insert_with(Instant::now);
+                }
             }
         }
     })
