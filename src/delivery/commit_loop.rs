@@ -63,6 +63,10 @@ pub struct CommitLoop {
     /// Acks of committed batches whose relay publishes the broker has not
     /// yet acknowledged, in batch order.
     waiting: VecDeque<WaitingAcks>,
+    /// `bridge_messages_received_total` by route index, and for records
+    /// without a route; registered once (see `telemetry::received_counter`).
+    received: Vec<metrics::Counter>,
+    received_without_route: metrics::Counter,
 }
 
 /// A committed batch's acks, held until its relays are done.
@@ -99,12 +103,17 @@ impl CommitLoop {
         delivery: &DeliveryConfig,
         exactly_once: Option<ExactlyOnce>,
     ) -> Self {
+        let received = (0..table.routes().len())
+            .map(|r| telemetry::received_counter(table.route_name(r)))
+            .collect();
         Self {
             table,
             sink,
             acker,
             acks_queued: 0,
             waiting: VecDeque::new(),
+            received,
+            received_without_route: telemetry::received_counter(""),
             batch_max_messages: delivery.batch_max_messages,
             commit_interval: Duration::from_millis(delivery.commit_interval_ms),
             exactly_once,
@@ -313,7 +322,9 @@ impl CommitLoop {
                 (route, record, Some(rejection.reason.as_str()))
             }
         };
-        telemetry::message_received(route.map_or("", |r| self.table.route_name(r)));
+        telemetry::message_received_on(
+            route.map_or(&self.received_without_route, |r| &self.received[r]),
+        );
         let (record, reason) = match self.sink.send(&record).await {
             // An enqueue failure of the transaction is dealt with at
             // commit, which then fails too and produces the batch again.

@@ -7,6 +7,7 @@ use super::template::{Context, Template};
 use crate::config::TransformConfig;
 use crate::mqtt::MqttMessage;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 /// A compiled transform.
 #[derive(Debug)]
@@ -137,8 +138,14 @@ fn pointer(name: &str) -> String {
     }
 }
 
-fn unescape(token: &str) -> String {
-    token.replace("~1", "/").replace("~0", "~")
+/// A JSON pointer token as a key. Borrowed unless it holds an escape: this
+/// runs for every field a transform touches, on every message.
+fn unescape(token: &str) -> Cow<'_, str> {
+    if token.contains('~') {
+        Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+    } else {
+        Cow::Borrowed(token)
+    }
 }
 
 fn take(value: &mut Value, path: &str) -> Option<Value> {
@@ -146,7 +153,7 @@ fn take(value: &mut Value, path: &str) -> Option<Value> {
     value
         .pointer_mut(parent)?
         .as_object_mut()?
-        .shift_remove(&unescape(last))
+        .shift_remove(unescape(last).as_ref())
 }
 
 /// Sets `path`, creating missing intermediate objects.
@@ -162,10 +169,12 @@ fn put(value: &mut Value, path: &str, v: Value) -> Result<(), String> {
             ));
         };
         if tokens.peek().is_none() {
-            map.insert(key, v);
+            map.insert(key.into_owned(), v);
             return Ok(());
         }
-        node = map.entry(key).or_insert_with(|| Value::Object(Map::new()));
+        node = map
+            .entry(key.into_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
     }
     Ok(())
 }
