@@ -450,7 +450,7 @@ fn main() {
         let broker = Mosquitto::start();
         let reference = reference_rate(&broker, n).await;
         println!("reference (mosquitto -> mosquitto_sub): {reference:.0} msg/s");
-        for kind in kinds.split(',') {
+        for kind in kinds.split(',').filter(|k| !k.is_empty()) {
             let kafka = match kind {
                 "mock" => TestKafka::mock(),
                 "real" => TestKafka::real(),
