@@ -80,6 +80,12 @@ pub async fn run_with_readiness(
             _ = shutdown.cancelled() => return Ok(()),
         },
     };
+    if let Some(eo) = &exactly_once {
+        tokio::select! {
+            ready = sink.await_topic(&eo.topic) => ready?,
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
 
     let subscriptions = table.subscriptions();
     for sub in &subscriptions {
@@ -148,7 +154,12 @@ async fn load_state(config: &Config) -> Result<ExactlyOnce, AppError> {
     let bridge = &config.bridge;
     let topic = &bridge.delivery.state_topic;
     let key = &bridge.kafka.transactional_id;
-    let timeout = Duration::from_millis(bridge.delivery.commit_timeout_ms);
+    // Another bridge's transaction left open on the state topic (one that
+    // crashed) holds the read back until the broker aborts it: allow for
+    // the transaction timeout.
+    let timeout = Duration::from_millis(
+        bridge.delivery.transaction_timeout_ms + bridge.delivery.commit_timeout_ms,
+    );
     let buckets =
         state_store::load(&bridge.kafka, topic, key, session_state::BUCKETS, timeout).await?;
     let mut state = SessionState::default();

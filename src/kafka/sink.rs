@@ -101,6 +101,40 @@ impl TransactionalSink {
         Ok(())
     }
 
+    /// Waits until this producer's metadata shows `topic` with a leader for
+    /// every partition. Called for the state topic before the first
+    /// transaction: a topic created moments ago (by this bridge or a
+    /// sibling) may not be in the broker's metadata yet, and a producer
+    /// that finds it missing holds records for it for up to
+    /// `topic.metadata.propagation.max.ms` (30 s), stalling the first commit.
+    pub async fn await_topic(&self, topic: &str) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        let (topic, timeout) = (topic.to_string(), self.commit_timeout);
+        blocking(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                let ready = producer
+                    .client()
+                    .fetch_metadata(Some(&topic), timeout)
+                    .map(|m| {
+                        m.topics().first().is_some_and(|t| {
+                            t.error().is_none()
+                                && !t.partitions().is_empty()
+                                && t.partitions().iter().all(|p| p.leader() >= 0)
+                        })
+                    })
+                    // Not there yet, or Kafka unreachable: the commit that
+                    // follows deals with what remains.
+                    .unwrap_or(false);
+                if ready || std::time::Instant::now() >= deadline {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .await
+    }
+
     /// Starts a transaction unless one is open.
     pub fn begin(&mut self) -> Result<(), SinkError> {
         if !self.in_transaction {

@@ -103,6 +103,16 @@ pub async fn load(
     }
 }
 
+/// The offset the consumer will fetch next on `partition`; 0 before any.
+fn consumer_position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
+    let Ok(list) = consumer.position() else {
+        return 0;
+    };
+    list.find_partition(topic, partition)
+        .and_then(|p| p.offset().to_raw())
+        .unwrap_or(0)
+}
+
 /// Reads every partition of `topic` to its end, keeping the last value of
 /// each of `keys`. A missing topic is an error at once, or after `timeout`
 /// if `wait` (just created: its metadata may lag).
@@ -141,9 +151,31 @@ fn read_last(
             .map_err(kafka)?;
     }
     consumer.assign(&assignment).map_err(kafka)?;
-    let mut at_end = HashSet::new();
+    // The end to reach is the high watermark now, not the first end-of-
+    // partition: with `read_committed` that comes at the last stable
+    // offset, which stops before any transaction still open on the
+    // partition, such as another bridge's that shares the topic. Our own
+    // last committed state may lie beyond it; stopping there made a bridge
+    // take messages it had committed for new ones (duplicates found by the
+    // zombie test while crash tests left transactions open).
+    let mut targets = HashMap::new();
+    for p in 0..partitions as i32 {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(kafka)?;
+        targets.insert(p, high);
+    }
     let mut last = HashMap::new();
-    while at_end.len() < partitions {
+    let mut done: HashSet<i32> = HashSet::new();
+    loop {
+        for (&p, &high) in &targets {
+            if high <= 0 || consumer_position(&consumer, topic, p) >= high {
+                done.insert(p);
+            }
+        }
+        if done.len() == partitions {
+            break;
+        }
         if Instant::now() >= deadline {
             return Err(StateStoreError::Timeout(topic.to_string(), timeout));
         }
@@ -156,10 +188,7 @@ fn read_last(
                     };
                 }
             }
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
+            None | Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(error)) => return Err(kafka(error)),
         }
     }

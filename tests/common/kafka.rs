@@ -138,6 +138,43 @@ pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32, re
             Err((topic, code)) => panic!("cannot create topic {topic}: {code}"),
         }
     }
+    await_topics(bootstrap, topics);
+}
+
+/// Waits until the broker's metadata shows every topic with a leader for
+/// every partition. Creation returns before that; a producer that asks in
+/// between takes the topic for missing and holds its records for up to
+/// `topic.metadata.propagation.max.ms` (30 s), which once stalled a test's
+/// first commit past its deadline.
+pub fn await_topics(bootstrap: &str, topics: &[&str]) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("metadata client");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for topic in topics {
+        loop {
+            let ready = client
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .map(|m| {
+                    m.topics().first().is_some_and(|t| {
+                        t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                })
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "topic {topic} has no leader 30 s after creation"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// The single-node broker shared by the tests of this process.
