@@ -79,8 +79,13 @@ pub async fn run(
             Ok(r) => r,
             Err(error) => {
                 // Transient (a broker away, a topic not yet created):
-                // librdkafka keeps trying; so do we.
+                // librdkafka keeps trying; so do we, a second apart, so
+                // that an outage does not flood the log.
                 tracing::warn!(%error, "command consumer");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
                 continue;
             }
         };
