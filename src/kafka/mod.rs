@@ -20,3 +20,16 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     }
     config
 }
+
+/// How many partitions the (single) topic in `metadata` has once it is
+/// usable: known to the broker, with a leader for every partition. `None`
+/// while it is missing or still being created; a client that produces or
+/// reads before then waits on the topic, for up to 30 s.
+pub fn ready_partitions(metadata: &rdkafka::metadata::Metadata) -> Option<usize> {
+    let topic = metadata.topics().first()?;
+    let partitions = topic.partitions();
+    (topic.error().is_none()
+        && !partitions.is_empty()
+        && partitions.iter().all(|p| p.leader() >= 0))
+    .then_some(partitions.len())
+}

@@ -116,16 +116,9 @@ impl TransactionalSink {
                 let ready = producer
                     .client()
                     .fetch_metadata(Some(&topic), timeout)
-                    .map(|m| {
-                        m.topics().first().is_some_and(|t| {
-                            t.error().is_none()
-                                && !t.partitions().is_empty()
-                                && t.partitions().iter().all(|p| p.leader() >= 0)
-                        })
-                    })
-                    // Not there yet, or Kafka unreachable: the commit that
-                    // follows deals with what remains.
-                    .unwrap_or(false);
+                    .is_ok_and(|m| super::ready_partitions(&m).is_some());
+                // At the deadline (still missing, or Kafka unreachable)
+                // the first commit deals with what remains.
                 if ready || std::time::Instant::now() >= deadline {
                     return Ok(());
                 }

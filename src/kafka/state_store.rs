@@ -134,10 +134,9 @@ fn read_last(
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
             .map_err(kafka)?;
-        let t = metadata.topics().first();
-        match t.map(|t| (t.error(), t.partitions().len())) {
-            Some((None, n)) if n > 0 => break n,
-            _ if wait && Instant::now() < deadline => {
+        match super::ready_partitions(&metadata) {
+            Some(n) => break n,
+            None if wait && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100))
             }
             _ => return Err(StateStoreError::Missing(topic.to_string())),

@@ -157,14 +157,7 @@ pub fn await_topics(bootstrap: &str, topics: &[&str]) {
         loop {
             let ready = client
                 .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .map(|m| {
-                    m.topics().first().is_some_and(|t| {
-                        t.error().is_none()
-                            && !t.partitions().is_empty()
-                            && t.partitions().iter().all(|p| p.leader() >= 0)
-                    })
-                })
-                .unwrap_or(false);
+                .is_ok_and(|m| mqtt_kafka_bridge::kafka::ready_partitions(&m).is_some());
             if ready {
                 break;
             }
