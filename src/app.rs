@@ -160,16 +160,24 @@ async fn load_state(config: &Config) -> Result<ExactlyOnce, AppError> {
     let timeout = Duration::from_millis(
         bridge.delivery.transaction_timeout_ms + bridge.delivery.commit_timeout_ms,
     );
-    let buckets =
+    let stored =
         state_store::load(&bridge.kafka, topic, key, session_state::BUCKETS, timeout).await?;
     let mut state = SessionState::default();
-    for bytes in buckets.values() {
+    for bytes in stored.buckets.values() {
         state.merge_bucket(bytes)?;
     }
+    let last_token = stored
+        .head
+        .as_deref()
+        .map(session_state::decode_head)
+        .transpose()?;
     tracing::info!(%topic, entries = state.len(), "exactly-once state loaded");
     Ok(ExactlyOnce {
         state,
         topic: topic.clone(),
         key: key.clone(),
+        last_token,
+        kafka: bridge.kafka.clone(),
+        read_timeout: timeout,
     })
 }

@@ -21,6 +21,7 @@ pub const UNROUTED: &str = "bridge_messages_unrouted_total";
 pub const KEPT_ON_MQTT: &str = "bridge_messages_kept_on_mqtt_total";
 pub const TX_COMMITTED: &str = "bridge_transactions_committed_total";
 pub const TX_ABORTED: &str = "bridge_transactions_aborted_total";
+pub const TX_SETTLED: &str = "bridge_transactions_settled_total";
 pub const COMMIT_SECONDS: &str = "bridge_commit_duration_seconds";
 pub const BATCH_MESSAGES: &str = "bridge_batch_messages";
 pub const MQTT_CONNECTED: &str = "bridge_mqtt_connected";
@@ -45,6 +46,8 @@ pub struct Stats {
     pub relayed: AtomicU64,
     pub commits: AtomicU64,
     pub aborts: AtomicU64,
+    /// Transactions whose outcome was unknown and had to be settled.
+    pub settled: AtomicU64,
     /// Sum of commit durations in microseconds, for a mean over an interval.
     pub commit_micros: AtomicU64,
 }
@@ -60,6 +63,7 @@ pub static STATS: Stats = Stats {
     relayed: AtomicU64::new(0),
     commits: AtomicU64::new(0),
     aborts: AtomicU64::new(0),
+    settled: AtomicU64::new(0),
     commit_micros: AtomicU64::new(0),
 };
 
@@ -98,6 +102,10 @@ fn describe() {
     );
     describe_counter!(TX_COMMITTED, "Kafka transactions committed");
     describe_counter!(TX_ABORTED, "Kafka transactions aborted");
+    describe_counter!(
+        TX_SETTLED,
+        "Kafka transactions whose commit or abort ended without a verdict, by what they turned out to be"
+    );
     describe_histogram!(
         COMMIT_SECONDS,
         Unit::Seconds,
@@ -229,6 +237,14 @@ pub fn aborted(error: &dyn std::fmt::Display) {
     tracing::warn!(%error, "Kafka transaction aborted; retrying the batch");
     counter!(TX_ABORTED).increment(1);
     STATS.aborts.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A transaction whose commit or abort ended without a verdict turned
+/// out `committed` or `aborted` (then its batch is produced again).
+pub fn settled(outcome: &'static str) {
+    tracing::info!(outcome, "transaction with an unknown outcome settled");
+    counter!(TX_SETTLED, "outcome" => outcome).increment(1);
+    STATS.settled.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The MQTT connection came up.

@@ -13,8 +13,10 @@ use common::*;
 use mqtt_kafka_bridge::app::AppError;
 use mqtt_kafka_bridge::delivery::DeliveryError;
 use mqtt_kafka_bridge::kafka::SinkError;
+use mqtt_kafka_bridge::telemetry::STATS;
 use rdkafka::mocking::MockCoordinator;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const ARRIVE: Duration = Duration::from_secs(60);
@@ -52,6 +54,54 @@ async fn retriable_end_txn_errors_commit_once() {
     );
     bridge.stop().await;
     assert_eq!(assert_every_seq(&landed, 300), 300, "records");
+}
+
+/// A commit that lands but is answered after the commit timeout: its
+/// outcome is unknown to the bridge. It asks the same producer again (the
+/// late answer arrives: committed), re-creates the producer, reads its head
+/// record back, and acknowledges. Each message once. (Re-creating the
+/// producer at once and producing the batch again, as the bridge did
+/// before, duplicated the batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_answered_after_its_timeout_is_not_produced_again() {
+    let rig = Rig::start_with(TestKafka::mock()).await;
+    let mut config = bridge_config(
+        rig.broker.port,
+        &rig.bootstrap,
+        &unique("bridge"),
+        "",
+        &rig.topics,
+    );
+    config.bridge.delivery.commit_timeout_ms = 1000;
+    let settled_before = STATS.settled.load(Ordering::Relaxed);
+    let bridge = Bridge::start(config).await;
+    let messages = telemetry_messages("u", 400, 4, 2);
+    publish_all(rig.broker.port, &messages[..200]).await;
+    let first = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        200,
+        ARRIVE,
+        SETTLE,
+    );
+    assert_eq!(first.len(), 200, "before the late answer");
+
+    rig.kafka
+        .delay_next_response(1, RDKafkaApiKey::EndTxn, Duration::from_millis(2500));
+    publish_all(rig.broker.port, &messages[200..]).await;
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        400,
+        ARRIVE,
+        SETTLE,
+    );
+    bridge.stop().await;
+    assert_eq!(assert_every_seq(&landed, 400), 400, "records");
+    assert!(
+        STATS.settled.load(Ordering::Relaxed) > settled_before,
+        "the late EndTxn answer left no outcome unknown: the test tested nothing"
+    );
 }
 
 /// A commit answered "fenced" stops the bridge with a fatal error and

@@ -1,10 +1,12 @@
 //! The batch → commit → ack loop.
 
-use super::session_state::{fingerprint, SessionState, Verdict};
-use crate::config::DeliveryConfig;
+use super::session_state::{
+    decode_head, encode_head, fingerprint, SessionState, StateError, Verdict, BUCKETS,
+};
+use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::fault;
 use crate::kafka::{state_store, SinkError, TransactionalSink};
-use crate::mqtt::{Ack, Acker, Delivery, Intake, MqttError};
+use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, MqttError};
 use crate::route::{KafkaRecord, Outcome, RejectReason, RouteTable};
 use crate::telemetry;
 use bytes::Bytes;
@@ -20,6 +22,28 @@ pub enum DeliveryError {
     Kafka(#[from] SinkError),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error("another instance with this identity has committed since this one's last transaction: this one is a zombie and stops")]
+    Superseded,
+    #[error("the exactly-once head record is unreadable: {0}")]
+    Head(#[from] StateError),
+}
+
+/// What became of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Committed,
+    /// Not committed: its records must be produced again.
+    Aborted,
+    /// Shutdown came first; the outcome is left to the next instance's
+    /// `init_transactions`, and nothing is acknowledged.
+    Stopped,
+}
+
+/// The transactional call whose outcome is being settled.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Commit,
+    Abort,
 }
 
 /// Backoff between attempts to get a batch committed while Kafka is failing.
@@ -38,6 +62,11 @@ struct Batch {
     messages: usize,
     /// The exactly-once state changed: the transaction must carry it.
     state_changed: bool,
+    /// The token of this transaction's head record (exactly once).
+    token: Option<u64>,
+    /// The session waits to reconnect until this batch has committed
+    /// (`Intake::Reconnecting`).
+    ownership: Vec<oneshot::Sender<()>>,
     produced: HashMap<usize, u64>,
     dead_lettered: HashMap<(Option<usize>, &'static str), u64>,
 }
@@ -93,6 +122,12 @@ pub struct ExactlyOnce {
     pub topic: String,
     /// The bridge's identity (`kafka.transactional_id`).
     pub key: String,
+    /// The head token of the last committed transaction: ours, or at
+    /// start-up the predecessor's.
+    pub last_token: Option<u64>,
+    /// To read the head back after an unknown outcome.
+    pub kafka: KafkaConfig,
+    pub read_timeout: Duration,
 }
 
 impl CommitLoop {
@@ -144,7 +179,7 @@ impl CommitLoop {
             self.add(&mut batch, first).await?;
             let deadline = tokio::time::Instant::now() + self.commit_interval;
             let mut stopping = false;
-            while batch.messages < self.batch_max_messages {
+            while batch.messages < self.batch_max_messages && batch.ownership.is_empty() {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => { stopping = true; break; }
@@ -226,8 +261,9 @@ impl CommitLoop {
         }
         if let Some(eo) = &mut self.exactly_once {
             for (n, ack) in acks.iter().enumerate() {
-                if let Ack::PubAck(id) = ack {
-                    eo.state.acked(*id, self.acks_queued + n as u64 + 1);
+                if ack.kind == AckKind::PubAck {
+                    eo.state
+                        .acked(ack.packet_id, self.acks_queued + n as u64 + 1);
                 }
             }
         }
@@ -243,15 +279,28 @@ impl CommitLoop {
                 fault::point("after_receive");
                 self.add_message(batch, delivery).await
             }
-            Intake::Released(packet_id) => {
+            Intake::Released(ack) => {
                 fault::point("after_pubrel");
                 batch.messages += 1;
                 if let Some(eo) = &mut self.exactly_once {
                     // PUBCOMP frees the id for a new message: only once the
                     // state without it has committed.
-                    batch.state_changed |= eo.state.release(packet_id);
+                    batch.state_changed |= eo.state.release(ack.packet_id);
                 }
-                batch.acks.push(Ack::PubComp(packet_id));
+                batch.acks.push(ack);
+                Ok(())
+            }
+            Intake::Reconnecting(reply) => {
+                if self.exactly_once.is_some() {
+                    // Answered once this batch, which then carries a head
+                    // record whatever else it holds, has committed: a
+                    // fenced producer fails there.
+                    batch.ownership.push(reply);
+                } else {
+                    // At least once has no state topic to write to; a
+                    // zombie is fenced at its first commit.
+                    let _ = reply.send(());
+                }
                 Ok(())
             }
             Intake::AcksConfirmed(acks) => {
@@ -277,7 +326,7 @@ impl CommitLoop {
             batch.acks.push(ack);
         }
         let message = &delivery.message;
-        let fingerprint = match (&self.exactly_once, delivery.ack) {
+        let fingerprint = match (&mut self.exactly_once, delivery.ack) {
             (Some(eo), Some(_)) => {
                 let fp = fingerprint(&message.topic, &message.payload);
                 match eo
@@ -396,37 +445,68 @@ impl CommitLoop {
                 }
             }
         }
+        if let Some(eo) = &self.exactly_once {
+            if !batch.records.is_empty() || !batch.ownership.is_empty() {
+                // A new token for every transaction: read back after an
+                // unknown outcome, it says which transaction committed last.
+                let token = fastrand::u64(..);
+                let record = KafkaRecord {
+                    topic: eo.topic.clone(),
+                    key: Some(state_store::head_key(&eo.key)),
+                    value: Bytes::from(encode_head(token)),
+                    headers: Vec::new(),
+                    timestamp_ms: chrono::Utc::now().timestamp_millis(),
+                };
+                match self.sink.send(&record).await {
+                    Ok(()) | Err(SinkError::Abortable(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                batch.records.push(record);
+                batch.token = Some(token);
+            }
+        }
         if batch.records.is_empty() {
             return Ok(true);
         }
         let mut backoff = RETRY_MIN;
         loop {
             let started = Instant::now();
-            match self.sink.commit().await {
-                Ok(()) => {
-                    fault::point("after_commit");
-                    self.committed(batch, started.elapsed());
-                    return Ok(true);
-                }
+            let fate = match self.sink.commit().await {
+                Ok(()) => Fate::Committed,
                 Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
                 Err(SinkError::Abortable(e)) => {
                     telemetry::aborted(&e);
-                    if let Err(e) = self.sink.abort().await {
-                        tracing::warn!(error = %e, "abort failed; re-creating the producer");
-                        if !self.recover(shutdown).await? {
-                            return Ok(false);
+                    match self.sink.abort().await {
+                        Ok(()) => Fate::Aborted,
+                        // Fenced: a successor has taken over.
+                        Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "abort failed; settling the transaction");
+                            self.settle(batch, Call::Abort, shutdown).await?
                         }
                     }
                 }
                 Err(e) => {
                     // Timed out or otherwise without a verdict: whether the
-                    // transaction committed is unknown. Never carry on with
-                    // that producer.
-                    telemetry::aborted(&e);
-                    if !self.recover(shutdown).await? {
-                        return Ok(false);
-                    }
+                    // transaction committed is unknown.
+                    tracing::warn!(error = %e, "commit outcome unknown; settling the transaction");
+                    self.settle(batch, Call::Commit, shutdown).await?
                 }
+            };
+            match fate {
+                Fate::Committed => {
+                    fault::point("after_commit");
+                    if let Some(eo) = &mut self.exactly_once {
+                        eo.last_token = batch.token.or(eo.last_token);
+                    }
+                    for reply in batch.ownership.drain(..) {
+                        let _ = reply.send(());
+                    }
+                    self.committed(batch, started.elapsed());
+                    return Ok(true);
+                }
+                Fate::Stopped => return Ok(false),
+                Fate::Aborted => {}
             }
             if shutdown.is_cancelled() {
                 let _ = self.sink.abort().await;
@@ -444,6 +524,101 @@ impl CommitLoop {
                 }
             }
         }
+    }
+
+    /// Learns what became of a transaction whose `call` (commit or abort)
+    /// ended without a verdict: timed out, or the connection broke
+    /// mid-EndTxn.
+    ///
+    /// First the same producer is asked again until the coordinator
+    /// answers: librdkafka carries on with the same call, its documented
+    /// handling of a timeout. Asking first, rather than re-creating the
+    /// producer at once, is what keeps a zombie harmless: an instance
+    /// frozen mid-commit while a successor took over hears "fenced" and
+    /// stops, where a new producer's `init_transactions` would have fenced
+    /// the successor instead, and carried on with a stale state.
+    ///
+    /// Then the producer is re-created all the same, so that no request of
+    /// the old one still on its way can land on a later transaction
+    /// (Jepsen's 2024 Kafka analysis, KIP-890), and, with exactly once, the
+    /// head record read back decides (see [`Self::verify`]).
+    async fn settle(
+        &mut self,
+        batch: &Batch,
+        mut call: Call,
+        shutdown: &CancellationToken,
+    ) -> Result<Fate, DeliveryError> {
+        let mut backoff = RETRY_MIN;
+        let answer = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Fate::Stopped),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            let result = match call {
+                Call::Commit => self.sink.commit().await,
+                Call::Abort => self.sink.abort().await,
+            };
+            match (call, result) {
+                (Call::Commit, Ok(())) => break Fate::Committed,
+                (Call::Abort, Ok(())) => break Fate::Aborted,
+                (_, Err(SinkError::Fatal(e))) => return Err(SinkError::Fatal(e).into()),
+                // The coordinator refused the commit: it did not happen.
+                (Call::Commit, Err(SinkError::Abortable(_))) => call = Call::Abort,
+                (_, Err(e)) => {
+                    tracing::warn!(error = %e, "transaction outcome still unknown; asking again");
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        };
+        if !self.recover(shutdown).await? {
+            return Ok(Fate::Stopped);
+        }
+        let fate = self.verify(batch, answer, shutdown).await?;
+        match fate {
+            Fate::Committed => telemetry::settled("committed"),
+            Fate::Aborted => telemetry::settled("aborted"),
+            Fate::Stopped => {}
+        }
+        Ok(fate)
+    }
+
+    /// With exactly once, reads the head record back after the producer was
+    /// re-created (which settled the transaction for good): the batch's
+    /// token means it committed, our previous token that it did not, and
+    /// anything else that another instance with this identity has
+    /// committed since, so this one must stop: its state is stale.
+    async fn verify(
+        &mut self,
+        batch: &Batch,
+        answer: Fate,
+        shutdown: &CancellationToken,
+    ) -> Result<Fate, DeliveryError> {
+        let Some(eo) = &self.exactly_once else {
+            return Ok(answer);
+        };
+        let mut backoff = RETRY_MIN;
+        let stored = loop {
+            let read = state_store::load(&eo.kafka, &eo.topic, &eo.key, BUCKETS, eo.read_timeout);
+            match read.await {
+                Ok(stored) => break stored.head,
+                Err(error) => tracing::warn!(%error, "cannot read the exactly-once head; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Fate::Stopped),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+        };
+        let head = stored.as_deref().map(decode_head).transpose()?;
+        let fate = if head.is_some() && head == batch.token {
+            Fate::Committed
+        } else if head == eo.last_token {
+            Fate::Aborted
+        } else {
+            return Err(DeliveryError::Superseded);
+        };
+        tracing::debug!(?fate, coordinator_said = ?answer, "head record read back");
+        Ok(fate)
     }
 
     /// Re-creates the producer, retrying while Kafka is unreachable.

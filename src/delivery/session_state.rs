@@ -38,6 +38,28 @@ fn bucket(packet_id: u16) -> usize {
     usize::from(packet_id >> BUCKET_BITS)
 }
 
+/// The head record: a version byte and the token (u64, big endian) of the
+/// last committed transaction. Every exactly-once transaction writes a new
+/// random token, so reading the head back says which transaction committed
+/// last, and whether it was one of ours (see `CommitLoop::settle`).
+pub fn encode_head(token: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&token.to_be_bytes());
+    out
+}
+
+pub fn decode_head(bytes: &[u8]) -> Result<u64, StateError> {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => rest
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StateError::Truncated(bytes.len())),
+        Some((&version, _)) => Err(StateError::Version(version)),
+        None => Err(StateError::Truncated(0)),
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("state record has format version {0}; this bridge reads version {FORMAT_VERSION}")]
@@ -107,11 +129,16 @@ impl SessionState {
         self.buckets[bucket(packet_id)].get(&packet_id)
     }
 
-    pub fn check(&self, packet_id: u16, qos: u8, dup: bool, fingerprint: u64) -> Verdict {
-        match (qos, self.get(packet_id)) {
+    pub fn check(&mut self, packet_id: u16, qos: u8, dup: bool, fingerprint: u64) -> Verdict {
+        match (qos, self.buckets[bucket(packet_id)].get_mut(&packet_id)) {
             // The broker cannot have reused the id: a resend, DUP flag or not.
             (2, Some(entry)) if entry.qos == 2 => Verdict::Duplicate { exact: true },
             (1, Some(entry)) if dup && entry.qos == 1 && entry.fingerprint == fingerprint => {
+                // The broker resent it, so the ack we sent before did not
+                // reach it (lost with its connection, or dropped by the
+                // session as stale): a confirmation that counts that ack
+                // must not forget the entry. The new ack numbers it again.
+                entry.ack_seq = None;
                 Verdict::Duplicate { exact: false }
             }
             _ => Verdict::New,
@@ -263,12 +290,28 @@ mod tests {
         s.acked(2, 6);
         assert!(s.confirm(5));
         assert_eq!(s.check(1, 1, true, 10), Verdict::New);
-        assert_eq!(s.check(2, 1, true, 20), Verdict::Duplicate { exact: false });
+        assert_eq!(s.len(), 2);
         // Not yet acked: kept whatever is confirmed.
         assert!(s.confirm(100));
         assert_eq!(s.take_dirty().len(), 1, "one bucket changed");
         assert_eq!(s.len(), 1);
         assert_eq!(s.check(3, 1, true, 30), Verdict::Duplicate { exact: false });
+    }
+
+    #[test]
+    fn a_resend_keeps_its_entry_until_its_new_ack_is_confirmed() {
+        let mut s = SessionState::default();
+        s.record(4, 1, 40);
+        // Acked as the 5th ack, but the connection was lost and the broker
+        // resends it: the old ack did not count.
+        s.acked(4, 5);
+        assert_eq!(s.check(4, 1, true, 40), Verdict::Duplicate { exact: false });
+        assert!(!s.confirm(5), "a confirmation of the old ack keeps it");
+        assert_eq!(s.check(4, 1, true, 40), Verdict::Duplicate { exact: false });
+        s.acked(4, 9);
+        assert!(!s.confirm(8));
+        assert!(s.confirm(9), "its new ack confirmed: forgotten");
+        assert!(s.is_empty());
     }
 
     #[test]
@@ -305,6 +348,18 @@ mod tests {
             empty.merge_bucket(&[FORMAT_VERSION, 0, 1, 1, 1]),
             Err(StateError::Truncated(5))
         );
+    }
+
+    #[test]
+    fn head_round_trips_and_rejects_garbage() {
+        assert_eq!(decode_head(&encode_head(0xfeed_beef)), Ok(0xfeed_beef));
+        assert_eq!(encode_head(1).len(), 9);
+        assert_eq!(decode_head(&[]), Err(StateError::Truncated(0)));
+        assert_eq!(
+            decode_head(&[FORMAT_VERSION, 1]),
+            Err(StateError::Truncated(2))
+        );
+        assert_eq!(decode_head(&[7; 9]), Err(StateError::Version(7)));
     }
 
     #[test]

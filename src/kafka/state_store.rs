@@ -2,7 +2,8 @@
 //! transaction and read back once at start-up.
 //!
 //! A compacted topic keyed by the bridge's `transactional.id` and a bucket
-//! number (`<id>#<bucket>`), so it keeps one record per bucket per bridge.
+//! number (`<id>#<bucket>`), so it keeps one record per bucket per bridge,
+//! plus a head record (`<id>#head`) naming the last committed transaction.
 //! It is read with `read_committed` after
 //! `init_transactions` has settled whatever the previous instance left
 //! open, so what is read is exactly the state of the last committed
@@ -67,17 +68,32 @@ pub fn bucket_key(id: &str, bucket: usize) -> String {
     format!("{id}#{bucket}")
 }
 
-/// The last committed value of each of bridge `id`'s `buckets` that has
-/// one. Creates the topic first if it does not exist.
+/// The record key of a bridge's head: which transaction committed last.
+pub fn head_key(id: &str) -> String {
+    format!("{id}#head")
+}
+
+/// One bridge's state as last committed.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// The value of each bucket that has one.
+    pub buckets: HashMap<usize, Vec<u8>>,
+    pub head: Option<Vec<u8>>,
+}
+
+/// The last committed values of bridge `id`'s `buckets` and head. Creates
+/// the topic first if it does not exist.
 pub async fn load(
     kafka: &KafkaConfig,
     topic: &str,
     id: &str,
     buckets: usize,
     timeout: Duration,
-) -> Result<HashMap<usize, Vec<u8>>, StateStoreError> {
+) -> Result<Stored, StateStoreError> {
+    // The head is slot `buckets`.
     let keys: HashMap<Vec<u8>, usize> = (0..buckets)
         .map(|b| (bucket_key(id, b).into_bytes(), b))
+        .chain([(head_key(id).into_bytes(), buckets)])
         .collect();
     let mut config = client_config(kafka);
     config
@@ -94,13 +110,18 @@ pub async fn load(
                 .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
         }
     };
-    match read(false).await {
+    let mut values = match read(false).await {
         Err(StateStoreError::Missing(_)) => {
             create_topic(kafka, topic, timeout).await;
             read(true).await
         }
         other => other,
-    }
+    }?;
+    let head = values.remove(&buckets);
+    Ok(Stored {
+        buckets: values,
+        head,
+    })
 }
 
 /// The offset the consumer will fetch next on `partition`; 0 before any.

@@ -12,5 +12,5 @@ mod session;
 mod wire;
 
 pub use message::MqttMessage;
-pub use session::{Ack, Acker, Delivery, Intake, MqttError, MqttSession};
+pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession};
 pub use wire::OutgoingPublish;

@@ -63,30 +63,48 @@ pub enum MqttError {
 
 /// An acknowledgement the delivery task sends once it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Ack {
+pub struct Ack {
+    pub kind: AckKind,
+    pub packet_id: u16,
+    /// The connection the acknowledged packet came in on. An ack is
+    /// written on that connection only: after a reconnect the broker
+    /// resends whatever it had not had acked, and an ack from before,
+    /// written late, may hit a packet id the broker has given to another
+    /// message since (one of ours, or, after a successor took the session
+    /// over, one of its).
+    connection: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckKind {
     /// QoS 1: the message is done.
-    PubAck(u16),
+    PubAck,
     /// QoS 2, first half: the message is taken; the broker answers PUBREL.
-    PubRec(u16),
+    PubRec,
     /// QoS 2, second half: the packet id is free again.
-    PubComp(u16),
+    PubComp,
 }
 
 impl Ack {
-    /// The ack a received message needs, by its QoS.
-    pub fn for_message(packet_id: u16, qos: u8) -> Option<Self> {
-        match qos {
-            0 => None,
-            1 => Some(Self::PubAck(packet_id)),
-            _ => Some(Self::PubRec(packet_id)),
-        }
+    /// The ack a message received on `connection` needs, by its QoS.
+    fn for_message(packet_id: u16, qos: u8, connection: u64) -> Option<Self> {
+        let kind = match qos {
+            0 => return None,
+            1 => AckKind::PubAck,
+            _ => AckKind::PubRec,
+        };
+        Some(Self {
+            kind,
+            packet_id,
+            connection,
+        })
     }
 
     fn outbound(self) -> Outbound {
-        match self {
-            Self::PubAck(id) => Outbound::PubAck(id),
-            Self::PubRec(id) => Outbound::PubRec(id),
-            Self::PubComp(id) => Outbound::PubComp(id),
+        match self.kind {
+            AckKind::PubAck => Outbound::PubAck(self.packet_id),
+            AckKind::PubRec => Outbound::PubRec(self.packet_id),
+            AckKind::PubComp => Outbound::PubComp(self.packet_id),
         }
     }
 }
@@ -104,12 +122,22 @@ pub struct Delivery {
 #[derive(Debug)]
 pub enum Intake {
     Message(Delivery),
-    /// PUBREL: the broker will not resend this QoS 2 message; answer with
+    /// PUBREL: the broker will not resend this QoS 2 message; send this
     /// PUBCOMP once that is durable.
-    Released(u16),
+    Released(Ack),
     /// The broker has processed the first `n` acks the session was given
-    /// (counted over the session's life, all connections).
+    /// (counted over the session's life, all connections; acks dropped for
+    /// being from an earlier connection count too, see
+    /// `SessionState::check`).
     AcksConfirmed(u64),
+    /// The connection was lost. Before it takes the session back, the
+    /// session waits for the answer: the delivery task proves with a
+    /// Kafka transaction that this instance still owns its identity. A
+    /// zombie (an instance frozen while a successor took over) is fenced
+    /// there and stops, instead of taking the MQTT session from its
+    /// successor, and being taken back, for as long as no message happens
+    /// to make it commit.
+    Reconnecting(oneshot::Sender<()>),
 }
 
 enum Command {
@@ -184,8 +212,11 @@ pub struct MqttSession {
     commands: mpsc::Receiver<Command>,
     acker: Acker,
     subscriptions: Vec<Subscription>,
-    /// Acks taken from `commands` so far, over all connections.
+    /// Acks taken from `commands` so far, over all connections (written or
+    /// dropped as stale).
     acks_written: u64,
+    /// Connections made so far; the current one's number.
+    connection: u64,
     next_packet_id: u16,
     /// Our own publishes sent and not completed, in the order sent.
     in_flight: VecDeque<InFlight>,
@@ -213,6 +244,7 @@ impl MqttSession {
             acker: Acker { commands: tx },
             subscriptions,
             acks_written: 0,
+            connection: 0,
             next_packet_id: 0,
             in_flight: VecDeque::new(),
             waiting: VecDeque::new(),
@@ -241,7 +273,20 @@ impl MqttSession {
         subscribed: CancellationToken,
     ) -> Result<(), MqttError> {
         let reconnect_delay = Duration::from_millis(self.config.reconnect_delay_ms);
+        let mut lost = false;
         loop {
+            if lost {
+                // Nothing would be acknowledged on a new connection once
+                // the intake has stopped: the acks queued belong to the
+                // lost one.
+                if stop_intake.is_cancelled() {
+                    return Ok(());
+                }
+                if !self.await_ownership(&intake, &finished).await? {
+                    return Ok(());
+                }
+                lost = false;
+            }
             let mut connected = false;
             let served = tokio::select! {
                 _ = finished.cancelled() => return Ok(()),
@@ -249,7 +294,10 @@ impl MqttSession {
             };
             match served {
                 Ok(Ended::Disconnected) => return Ok(()),
-                Err(error) if connected => telemetry::mqtt_disconnected(&error),
+                Err(error) if connected => {
+                    telemetry::mqtt_disconnected(&error);
+                    lost = true;
+                }
                 Err(error) => tracing::warn!(%error, "cannot connect to MQTT broker; retrying"),
             }
             tokio::select! {
@@ -257,6 +305,55 @@ impl MqttSession {
                 _ = tokio::time::sleep(reconnect_delay) => {}
             }
         }
+    }
+
+    /// After a lost connection: asks the delivery task to prove that this
+    /// instance still owns its identity (see `Intake::Reconnecting`), and
+    /// keeps taking commands meanwhile, so the delivery task never waits on
+    /// a full command channel. Returns false when the session should end
+    /// instead (DISCONNECT requested, or `finished`).
+    async fn await_ownership(
+        &mut self,
+        intake: &mpsc::Sender<Intake>,
+        finished: &CancellationToken,
+    ) -> Result<bool, MqttError> {
+        let (ask, answer) = oneshot::channel();
+        let mut answer = std::pin::pin!(answer);
+        let mut asked = std::pin::pin!(intake.send(Intake::Reconnecting(ask)));
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                _ = finished.cancelled() => return Ok(false),
+                result = &mut asked, if !sent => {
+                    // The delivery task is gone: nothing more to do.
+                    if result.is_err() {
+                        return Ok(false);
+                    }
+                    sent = true;
+                }
+                result = &mut answer, if sent => {
+                    // Dropped unanswered: the delivery task failed (e.g.
+                    // fenced); the session must not take the broker's
+                    // session back.
+                    return result.map(|()| true).map_err(|_| MqttError::Closed);
+                }
+                command = self.commands.recv() => match command {
+                    Some(Command::Acks(acks)) => self.drop_stale(acks.len()),
+                    Some(Command::Publish(publish, done)) => self.waiting.push_back((publish, done)),
+                    Some(Command::Disconnect) | None => return Ok(false),
+                },
+            }
+        }
+    }
+
+    /// Counts acks that will not be written: they belong to a connection
+    /// that is gone, and the broker resends their messages.
+    fn drop_stale(&mut self, count: usize) {
+        self.acks_written += count as u64;
+        tracing::debug!(
+            count,
+            "acks of a lost connection dropped; the broker resends their messages"
+        );
     }
 
     /// One connection: CONNECT, SUBSCRIBE, then read, ack and ping until it
@@ -280,6 +377,8 @@ impl MqttSession {
                 .await
                 .map_err(|_| MqttError::Timeout("CONNACK"))??;
         *connected = true;
+        self.connection += 1;
+        let connection = self.connection;
         telemetry::mqtt_connected(session_present);
         let window = receive_maximum.map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
         // Our unfinished publishes first, in their order, as MQTT requires
@@ -328,7 +427,7 @@ impl MqttSession {
                 match packet {
                     Inbound::Publish { packet_id, message } => {
                         if !stop_intake.is_cancelled() {
-                            let ack = Ack::for_message(packet_id, message.qos);
+                            let ack = Ack::for_message(packet_id, message.qos, connection);
                             pending = Some(Intake::Message(Delivery {
                                 message,
                                 packet_id,
@@ -338,7 +437,11 @@ impl MqttSession {
                     }
                     Inbound::PubRel(id) => {
                         if !stop_intake.is_cancelled() {
-                            pending = Some(Intake::Released(id));
+                            pending = Some(Intake::Released(Ack {
+                                kind: AckKind::PubComp,
+                                packet_id: id,
+                                connection,
+                            }));
                         }
                     }
                     Inbound::PingResp => {
@@ -387,10 +490,18 @@ impl MqttSession {
                     loop {
                         match next {
                             Some(Command::Acks(acks)) => {
+                                let mut stale = 0;
                                 for ack in &acks {
-                                    self.wire.encode(ack.outbound(), &mut out)?;
+                                    if ack.connection == connection {
+                                        self.wire.encode(ack.outbound(), &mut out)?;
+                                    } else {
+                                        stale += 1;
+                                    }
                                 }
-                                self.acks_written += acks.len() as u64;
+                                self.acks_written += (acks.len() - stale) as u64;
+                                if stale > 0 {
+                                    self.drop_stale(stale);
+                                }
                             }
                             Some(Command::Publish(publish, done)) if publish.qos == 0 => {
                                 self.wire.encode_publish(0, &publish, false, &mut out)?;

@@ -14,7 +14,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +31,10 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The Kafka a test talks to.
 pub enum TestKafka {
     Real(String),
-    Mock(MockCluster<'static, DefaultProducerContext>),
+    /// The mock cluster lives in this client (`test.mock.num.brokers`),
+    /// which also gives the raw handle for injections rust-rdkafka does not
+    /// wrap (see [`TestKafka::delay_next_response`]).
+    Mock(BaseProducer),
     External(String),
 }
 
@@ -40,7 +44,7 @@ pub fn test_kafka() -> TestKafka {
         return TestKafka::External(bootstrap);
     }
     if std::env::var("BRIDGE_TEST_KAFKA").as_deref() == Ok("mock") {
-        return TestKafka::Mock(MockCluster::new(1).expect("mock cluster"));
+        return TestKafka::mock();
     }
     TestKafka::Real(shared_broker().to_string())
 }
@@ -58,13 +62,18 @@ impl TestKafka {
 
     /// A fresh mock cluster of `brokers` brokers.
     pub fn mock_with_brokers(brokers: i32) -> Self {
-        Self::Mock(MockCluster::new(brokers).expect("mock cluster"))
+        Self::Mock(
+            ClientConfig::new()
+                .set("test.mock.num.brokers", brokers.to_string())
+                .create()
+                .expect("mock cluster"),
+        )
     }
 
     pub fn bootstrap(&self) -> String {
         match self {
             Self::Real(b) | Self::External(b) => b.clone(),
-            Self::Mock(m) => m.bootstrap_servers(),
+            Self::Mock(_) => self.mock_cluster().bootstrap_servers(),
         }
     }
 
@@ -81,11 +90,39 @@ impl TestKafka {
     /// # Panics
     /// If this is not the mock cluster: a test that injects errors must
     /// ask for [`TestKafka::mock`].
-    pub fn mock_cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+    pub fn mock_cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
         match self {
-            Self::Mock(m) => m,
+            Self::Mock(holder) => holder.client().mock_cluster().expect("mock cluster"),
             _ => panic!("error injection needs TestKafka::mock()"),
         }
+    }
+
+    /// Makes mock broker `broker` answer its next `api` request late, by
+    /// `rtt`, having carried it out at once: a commit that lands while its
+    /// caller times out. (librdkafka's
+    /// `rd_kafka_mock_broker_push_request_error_rtts`, as its own
+    /// `0105-transactions_mock.c` uses it.)
+    pub fn delay_next_response(&self, broker: i32, api: RDKafkaApiKey, rtt: Duration) {
+        let Self::Mock(holder) = self else {
+            panic!("error injection needs TestKafka::mock()");
+        };
+        let rtt_ms = i32::try_from(rtt.as_millis()).expect("rtt in ms fits an int");
+        // SAFETY: the handle belongs to `holder`, alive for this call; the
+        // variadic part is one (error code, rtt in ms) pair of C ints.
+        let err = unsafe {
+            let cluster =
+                rdkafka::bindings::rd_kafka_handle_mock_cluster(holder.client().native_ptr());
+            assert!(!cluster.is_null(), "the holder has a mock cluster");
+            rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                cluster,
+                broker,
+                api as i16,
+                1,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR as i32,
+                rtt_ms,
+            )
+        };
+        assert_eq!(err, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, "push rtt");
     }
 
     /// Creates one test's topics, three partitions each.
@@ -95,15 +132,16 @@ impl TestKafka {
             .await;
         // The mock does not answer CreateTopics, so the bridge cannot create
         // its state topic there; on real Kafka it does (and that is tested).
-        if let Self::Mock(m) = self {
-            let _ = m.create_topic(STATE_TOPIC, 1, 1);
+        if let Self::Mock(_) = self {
+            let _ = self.mock_cluster().create_topic(STATE_TOPIC, 1, 1);
         }
     }
 
     /// Creates topics (test topics are never auto-created).
     pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
         match self {
-            Self::Mock(m) => {
+            Self::Mock(_) => {
+                let m = self.mock_cluster();
                 for t in topics {
                     m.create_topic(t, partitions, 1).expect("create mock topic");
                 }
@@ -380,6 +418,23 @@ impl KafkaCluster {
         }
     }
 
+    /// SIGSTOP: the node stops answering without closing a connection, as
+    /// in a long GC pause or a stalled VM.
+    pub fn pause(&self, id: u32) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self, id: u32) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    fn signal(&self, id: u32, signal: i32) {
+        if let Some(child) = &self.nodes[id as usize - 1].child {
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// Starts a stopped node again on its old data and ports.
     pub fn restart(&mut self, id: u32) {
         self.kill(id);
@@ -429,6 +484,8 @@ impl Drop for KafkaCluster {
     fn drop(&mut self) {
         for node in &self.nodes {
             if let Some(child) = &node.child {
+                // SIGCONT first: a paused node would not act on SIGTERM.
+                unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             }
         }

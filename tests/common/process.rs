@@ -84,6 +84,34 @@ impl BridgeProcess {
         }
     }
 
+    /// Waits until the process has stopped itself (a `:freeze` crash
+    /// point) or panics at `timeout`, also if it exits first.
+    pub fn await_frozen(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let stat = format!("/proc/{}/stat", self.pid());
+        loop {
+            // The state is the field after the parenthesised command name.
+            let state = std::fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()));
+            if state == Some('T') {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "bridge exited ({status}) before freezing:\n{}",
+                    tail(&self.log)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bridge did not freeze within {timeout:?}:\n{}",
+                tail(&self.log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, signal: i32) {
         unsafe {
             libc::kill(self.pid(), signal);
