@@ -11,6 +11,7 @@ use common::{
     assert_every_seq, bridge_config, publish_all, read_committed, telemetry_messages, unique,
     Bridge, Topics,
 };
+use mqtt_kafka_bridge::config::Config;
 use mqtt_kafka_bridge::telemetry::STATS;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -109,6 +110,30 @@ async fn transactional_produce_survives_losing_the_partition_leader() {
     assert_eq!(cluster.node_ids().len(), 3);
 }
 
+/// A bridge configuration for `cluster`, with the test's topics and its
+/// own state topic created at `replication`.
+async fn cluster_bridge_config(
+    cluster: &KafkaCluster,
+    broker: &Mosquitto,
+    topics: &Topics,
+    replication: i32,
+) -> Config {
+    let names = topics.all();
+    let state = format!("{}state", topics.prefix);
+    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+    all.push(&state);
+    create_topics(&cluster.bootstrap, &all, 3, replication).await;
+    let mut config = bridge_config(
+        broker.port,
+        &cluster.bootstrap,
+        &unique("bridge"),
+        "",
+        topics,
+    );
+    config.bridge.delivery.state_topic = state;
+    config
+}
+
 /// The bridge, exactly once, while each of the three brokers in turn is
 /// killed (kill -9) and restarted under load; one of them is the
 /// transaction coordinator, one leads the state topic, all lead data
@@ -118,19 +143,7 @@ async fn the_bridge_rides_out_every_broker_restart_exactly_once() {
     let mut cluster = KafkaCluster::start(3);
     let broker = Mosquitto::start();
     let topics = Topics::new();
-    let names = topics.all();
-    let state = format!("{}state", topics.prefix);
-    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
-    all.push(&state);
-    create_topics(&cluster.bootstrap, &all, 3, 3).await;
-    let mut config = bridge_config(
-        broker.port,
-        &cluster.bootstrap,
-        &unique("bridge"),
-        "",
-        &topics,
-    );
-    config.bridge.delivery.state_topic = state.clone();
+    let config = cluster_bridge_config(&cluster, &broker, &topics, 3).await;
     let bridge = Bridge::start(config).await;
 
     let messages = telemetry_messages("k", 2000, 8, 2);
@@ -164,19 +177,7 @@ async fn commits_left_unknown_by_a_paused_broker_are_settled_exactly_once() {
     let cluster = KafkaCluster::start(1);
     let broker = Mosquitto::start();
     let topics = Topics::new();
-    let names = topics.all();
-    let state = format!("{}state", topics.prefix);
-    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
-    all.push(&state);
-    create_topics(&cluster.bootstrap, &all, 3, 1).await;
-    let mut config = bridge_config(
-        broker.port,
-        &cluster.bootstrap,
-        &unique("bridge"),
-        "",
-        &topics,
-    );
-    config.bridge.delivery.state_topic = state.clone();
+    let mut config = cluster_bridge_config(&cluster, &broker, &topics, 1).await;
     config.bridge.delivery.commit_timeout_ms = 2000;
     // Longer than a pause: the coordinator must not abort on its own.
     config.bridge.delivery.transaction_timeout_ms = 60_000;

@@ -1,7 +1,8 @@
 //! A Kafka outage longer than the commit timeout is ridden out without a
 //! restart: the failed commit and abort leave the transaction's outcome
-//! unknown, so the bridge re-creates its producer (which fences the old
-//! one) and produces the batch again once Kafka is back.
+//! unknown, so the bridge settles it once Kafka is back (asks again,
+//! re-creates its producer, reads its head record back) and acknowledges
+//! the batch or produces it again.
 //! (Its own test binary: it watches the process-wide abort counter.)
 
 mod common;

@@ -417,11 +417,12 @@ impl CommitLoop {
         batch: &mut Batch,
         shutdown: &CancellationToken,
     ) -> Result<bool, DeliveryError> {
-        if batch.state_changed {
-            if let Some(eo) = &mut self.exactly_once {
-                // The buckets of the state this batch changed, as the
-                // transaction's last records, so they commit or abort with
-                // the batch (and are produced again with it).
+        if let Some(eo) = &mut self.exactly_once {
+            // The buckets of the state this batch changed, then the head, as
+            // the transaction's last records, so they commit or abort with
+            // the batch (and are produced again with it).
+            let mut state: Vec<(String, Vec<u8>)> = Vec::new();
+            if batch.state_changed {
                 let dirty = eo.state.take_dirty();
                 tracing::trace!(
                     records = dirty.len(),
@@ -429,31 +430,25 @@ impl CommitLoop {
                     messages = batch.messages,
                     "state records"
                 );
-                for (bucket, bytes) in dirty {
-                    let record = KafkaRecord {
-                        topic: eo.topic.clone(),
-                        key: Some(state_store::bucket_key(&eo.key, bucket)),
-                        value: Bytes::from(bytes),
-                        headers: Vec::new(),
-                        timestamp_ms: chrono::Utc::now().timestamp_millis(),
-                    };
-                    match self.sink.send(&record).await {
-                        Ok(()) | Err(SinkError::Abortable(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                    batch.records.push(record);
-                }
+                state.extend(
+                    dirty
+                        .into_iter()
+                        .map(|(b, bytes)| (state_store::bucket_key(&eo.key, b), bytes)),
+                );
             }
-        }
-        if let Some(eo) = &self.exactly_once {
-            if !batch.records.is_empty() || !batch.ownership.is_empty() {
+            if !batch.records.is_empty() || !state.is_empty() || !batch.ownership.is_empty() {
                 // A new token for every transaction: read back after an
                 // unknown outcome, it says which transaction committed last.
                 let token = fastrand::u64(..);
+                state.push((state_store::head_key(&eo.key), encode_head(token)));
+                batch.token = Some(token);
+            }
+            let topic = eo.topic.clone();
+            for (key, bytes) in state {
                 let record = KafkaRecord {
-                    topic: eo.topic.clone(),
-                    key: Some(state_store::head_key(&eo.key)),
-                    value: Bytes::from(encode_head(token)),
+                    topic: topic.clone(),
+                    key: Some(key),
+                    value: Bytes::from(bytes),
                     headers: Vec::new(),
                     timestamp_ms: chrono::Utc::now().timestamp_millis(),
                 };
@@ -462,7 +457,6 @@ impl CommitLoop {
                     Err(e) => return Err(e.into()),
                 }
                 batch.records.push(record);
-                batch.token = Some(token);
             }
         }
         if batch.records.is_empty() {

@@ -619,6 +619,13 @@ impl MqttSession {
             let Some((publish, done)) = self.waiting.pop_front() else {
                 break;
             };
+            // QoS 0 waits here only when it was queued while disconnected;
+            // it has no packet id and nothing to wait for.
+            if publish.qos == 0 {
+                self.wire.encode_publish(0, &publish, false, out)?;
+                let _ = done.send(());
+                continue;
+            }
             let packet_id = self.packet_id();
             self.wire.encode_publish(packet_id, &publish, false, out)?;
             self.in_flight.push_back(InFlight {
