@@ -467,13 +467,14 @@ impl CommitLoop {
             let started = Instant::now();
             let fate = match self.sink.commit().await {
                 Ok(()) => Fate::Committed,
-                Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
+                // Fenced: a successor has taken over. (Other fatal errors
+                // leave the outcome unknown: settled below.)
+                Err(e) if e.is_fenced() => return Err(e.into()),
                 Err(SinkError::Abortable(e)) => {
                     telemetry::aborted(&e);
                     match self.sink.abort().await {
                         Ok(()) => Fate::Aborted,
-                        // Fenced: a successor has taken over.
-                        Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
+                        Err(e) if e.is_fenced() => return Err(e.into()),
                         Err(e) => {
                             tracing::warn!(error = %e, "abort failed; settling the transaction");
                             self.settle(batch, Call::Abort, shutdown).await?
@@ -555,12 +556,25 @@ impl CommitLoop {
             match (call, result) {
                 (Call::Commit, Ok(())) => break Fate::Committed,
                 (Call::Abort, Ok(())) => break Fate::Aborted,
-                (_, Err(SinkError::Fatal(e))) => return Err(SinkError::Fatal(e).into()),
+                // A successor took over: stop, and do not fence it back.
+                (_, Err(e)) if e.is_fenced() => return Err(e.into()),
                 // The coordinator refused the commit: it did not happen.
                 (Call::Commit, Err(SinkError::Abortable(_))) => call = Call::Abort,
-                (_, Err(e)) => {
+                // Timed out again: Kafka is still not answering.
+                (_, Err(SinkError::Retriable(e))) => {
                     tracing::warn!(error = %e, "transaction outcome still unknown; asking again");
                     backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                // Anything else, fatal errors included (measured: a paused
+                // broker that answers again can reject the retried EndTxn
+                // as "invalid transaction state", fatal to librdkafka):
+                // this producer cannot tell. Re-creating it settles the
+                // transaction; with exactly once the head read back
+                // decides, and at least once produces the batch again,
+                // which at least once allows.
+                (_, Err(e)) => {
+                    tracing::warn!(error = %e, "the producer cannot settle the transaction; re-creating it");
+                    break Fate::Aborted;
                 }
             }
         };

@@ -34,6 +34,23 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// A fatal error that says a newer instance with the same
+    /// `transactional.id` has taken over. Other fatal errors say only that
+    /// this producer is unusable: e.g. a retried EndTxn that reaches the
+    /// coordinator after the first one, once a paused broker answers again
+    /// ("invalid transaction state").
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            Self::Fatal(KafkaError::Transaction(e)) if matches!(
+                e.code(),
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            )
+        )
+    }
+
     fn classify(error: KafkaError) -> Self {
         match &error {
             KafkaError::Transaction(e) if e.is_fatal() => Self::Fatal(error),

@@ -277,6 +277,30 @@ pub fn read_committed_distinct(
     })
 }
 
+/// Each assigned partition's position against its high watermark, for
+/// failure messages.
+fn positions(consumer: &BaseConsumer) -> String {
+    let Ok(position) = consumer.position() else {
+        return "(no position)".into();
+    };
+    position
+        .elements()
+        .iter()
+        .map(|p| {
+            let high = consumer
+                .fetch_watermarks(p.topic(), p.partition(), Duration::from_secs(5))
+                .map_or(-1, |(_, high)| high);
+            format!(
+                "  {}[{}]: position {:?}, high watermark {high}",
+                p.topic(),
+                p.partition(),
+                p.offset()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn read_committed_until(
     bootstrap: &str,
     topics: &[&str],
@@ -307,9 +331,12 @@ fn read_committed_until(
             settle_until = Some(now + settle);
         } else if now >= deadline {
             panic!(
-                "only {} records arrived within {timeout:?}, not what was expected; the last: {:?}",
+                "only {} records arrived within {timeout:?}, not what was expected; the last: {:?}\n\
+                 partitions (a position below the high watermark: records there are not \
+                 readable yet, e.g. behind an open transaction):\n{}",
                 out.len(),
-                out.last()
+                out.last(),
+                positions(&consumer)
             );
         }
         if let Some(result) = consumer.poll(Duration::from_millis(100)) {
@@ -404,13 +431,15 @@ pub struct Bridge {
 impl Bridge {
     /// Starts the bridge and waits until its subscriptions are in place.
     pub async fn start(config: Config) -> Self {
-        // BRIDGE_TEST_LOG=debug shows the bridge's log in a failing test.
-        if let Ok(filter) = std::env::var("BRIDGE_TEST_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_test_writer()
-                .try_init();
-        }
+        // The bridge's log goes to the test's captured output, which the
+        // harness shows only for a failing test; BRIDGE_TEST_LOG=debug for
+        // more.
+        let filter = std::env::var("BRIDGE_TEST_LOG")
+            .unwrap_or_else(|_| "warn,mqtt_kafka_bridge=info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let ready = tokio_util::sync::CancellationToken::new();
         let mut task = tokio::spawn(mqtt_kafka_bridge::app::run_with_readiness(
