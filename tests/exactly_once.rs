@@ -88,10 +88,10 @@ fn messages(range: std::ops::Range<u64>, qos: u8) -> Vec<Publish> {
 }
 
 /// Reads `count` records (and any extra for a few seconds) off the blocking
-/// pool.
-async fn read_all(bootstrap: &str, topic: &str, count: usize) -> Vec<Landed> {
+/// pool; on failure shows the bridges' log too.
+async fn read_all(bootstrap: &str, topic: &str, count: usize, log: &Path) -> Vec<Landed> {
     let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         read_committed(
             &bootstrap,
             &[&topic],
@@ -100,8 +100,8 @@ async fn read_all(bootstrap: &str, topic: &str, count: usize) -> Vec<Landed> {
             Duration::from_secs(3),
         )
     })
-    .await
-    .expect("reader")
+    .await;
+    read.unwrap_or_else(|e| panic!("reader: {e:?}\nbridge log:\n{}", tail(log)))
 }
 
 /// Every `seq` in `0..count` exactly once and, unless `ordered` is false,
@@ -174,7 +174,13 @@ async fn crash_and_restart(
 
     let mut bridge = identity.start(None);
     bridge.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
-    let landed = read_all(&rig.bootstrap, &identity.topic, count as usize).await;
+    let landed = read_all(
+        &rig.bootstrap,
+        &identity.topic,
+        count as usize,
+        &identity.log(),
+    )
+    .await;
     bridge.stop();
     (landed, identity)
 }
@@ -266,7 +272,13 @@ async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
         bridge.await_log(SUBSCRIBED, kill + 2, Duration::from_secs(30));
     }
     publisher.await.expect("publisher");
-    let landed = read_all(&rig.bootstrap, &identity.topic, count as usize).await;
+    let landed = read_all(
+        &rig.bootstrap,
+        &identity.topic,
+        count as usize,
+        &identity.log(),
+    )
+    .await;
     bridge.stop();
     // Not checked for order: MQTT orders messages of one QoS only, and with
     // QoS 1 and 2 mixed, one run saw a QoS 2 message land 60 places late
@@ -329,7 +341,13 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
     .await
     .unwrap();
     drop(zombie);
-    let landed = read_all(&rig.bootstrap, &identity.topic, count as usize).await;
+    let landed = read_all(
+        &rig.bootstrap,
+        &identity.topic,
+        count as usize,
+        &identity.log(),
+    )
+    .await;
     assert!(
         matches!(status, Some(s) if !s.success()),
         "{point}: the zombie must stop with an error once fenced: {status:?}\n{}",

@@ -67,6 +67,9 @@ struct Batch {
     /// The session waits to reconnect until this batch has committed
     /// (`Intake::Reconnecting`).
     ownership: Vec<oneshot::Sender<()>>,
+    /// Write the head even if nothing else is written (the claim at
+    /// start-up, the ownership check before a reconnect).
+    force_head: bool,
     produced: HashMap<usize, u64>,
     dead_lettered: HashMap<(Option<usize>, &'static str), u64>,
 }
@@ -163,6 +166,18 @@ impl CommitLoop {
         mut input: mpsc::Receiver<Intake>,
         shutdown: CancellationToken,
     ) -> Result<(), DeliveryError> {
+        if self.exactly_once.is_some() {
+            // The claim: a head record of this instance's before anything
+            // else, so that a zombie of the previous one finds it (see
+            // `settle`) even while this one has nothing to commit.
+            let mut claim = Batch {
+                force_head: true,
+                ..Batch::default()
+            };
+            if !self.commit(&mut claim, &shutdown).await? {
+                return Ok(());
+            }
+        }
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return self.finish().await,
@@ -179,7 +194,7 @@ impl CommitLoop {
             self.add(&mut batch, first).await?;
             let deadline = tokio::time::Instant::now() + self.commit_interval;
             let mut stopping = false;
-            while batch.messages < self.batch_max_messages && batch.ownership.is_empty() {
+            while batch.messages < self.batch_max_messages && !batch.force_head {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => { stopping = true; break; }
@@ -296,6 +311,7 @@ impl CommitLoop {
                     // record whatever else it holds, has committed: a
                     // fenced producer fails there.
                     batch.ownership.push(reply);
+                    batch.force_head = true;
                 } else {
                     // At least once has no state topic to write to; a
                     // zombie is fenced at its first commit.
@@ -436,7 +452,7 @@ impl CommitLoop {
                         .map(|(b, bytes)| (state_store::bucket_key(&eo.key, b), bytes)),
                 );
             }
-            if !batch.records.is_empty() || !state.is_empty() || !batch.ownership.is_empty() {
+            if !batch.records.is_empty() || !state.is_empty() || batch.force_head {
                 // A new token for every transaction: read back after an
                 // unknown outcome, it says which transaction committed last.
                 let token = fastrand::u64(..);
@@ -578,6 +594,18 @@ impl CommitLoop {
                 }
             }
         };
+        // Re-creating the producer fences every other producer with this
+        // identity, a successor's too: a zombie whose commit had landed
+        // before it froze gets "committed" from the retry above, not
+        // "fenced". So first read the head, which fences no one: every
+        // instance claims it when it starts, and a head that is neither
+        // this batch's nor our previous one means a successor: stop.
+        if self.exactly_once.is_some() {
+            let Some(head) = self.read_head(shutdown).await? else {
+                return Ok(Fate::Stopped);
+            };
+            self.judge(batch, head)?;
+        }
         if !self.recover(shutdown).await? {
             return Ok(Fate::Stopped);
         }
@@ -591,42 +619,66 @@ impl CommitLoop {
     }
 
     /// With exactly once, reads the head record back after the producer was
-    /// re-created (which settled the transaction for good): the batch's
-    /// token means it committed, our previous token that it did not, and
-    /// anything else that another instance with this identity has
-    /// committed since, so this one must stop: its state is stale.
+    /// re-created (which settled the transaction for good) and judges it
+    /// (see [`Self::judge`]). At least once trusts the coordinator's
+    /// `answer`.
     async fn verify(
         &mut self,
         batch: &Batch,
         answer: Fate,
         shutdown: &CancellationToken,
     ) -> Result<Fate, DeliveryError> {
-        let Some(eo) = &self.exactly_once else {
+        if self.exactly_once.is_none() {
             return Ok(answer);
+        }
+        let Some(head) = self.read_head(shutdown).await? else {
+            return Ok(Fate::Stopped);
+        };
+        let fate = self.judge(batch, head)?;
+        tracing::debug!(?fate, coordinator_said = ?answer, "head record read back");
+        Ok(fate)
+    }
+
+    /// The batch's token means it committed, our previous token that it did
+    /// not, and anything else that another instance with this identity has
+    /// committed since, so this one must stop: it is a zombie, its state is
+    /// stale.
+    fn judge(&self, batch: &Batch, head: Option<u64>) -> Result<Fate, DeliveryError> {
+        let last = self.exactly_once.as_ref().and_then(|eo| eo.last_token);
+        if head.is_some() && head == batch.token {
+            Ok(Fate::Committed)
+        } else if head == last {
+            Ok(Fate::Aborted)
+        } else {
+            Err(DeliveryError::Superseded)
+        }
+    }
+
+    /// The last committed head token (exactly once), retrying while Kafka
+    /// is unreachable; `None` if shutdown came first.
+    async fn read_head(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Option<u64>>, DeliveryError> {
+        let Some(eo) = &self.exactly_once else {
+            return Ok(Some(None));
         };
         let mut backoff = RETRY_MIN;
-        let stored = loop {
+        loop {
             let read = state_store::load(&eo.kafka, &eo.topic, &eo.key, BUCKETS, eo.read_timeout);
             match read.await {
-                Ok(stored) => break stored.head,
+                Ok(stored) => {
+                    let head = stored.head.as_deref().map(decode_head).transpose()?;
+                    return Ok(Some(head));
+                }
                 Err(error) => tracing::warn!(%error, "cannot read the exactly-once head; retrying"),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Fate::Stopped),
+                _ = shutdown.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RETRY_MAX);
-        };
-        let head = stored.as_deref().map(decode_head).transpose()?;
-        let fate = if head.is_some() && head == batch.token {
-            Fate::Committed
-        } else if head == eo.last_token {
-            Fate::Aborted
-        } else {
-            return Err(DeliveryError::Superseded);
-        };
-        tracing::debug!(?fate, coordinator_said = ?answer, "head record read back");
-        Ok(fate)
+        }
     }
 
     /// Re-creates the producer, retrying while Kafka is unreachable.

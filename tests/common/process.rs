@@ -153,5 +153,5 @@ pub fn log_count(log: &Path, needle: &str) -> usize {
 pub fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<_> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    lines[lines.len().saturating_sub(80)..].join("\n")
 }
