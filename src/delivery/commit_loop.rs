@@ -541,18 +541,18 @@ impl CommitLoop {
     /// ended without a verdict: timed out, or the connection broke
     /// mid-EndTxn.
     ///
-    /// First the same producer is asked again until the coordinator
-    /// answers: librdkafka carries on with the same call, its documented
-    /// handling of a timeout. Asking first, rather than re-creating the
-    /// producer at once, is what keeps a zombie harmless: an instance
-    /// frozen mid-commit while a successor took over hears "fenced" and
-    /// stops, where a new producer's `init_transactions` would have fenced
-    /// the successor instead, and carried on with a stale state.
-    ///
-    /// Then the producer is re-created all the same, so that no request of
-    /// the old one still on its way can land on a later transaction
-    /// (Jepsen's 2024 Kafka analysis, KIP-890), and, with exactly once, the
-    /// head record read back decides (see [`Self::verify`]).
+    /// 1. Ask the same producer again until the coordinator answers:
+    ///    librdkafka carries on with the same call, its documented handling
+    ///    of a timeout. A zombie (frozen mid-commit while a successor took
+    ///    over) hears "fenced" here and stops; re-creating its producer
+    ///    first would have fenced the successor instead.
+    /// 2. Exactly once: read the head, which fences no one, and stop if a
+    ///    successor has claimed it (see [`Self::judge`]).
+    /// 3. Re-create the producer all the same, so that no request of the
+    ///    old one still on its way can land on a later transaction
+    ///    (Jepsen's 2024 Kafka analysis, KIP-890).
+    /// 4. Exactly once: the head read back now decides (see
+    ///    [`Self::verify`]); at least once takes the answer of step 1.
     async fn settle(
         &mut self,
         batch: &Batch,
@@ -623,7 +623,7 @@ impl CommitLoop {
     /// (see [`Self::judge`]). At least once trusts the coordinator's
     /// `answer`.
     async fn verify(
-        &mut self,
+        &self,
         batch: &Batch,
         answer: Fate,
         shutdown: &CancellationToken,
