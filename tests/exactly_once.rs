@@ -212,11 +212,16 @@ const CRASHES: &[(&str, &str)] = &[
     ("after_ack", "after_ack:3"),
 ];
 
+/// The steps for `qos`: QoS 2 adds the one between PUBREL and PUBCOMP.
+fn steps(qos: u8) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    const PUBREL: &[(&str, &str)] = &[("after_pubrel", "after_pubrel:300")];
+    CRASHES.iter().chain(if qos == 2 { PUBREL } else { &[] })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
     let rig = Rig::start().await;
-    let pubrel = [("after_pubrel", "after_pubrel:300")];
-    for (name, point) in CRASHES.iter().chain(&pubrel) {
+    for (name, point) in steps(2) {
         eprintln!("crash point {name}");
         crash_and_recover(&rig, 2, point, 1500).await;
     }
@@ -225,7 +230,7 @@ async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_crash_matrix_loses_and_duplicates_nothing() {
     let rig = Rig::start().await;
-    for (name, point) in CRASHES {
+    for (name, point) in steps(1) {
         eprintln!("crash point {name}");
         crash_and_recover(&rig, 1, point, 1500).await;
     }
@@ -361,8 +366,7 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_zombies_are_fenced_and_duplicate_nothing() {
     let rig = Rig::start().await;
-    let pubrel = [("after_pubrel", "after_pubrel:300")];
-    for (name, point) in CRASHES.iter().chain(&pubrel) {
+    for (name, point) in steps(2) {
         eprintln!("zombie frozen at {name}");
         zombie_at(&rig, 2, point, 2400).await;
     }
@@ -371,7 +375,7 @@ async fn qos2_zombies_are_fenced_and_duplicate_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_zombies_are_fenced_and_duplicate_nothing() {
     let rig = Rig::start().await;
-    for (name, point) in CRASHES {
+    for (name, point) in steps(1) {
         eprintln!("zombie frozen at {name}");
         zombie_at(&rig, 1, point, 2400).await;
     }

@@ -170,8 +170,8 @@ async fn the_bridge_rides_out_every_broker_restart_exactly_once() {
 /// A single broker paused (SIGSTOP, as a long GC pause or a stalled VM
 /// would stop it) for longer than the commit timeout, twice, under load.
 /// Commits and aborts then end without a verdict; the bridge settles each
-/// one (asks the same producer again until the broker answers, re-creates
-/// the producer, reads its head record back) and every message lands once.
+/// one (asks the same producer again until the broker answers, reads its
+/// head record, re-creates the producer) and every message lands once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_left_unknown_by_a_paused_broker_are_settled_exactly_once() {
     let cluster = KafkaCluster::start(1);

@@ -1,7 +1,7 @@
 //! A Kafka outage longer than the commit timeout is ridden out without a
 //! restart: the failed commit and abort leave the transaction's outcome
-//! unknown, so the bridge settles it once Kafka is back (asks again,
-//! re-creates its producer, reads its head record back) and acknowledges
+//! unknown, so the bridge settles it once Kafka is back (asks again, reads
+//! its head record, re-creates its producer) and acknowledges
 //! the batch or produces it again.
 //! (Its own test binary: it watches the process-wide abort counter.)
 

@@ -546,13 +546,15 @@ impl CommitLoop {
     ///    of a timeout. A zombie (frozen mid-commit while a successor took
     ///    over) hears "fenced" here and stops; re-creating its producer
     ///    first would have fenced the successor instead.
-    /// 2. Exactly once: read the head, which fences no one, and stop if a
-    ///    successor has claimed it (see [`Self::judge`]).
+    /// 2. Exactly once: read the head, which fences no one, and judge it
+    ///    (see [`Self::judge`]): committed, not committed, or a successor
+    ///    exists (stop). The read goes to the high watermark with
+    ///    `read_committed`, so it waits until this transaction is settled
+    ///    on the broker: its verdict is final. At least once takes the
+    ///    answer of step 1.
     /// 3. Re-create the producer all the same, so that no request of the
     ///    old one still on its way can land on a later transaction
     ///    (Jepsen's 2024 Kafka analysis, KIP-890).
-    /// 4. Exactly once: the head read back now decides (see
-    ///    [`Self::verify`]); at least once takes the answer of step 1.
     async fn settle(
         &mut self,
         batch: &Batch,
@@ -597,45 +599,26 @@ impl CommitLoop {
         // Re-creating the producer fences every other producer with this
         // identity, a successor's too: a zombie whose commit had landed
         // before it froze gets "committed" from the retry above, not
-        // "fenced". So first read the head, which fences no one: every
-        // instance claims it when it starts, and a head that is neither
-        // this batch's nor our previous one means a successor: stop.
-        if self.exactly_once.is_some() {
+        // "fenced". So the head is read first: every instance claims it
+        // when it starts, so a successor shows there.
+        let fate = if self.exactly_once.is_some() {
             let Some(head) = self.read_head(shutdown).await? else {
                 return Ok(Fate::Stopped);
             };
-            self.judge(batch, head)?;
-        }
+            let fate = self.judge(batch, head)?;
+            tracing::debug!(?fate, coordinator_said = ?answer, "head record read back");
+            fate
+        } else {
+            answer
+        };
         if !self.recover(shutdown).await? {
             return Ok(Fate::Stopped);
         }
-        let fate = self.verify(batch, answer, shutdown).await?;
         match fate {
             Fate::Committed => telemetry::settled("committed"),
             Fate::Aborted => telemetry::settled("aborted"),
             Fate::Stopped => {}
         }
-        Ok(fate)
-    }
-
-    /// With exactly once, reads the head record back after the producer was
-    /// re-created (which settled the transaction for good) and judges it
-    /// (see [`Self::judge`]). At least once trusts the coordinator's
-    /// `answer`.
-    async fn verify(
-        &self,
-        batch: &Batch,
-        answer: Fate,
-        shutdown: &CancellationToken,
-    ) -> Result<Fate, DeliveryError> {
-        if self.exactly_once.is_none() {
-            return Ok(answer);
-        }
-        let Some(head) = self.read_head(shutdown).await? else {
-            return Ok(Fate::Stopped);
-        };
-        let fate = self.judge(batch, head)?;
-        tracing::debug!(?fate, coordinator_said = ?answer, "head record read back");
         Ok(fate)
     }
 

@@ -338,22 +338,16 @@ impl MqttSession {
                     return result.map(|()| true).map_err(|_| MqttError::Closed);
                 }
                 command = self.commands.recv() => match command {
-                    Some(Command::Acks(acks)) => self.drop_stale(acks.len()),
+                    Some(Command::Acks(acks)) => {
+                        // All of a lost connection: none is written.
+                        self.acks_written += acks.len() as u64;
+                        log_dropped(acks.len());
+                    }
                     Some(Command::Publish(publish, done)) => self.waiting.push_back((publish, done)),
                     Some(Command::Disconnect) | None => return Ok(false),
                 },
             }
         }
-    }
-
-    /// Counts acks that will not be written: they belong to a connection
-    /// that is gone, and the broker resends their messages.
-    fn drop_stale(&mut self, count: usize) {
-        self.acks_written += count as u64;
-        tracing::debug!(
-            count,
-            "acks of a lost connection dropped; the broker resends their messages"
-        );
     }
 
     /// One connection: CONNECT, SUBSCRIBE, then read, ack and ping until it
@@ -498,14 +492,8 @@ impl MqttSession {
                                         stale += 1;
                                     }
                                 }
-                                self.acks_written += (acks.len() - stale) as u64;
-                                if stale > 0 {
-                                    self.drop_stale(stale);
-                                }
-                            }
-                            Some(Command::Publish(publish, done)) if publish.qos == 0 => {
-                                self.wire.encode_publish(0, &publish, false, &mut out)?;
-                                let _ = done.send(());
+                                self.acks_written += acks.len() as u64;
+                                log_dropped(stale);
                             }
                             Some(Command::Publish(publish, done)) => {
                                 self.waiting.push_back((publish, done));
@@ -619,8 +607,8 @@ impl MqttSession {
             let Some((publish, done)) = self.waiting.pop_front() else {
                 break;
             };
-            // QoS 0 waits here only when it was queued while disconnected;
-            // it has no packet id and nothing to wait for.
+            // QoS 0 has no packet id and nothing to wait for; it queues
+            // here too, so our publishes go out in the order asked.
             if publish.qos == 0 {
                 self.wire.encode_publish(0, &publish, false, out)?;
                 let _ = done.send(());
@@ -644,6 +632,18 @@ impl MqttSession {
             let f = self.in_flight.remove(i).expect("found");
             let _ = f.done.send(());
         }
+    }
+}
+
+/// Acks counted (they keep the numbering of `Intake::AcksConfirmed`) but
+/// not written: they belong to a connection that is gone, and the broker
+/// resends their messages.
+fn log_dropped(count: usize) {
+    if count > 0 {
+        tracing::debug!(
+            count,
+            "acks of a lost connection dropped; the broker resends their messages"
+        );
     }
 }
 
