@@ -32,6 +32,8 @@ pub const RELAYED: &str = "bridge_messages_relayed_total";
 pub const COMMANDS_DELIVERED: &str = "bridge_commands_delivered_total";
 pub const COMMANDS_EXPIRED: &str = "bridge_commands_expired_total";
 pub const COMMANDS_DEAD_LETTERED: &str = "bridge_commands_dead_lettered_total";
+pub const KAFKA_REFUSED: &str = "bridge_kafka_records_refused_total";
+pub const DEAD_LETTERS_LOST: &str = "bridge_dead_letters_refused_total";
 
 /// Process-wide counters for the demo's live summary.
 #[derive(Debug, Default)]
@@ -99,6 +101,14 @@ fn describe() {
     describe_counter!(
         KEPT_ON_MQTT,
         "MQTT messages in a declared M2M tree, never produced to Kafka"
+    );
+    describe_counter!(
+        KAFKA_REFUSED,
+        "Records Kafka refused for good (replaced by a dead-letter record), by broker error"
+    );
+    describe_counter!(
+        DEAD_LETTERS_LOST,
+        "Messages whose dead-letter record and stub Kafka both refused: acknowledged without a trace in Kafka (see the error log)"
     );
     describe_counter!(TX_COMMITTED, "Kafka transactions committed");
     describe_counter!(TX_ABORTED, "Kafka transactions aborted");
@@ -230,6 +240,21 @@ pub fn committed(
         counter!(DEAD_LETTERED, "route" => route.clone(), "reason" => *reason).increment(*n);
         STATS.dead_lettered.fetch_add(*n, Ordering::Relaxed);
     }
+}
+
+/// Kafka refused a record for good (`code` is the broker's error); it is
+/// replaced by its dead-letter record, or that by a stub.
+pub fn kafka_refused(code: rdkafka::types::RDKafkaErrorCode, topic: &str) {
+    tracing::debug!(?code, topic, "Kafka refused a record; dead-lettering it");
+    counter!(KAFKA_REFUSED, "error" => format!("{code:?}")).increment(1);
+}
+
+/// Kafka refused even the dead-letter stub of a message: nothing of it
+/// reaches Kafka. Only a dead-letter topic that is missing or not writable
+/// gets here: a configuration problem, logged at error level.
+pub fn dead_letter_lost(route: &str, topic: &str, code: rdkafka::types::RDKafkaErrorCode) {
+    tracing::error!(route, dead_letter_topic = topic, ?code, "Kafka refused a dead-letter stub; the message is acknowledged without a record (check that the dead-letter topic exists and is writable)");
+    counter!(DEAD_LETTERS_LOST, "route" => route.to_string()).increment(1);
 }
 
 /// A transaction was aborted; its messages will be produced again.

@@ -430,7 +430,8 @@ async fn commands_in_an_m2m_tree_never_reach_kafka() {
 
 /// A record Kafka itself refuses (over librdkafka's `message.max.bytes`,
 /// which a route's `max_payload_bytes` may exceed) is not acknowledged into
-/// nowhere: a stub with the reason goes to the dead-letter topic.
+/// nowhere: its dead-letter record goes to the dead-letter topic, or, if
+/// Kafka refuses that too, a stub with the reason, size and digest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_kafka_refuses_is_dead_lettered_not_lost() {
     let Rig {
@@ -475,12 +476,13 @@ async fn a_record_kafka_refuses_is_dead_lettered_not_lost() {
     assert_eq!(dead.len(), 1, "{landed:?}");
     assert_eq!(dead[0].header("bridge.error.reason"), "kafka_rejected");
     assert_eq!(dead[0].header("bridge.route"), "hvac-diagnostics");
-    assert!(
-        dead[0]
-            .header("bridge.error.detail")
-            .contains("payload of 5000 bytes not included"),
-        "{:?}",
-        dead[0].headers
+    // The full dead-letter record (5000 bytes) is refused too, so a stub
+    // with the evidence takes its place.
+    assert_eq!(dead[0].header("bridge.error.kafka"), "MessageSizeTooLarge");
+    assert_eq!(dead[0].header("bridge.original.size"), "5000");
+    assert_eq!(
+        dead[0].header("bridge.original.sha256"),
+        mqtt_kafka_bridge::route::reject::sha256_hex(&[7u8; 5000])
     );
     assert!(dead[0].value.is_empty());
 }

@@ -151,17 +151,53 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Payloads larger than this are dead-lettered with reason `too_large`.
-    /// The dead-letter record keeps the whole payload, so Kafka's
-    /// `message.max.bytes` must allow it. A route may set its own limit.
+    /// Messages larger than this are dead-lettered with reason `too_large`.
+    /// The size counts what the device controls: payload, topic, MQTT 5
+    /// user properties and content type. A route may set its own limit.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// PUBLISH packets larger than this are not held in memory: the payload
+    /// is discarded as it streams in (its SHA-256 computed on the way) and
+    /// the message dead-lettered as `too_large` with its size. Bounds the
+    /// memory one message can take, whatever the broker allows.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// More MQTT 5 user properties than this on one message: `too_large`.
+    #[serde(default = "default_max_user_properties")]
+    pub max_user_properties: usize,
+    /// More bytes of user-property names and values than this on one
+    /// message: `too_large`.
+    #[serde(default = "default_max_user_property_bytes")]
+    pub max_user_property_bytes: usize,
+    /// The longest prefix of a rejected payload a dead-letter record keeps.
+    /// Every dead-letter record also carries the original's size and
+    /// SHA-256, so a cut payload can still be matched to its source.
+    #[serde(default = "default_dead_letter_max_payload_bytes")]
+    pub dead_letter_max_payload_bytes: usize,
+    /// A timestamp read from the payload (`kafka.timestamp: /ptr`) more than
+    /// this far ahead of the bridge's clock is refused (reason `timestamp`)
+    /// before Kafka sees it. Kafka refuses records stamped more than
+    /// `message.timestamp.after.max.ms` (1 h by default) ahead, and one such
+    /// record would abort a whole transaction.
+    #[serde(default = "default_timestamp_max_ahead_ms")]
+    pub timestamp_max_ahead_ms: u64,
+    /// If set, a payload timestamp older than this is refused too (match it
+    /// to the topics' `message.timestamp.before.max.ms`). Timestamps before
+    /// 1970 are always refused.
+    #[serde(default)]
+    pub timestamp_max_behind_ms: Option<u64>,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_payload_bytes: default_max_payload_bytes(),
+            max_packet_bytes: default_max_packet_bytes(),
+            max_user_properties: default_max_user_properties(),
+            max_user_property_bytes: default_max_user_property_bytes(),
+            dead_letter_max_payload_bytes: default_dead_letter_max_payload_bytes(),
+            timestamp_max_ahead_ms: default_timestamp_max_ahead_ms(),
+            timestamp_max_behind_ms: None,
         }
     }
 }
@@ -218,4 +254,24 @@ fn default_shutdown_timeout_ms() -> u64 {
 /// Kafka accepts too.
 fn default_max_payload_bytes() -> usize {
     900 * 1024
+}
+
+fn default_max_packet_bytes() -> usize {
+    2 * 1024 * 1024
+}
+
+fn default_max_user_properties() -> usize {
+    32
+}
+
+fn default_max_user_property_bytes() -> usize {
+    8 * 1024
+}
+
+fn default_dead_letter_max_payload_bytes() -> usize {
+    256 * 1024
+}
+
+fn default_timestamp_max_ahead_ms() -> u64 {
+    3_600_000
 }

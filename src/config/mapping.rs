@@ -188,9 +188,17 @@ pub struct RouteKafkaConfig {
     pub timestamp: Option<String>,
     /// Overrides `kafka.dead_letter_topic` of the bridge file.
     pub dead_letter_topic: Option<String>,
-    /// Copy MQTT 5 user properties into record headers.
+    /// Copy MQTT 5 user properties into record headers. Configured
+    /// `headers` win over properties of the same name.
     #[serde(default = "default_true")]
     pub user_properties: bool,
+    /// For a templated `topic`: the topics it may render to, as glob
+    /// patterns (`telemetry.*`). A rendered topic outside the list is
+    /// dead-lettered with reason `topic`. Whatever the list, a templated
+    /// topic never names the state topic, a dead-letter topic or an
+    /// internal `__` topic.
+    #[serde(default)]
+    pub allowed_topics: Vec<String>,
 }
 
 fn default_true() -> bool {

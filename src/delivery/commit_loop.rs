@@ -5,11 +5,13 @@ use super::session_state::{
 };
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::fault;
-use crate::kafka::{state_store, SinkError, TransactionalSink};
-use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, MqttError};
-use crate::route::{KafkaRecord, Outcome, RejectReason, RouteTable};
+use crate::kafka::{state_store, Refusal, SinkError, TransactionalSink};
+use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttMessage};
+use crate::route::reject::Form;
+use crate::route::{KafkaRecord, Outcome, RejectReason, Rejection, RouteTable};
 use crate::telemetry;
 use bytes::Bytes;
+use rdkafka::types::RDKafkaErrorCode;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,11 +52,39 @@ enum Call {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// One record of a transaction, with what it came from.
+struct Entry {
+    record: KafkaRecord,
+    /// `None` for the exactly-once state and head records, which are the
+    /// bridge's own and never replaced.
+    origin: Option<Origin>,
+}
+
+/// The message a record was made from, kept (moved, not copied) until
+/// commit so that a record Kafka refuses can be replaced by its
+/// dead-letter record.
+struct Origin {
+    message: MqttMessage,
+    route: Option<usize>,
+    /// `None` while the record is the route's own; the dead-letter reason
+    /// once it is a dead-letter record.
+    reason: Option<RejectReason>,
+    /// Which dead-letter form the record is, if it is one.
+    form: Option<Form>,
+    /// Refused together with others of its partition: which of them is at
+    /// fault is unknown, so it is produced alone next time (see
+    /// `CommitLoop::resend`).
+    suspect: bool,
+    /// Kafka refused even its stub: nothing is produced for it.
+    lost: bool,
+}
+
 /// The messages of one open transaction.
 #[derive(Default)]
 struct Batch {
-    /// Kept until commit so an aborted transaction can be produced again.
-    records: Vec<KafkaRecord>,
+    /// Kept until commit so an aborted transaction can be produced again;
+    /// a record's index is its id in the sink's delivery reports.
+    records: Vec<Entry>,
     /// In arrival order; QoS 0 messages have none.
     acks: Vec<Ack>,
     /// Relay publishes of this batch; its acks wait for all of them.
@@ -70,8 +100,6 @@ struct Batch {
     /// Write the head even if nothing else is written (the claim at
     /// start-up, the ownership check before a reconnect).
     force_head: bool,
-    produced: HashMap<usize, u64>,
-    dead_lettered: HashMap<(Option<usize>, &'static str), u64>,
 }
 
 /// Routes, produces, commits and acknowledges.
@@ -362,6 +390,7 @@ impl CommitLoop {
             }
             (None, _) => None,
         };
+        let qos = delivery.message.qos;
         let (route, record, reason) = match self.table.route(&delivery.message) {
             Outcome::Unrouted => {
                 telemetry::message_unrouted(&delivery.message.topic);
@@ -384,42 +413,28 @@ impl CommitLoop {
             } => {
                 let name = route.map_or("", |r| self.table.route_name(r));
                 tracing::debug!(route = name, topic = %delivery.message.topic, %rejection, "dead-lettering message");
-                (route, record, Some(rejection.reason.as_str()))
+                (route, record, Some(rejection.reason))
             }
         };
         telemetry::message_received_on(
             route.map_or(&self.received_without_route, |r| &self.received[r]),
         );
-        let (record, reason) = match self.sink.send(&record).await {
-            // An enqueue failure of the transaction is dealt with at
-            // commit, which then fails too and produces the batch again.
-            Ok(()) | Err(SinkError::Abortable(_)) => (record, reason),
-            Err(SinkError::Rejected(error)) => {
-                // Kafka refuses this record itself (e.g. larger than
-                // `message.max.bytes`): dead-letter a stub that says so
-                // rather than acknowledge a message that went nowhere.
-                tracing::warn!(%error, topic = %delivery.message.topic, "Kafka rejected a record; dead-lettering a stub");
-                let stub =
-                    self.table
-                        .rejected_by_kafka(route, &delivery.message, &error.to_string());
-                match self.sink.send(&stub).await {
-                    Ok(()) | Err(SinkError::Abortable(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                (stub, Some(RejectReason::KafkaRejected.as_str()))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match (route, reason) {
-            (Some(route), None) => *batch.produced.entry(route).or_default() += 1,
-            (route, Some(reason)) => *batch.dead_lettered.entry((route, reason)).or_default() += 1,
-            (None, None) => {}
-        }
-        batch.records.push(record);
+        let form = reason.map(|_| Form::Full);
+        batch.records.push(Entry {
+            record,
+            origin: Some(Origin {
+                message: delivery.message,
+                route,
+                reason,
+                form,
+                suspect: false,
+                lost: false,
+            }),
+        });
+        self.send_entry(batch, batch.records.len() - 1).await?;
         fault::point("after_produce");
         if let (Some(eo), Some(fp)) = (&mut self.exactly_once, fingerprint) {
-            eo.state
-                .record(delivery.packet_id, delivery.message.qos, fp);
+            eo.state.record(delivery.packet_id, qos, fp);
             batch.state_changed = true;
         }
         Ok(())
@@ -468,11 +483,11 @@ impl CommitLoop {
                     headers: Vec::new(),
                     timestamp_ms: chrono::Utc::now().timestamp_millis(),
                 };
-                match self.sink.send(&record).await {
-                    Ok(()) | Err(SinkError::Abortable(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                batch.records.push(record);
+                batch.records.push(Entry {
+                    record,
+                    origin: None,
+                });
+                self.send_entry(batch, batch.records.len() - 1).await?;
             }
         }
         if batch.records.is_empty() {
@@ -481,6 +496,7 @@ impl CommitLoop {
         let mut backoff = RETRY_MIN;
         loop {
             let started = Instant::now();
+            let mut refused = false;
             let fate = match self.sink.commit().await {
                 Ok(()) => Fate::Committed,
                 // Fenced: a successor has taken over. (Other fatal errors
@@ -489,7 +505,12 @@ impl CommitLoop {
                 Err(SinkError::Abortable(e)) => {
                     telemetry::aborted(&e);
                     match self.sink.abort().await {
-                        Ok(()) => Fate::Aborted,
+                        Ok(()) => {
+                            // The reports served by the commit's flush and
+                            // the abort's say which records were refused.
+                            refused = self.refused(batch, self.sink.take_refusals());
+                            Fate::Aborted
+                        }
                         Err(e) if e.is_fenced() => return Err(e.into()),
                         Err(e) => {
                             tracing::warn!(error = %e, "abort failed; settling the transaction");
@@ -523,18 +544,161 @@ impl CommitLoop {
                 let _ = self.sink.abort().await;
                 return Ok(false);
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(RETRY_MAX);
-            for record in &batch.records {
-                match self.sink.send(record).await {
-                    Ok(()) | Err(SinkError::Abortable(_)) => {}
-                    Err(e) => return Err(e.into()),
+            // A refusal is not Kafka failing: the batch, with the refused
+            // records replaced, goes again at once.
+            if refused {
+                backoff = RETRY_MIN;
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(backoff) => {}
                 }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            self.resend(batch).await?;
+        }
+    }
+
+    /// Sends record `id` of the batch. A record librdkafka refuses at once
+    /// (e.g. over `message.max.bytes`) is replaced on the spot. An enqueue
+    /// failure of the transaction itself is dealt with at commit, which
+    /// then fails too and produces the batch again.
+    async fn send_entry(&mut self, batch: &mut Batch, id: usize) -> Result<(), DeliveryError> {
+        loop {
+            let entry = &batch.records[id];
+            if entry.origin.as_ref().is_some_and(|o| o.lost) {
+                return Ok(());
+            }
+            match self.sink.send(&entry.record, id).await {
+                Ok(()) | Err(SinkError::Abortable(_)) => return Ok(()),
+                Err(SinkError::Rejected(code)) if entry.origin.is_some() => {
+                    self.replace(batch, id, code);
+                }
+                Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Acts on the records Kafka refused in an aborted attempt: each one at
+    /// fault is replaced by the next dead-letter form; records refused
+    /// together with others of their partition become suspects, produced
+    /// alone next time. Returns whether anything changed (so the next
+    /// attempt can go at once).
+    ///
+    /// A record is at fault if its refusal is about its topic (every record
+    /// to that topic is refused on its own account), or if it is the only
+    /// refused record of its partition: the broker refuses a partition's
+    /// whole request for one bad record, so several refusals in one
+    /// partition may be one culprit and its innocent neighbours.
+    fn refused(&mut self, batch: &mut Batch, refusals: Vec<Refusal>) -> bool {
+        let mut changed = false;
+        for refusal in &refusals {
+            let Some(entry) = batch.records.get(refusal.id) else {
+                continue;
+            };
+            let Some(origin) = &entry.origin else {
+                // The state topic refused the bridge's own record: not the
+                // data's fault. The batch is retried with backoff.
+                tracing::error!(code = ?refusal.code, topic = %entry.record.topic, "Kafka refused an exactly-once state record");
+                continue;
+            };
+            let alone = refusals
+                .iter()
+                .filter(|r| {
+                    r.partition == refusal.partition
+                        && batch.records.get(r.id).map(|e| &e.record.topic)
+                            == Some(&entry.record.topic)
+                })
+                .count()
+                == 1;
+            if refusal.topic_wide || alone {
+                self.replace(batch, refusal.id, refusal.code);
+                changed = true;
+            } else if !origin.suspect {
+                batch.records[refusal.id]
+                    .origin
+                    .as_mut()
+                    .expect("checked")
+                    .suspect = true;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Replaces a refused record by its next dead-letter form: the route's
+    /// record by the full dead-letter record, that by a stub with only the
+    /// `bridge.*` headers, and a refused stub by nothing (counted, logged).
+    fn replace(&self, batch: &mut Batch, id: usize, code: RDKafkaErrorCode) {
+        let entry = &mut batch.records[id];
+        let Some(origin) = entry.origin.as_mut() else {
+            return;
+        };
+        telemetry::kafka_refused(code, &entry.record.topic);
+        origin.suspect = false;
+        let route_name = origin.route.map_or("", |r| self.table.route_name(r));
+        let detail = match origin.reason {
+            None => format!(
+                "Kafka refused the record for `{}`: {code}",
+                entry.record.topic
+            ),
+            Some(reason) => format!(
+                "Kafka refused the dead-letter record (reason {}) for `{}`: {code}",
+                reason.as_str(),
+                entry.record.topic
+            ),
+        };
+        let form = match origin.form {
+            None => Form::Full,
+            Some(Form::Full) => Form::Stub,
+            Some(Form::Stub) => {
+                telemetry::dead_letter_lost(route_name, &entry.record.topic, code);
+                origin.lost = true;
+                return;
+            }
+        };
+        let rejection = Rejection::new(RejectReason::KafkaRejected, detail);
+        entry.record = self.table.dead_letter(
+            origin.route,
+            &origin.message,
+            &rejection,
+            Some(&format!("{code:?}")),
+            form,
+        );
+        origin.reason = Some(RejectReason::KafkaRejected);
+        origin.form = Some(form);
+    }
+
+    /// Produces an aborted batch again. Suspects (see [`Self::refused`])
+    /// go last and one at a time, each after a flush, so a refusal then is
+    /// the suspect's own: the attempt stops there (the transaction is lost
+    /// anyway) and the next one replaces it. A suspect delivered alone is
+    /// cleared.
+    async fn resend(&mut self, batch: &mut Batch) -> Result<(), DeliveryError> {
+        let suspects: Vec<usize> = (0..batch.records.len())
+            .filter(|&i| batch.records[i].origin.as_ref().is_some_and(|o| o.suspect))
+            .collect();
+        for id in 0..batch.records.len() {
+            if !suspects.contains(&id) {
+                self.send_entry(batch, id).await?;
+            }
+        }
+        for id in suspects {
+            // Any failed delivery leaves the transaction abortable: stop
+            // here, the commit says so. Only a suspect delivered alone
+            // with nothing failed is cleared.
+            if self.sink.flush().await.is_err() || self.sink.has_failures() {
+                return Ok(());
+            }
+            self.send_entry(batch, id).await?;
+            if self.sink.flush().await.is_err() || self.sink.has_failures() {
+                return Ok(());
+            }
+            if let Some(origin) = batch.records[id].origin.as_mut() {
+                origin.suspect = false;
+            }
+        }
+        Ok(())
     }
 
     /// Learns what became of a transaction whose `call` (commit or abort)
@@ -685,13 +849,23 @@ impl CommitLoop {
     }
 
     fn committed(&self, batch: &Batch, took: Duration) {
-        let produced: Vec<_> = batch
-            .produced
+        let mut produced: HashMap<usize, u64> = HashMap::new();
+        let mut dead_lettered: HashMap<(Option<usize>, &'static str), u64> = HashMap::new();
+        for origin in batch.records.iter().filter_map(|e| e.origin.as_ref()) {
+            match (origin.lost, origin.route, origin.reason) {
+                (true, _, _) => {}
+                (false, Some(route), None) => *produced.entry(route).or_default() += 1,
+                (false, route, Some(reason)) => {
+                    *dead_lettered.entry((route, reason.as_str())).or_default() += 1
+                }
+                (false, None, None) => {}
+            }
+        }
+        let produced: Vec<_> = produced
             .iter()
             .map(|(r, n)| (self.table.route_name(*r).to_string(), *n))
             .collect();
-        let dead_lettered: Vec<_> = batch
-            .dead_lettered
+        let dead_lettered: Vec<_> = dead_lettered
             .iter()
             .map(|((r, reason), n)| {
                 let name = r.map_or("", |r| self.table.route_name(r));

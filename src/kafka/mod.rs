@@ -4,7 +4,7 @@
 mod sink;
 pub mod state_store;
 
-pub use sink::{SinkError, TransactionalSink};
+pub use sink::{refusal_kind, Refusal, SinkError, TransactionalSink};
 pub use state_store::StateStoreError;
 
 use crate::config::KafkaConfig;

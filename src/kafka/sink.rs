@@ -7,10 +7,91 @@
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::route::KafkaRecord;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
-use std::sync::Arc;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
+};
+use rdkafka::ClientContext;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The producer of a sink: its delivery reports are collected per record.
+type Inner = BaseProducer<Reports>;
+
+/// A record the broker (or librdkafka) refused for good: producing it again
+/// would fail again. The batch replaces it with a dead-letter record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The id the record was sent with.
+    pub id: usize,
+    pub code: RDKafkaErrorCode,
+    /// The refusal is about the topic (missing, not authorised), so every
+    /// record to it is refused on its own merits, not for a neighbour's.
+    pub topic_wide: bool,
+    pub partition: i32,
+}
+
+/// How a delivery error bears on its record: `Some(topic_wide)` if the
+/// record itself (or its topic) is refused for good, `None` if producing it
+/// again may succeed (timeouts, leader changes, purges by our own abort).
+pub fn refusal_kind(code: RDKafkaErrorCode) -> Option<bool> {
+    use RDKafkaErrorCode as E;
+    match code {
+        E::MessageSizeTooLarge
+        | E::InvalidMessageSize
+        | E::InvalidTimestamp
+        | E::InvalidRecord
+        | E::MessageBatchTooLarge
+        | E::PolicyViolation => Some(false),
+        E::UnknownTopicOrPartition
+        | E::UnknownTopic
+        | E::UnknownPartition
+        | E::TopicAuthorizationFailed
+        | E::InvalidTopic => Some(true),
+        _ => None,
+    }
+}
+
+/// Delivery reports of the open transaction: the refusals, by record id.
+/// Served by whoever polls the producer (the flush before a commit or an
+/// abort); bounded by the records of one transaction.
+#[derive(Default)]
+pub struct Reports {
+    refusals: Mutex<Vec<Refusal>>,
+    /// Failed deliveries of any kind since the last `take_refusals`: a
+    /// record that was not refused was not necessarily delivered.
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
+        let Err((error, message)) = result else {
+            return;
+        };
+        tracing::trace!(id, %error, topic = message.topic(), "delivery failed");
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let KafkaError::MessageProduction(code) = error else {
+            return;
+        };
+        if let Some(topic_wide) = refusal_kind(*code) {
+            let refusal = Refusal {
+                id,
+                code: *code,
+                topic_wide,
+                partition: message.partition(),
+            };
+            self.refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(refusal);
+        }
+    }
+}
 
 /// How a Kafka failure must be handled.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +106,7 @@ pub enum SinkError {
     /// Kafka refuses this one record whatever happens (e.g. it is larger
     /// than `message.max.bytes`); the transaction is unaffected.
     #[error("Kafka rejected the record: {0}")]
-    Rejected(KafkaError),
+    Rejected(RDKafkaErrorCode),
     /// The same call may succeed if tried again.
     #[error("retriable Kafka error: {0}")]
     Retriable(KafkaError),
@@ -71,7 +152,7 @@ impl SinkError {
 /// (With `FutureProducer`, the flush inside each commit waited for its
 /// polling thread's 100 ms poll cycle.)
 pub struct TransactionalSink {
-    producer: Arc<BaseProducer>,
+    producer: Arc<Inner>,
     /// Kept to re-create the producer after an indefinite outcome.
     config: rdkafka::ClientConfig,
     commit_timeout: Duration,
@@ -87,6 +168,15 @@ impl TransactionalSink {
         delivery: &DeliveryConfig,
     ) -> Result<Self, SinkError> {
         let mut config = super::client_config(kafka);
+        // A record for a topic that does not exist fails after this long
+        // (librdkafka's default, 30 s, would hold up the commit that long
+        // and can outlast `commit_timeout_ms`); it is then dead-lettered.
+        if !kafka
+            .properties
+            .contains_key("topic.metadata.propagation.max.ms")
+        {
+            config.set("topic.metadata.propagation.max.ms", "5000");
+        }
         config.set("transactional.id", &kafka.transactional_id).set(
             "transaction.timeout.ms",
             delivery.transaction_timeout_ms.to_string(),
@@ -145,9 +235,48 @@ impl TransactionalSink {
         .await
     }
 
+    /// The records refused for good since the last call (see
+    /// [`Refusal`]); learnt from delivery reports, which the flush of a
+    /// commit or an abort serves.
+    pub fn take_refusals(&self) -> Vec<Refusal> {
+        let reports = self.producer.context();
+        reports
+            .failures
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Whether any delivery has failed (refused or otherwise) since the
+    /// last [`Self::take_refusals`].
+    pub fn has_failures(&self) -> bool {
+        self.producer
+            .context()
+            .failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    }
+
+    /// Waits until every record sent so far is delivered or failed, so
+    /// that the next one travels alone (used to find which of several
+    /// refused records is at fault).
+    pub async fn flush(&self) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        let timeout = self.commit_timeout;
+        blocking(move || flush(&producer, timeout)).await
+    }
+
     /// Starts a transaction unless one is open.
     pub fn begin(&mut self) -> Result<(), SinkError> {
         if !self.in_transaction {
+            // Reports of an earlier transaction are of no use any more.
+            self.take_refusals();
             self.producer
                 .begin_transaction()
                 .map_err(SinkError::classify)?;
@@ -156,9 +285,10 @@ impl TransactionalSink {
         Ok(())
     }
 
-    /// Enqueues one record in the open transaction. Delivery is confirmed by
-    /// the commit, so the per-record future is not kept.
-    pub async fn send(&mut self, record: &KafkaRecord) -> Result<(), SinkError> {
+    /// Enqueues one record in the open transaction; `id` comes back in a
+    /// [`Refusal`] if the broker refuses it. Delivery is confirmed by the
+    /// commit.
+    pub async fn send(&mut self, record: &KafkaRecord, id: usize) -> Result<(), SinkError> {
         self.begin()?;
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
@@ -167,7 +297,7 @@ impl TransactionalSink {
                 value: Some(value),
             });
         }
-        let mut base = BaseRecord::to(&record.topic)
+        let mut base = BaseRecord::with_opaque_to(&record.topic, id)
             .payload(record.value.as_ref())
             .headers(headers)
             .timestamp(record.timestamp_ms);
@@ -184,13 +314,11 @@ impl TransactionalSink {
                     self.producer.poll(Duration::ZERO);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((
-                    error @ KafkaError::MessageProduction(
-                        RDKafkaErrorCode::MessageSizeTooLarge
-                        | RDKafkaErrorCode::InvalidMessageSize,
-                    ),
-                    _,
-                )) => return Err(SinkError::Rejected(error)),
+                Err((KafkaError::MessageProduction(code), _))
+                    if refusal_kind(code) == Some(false) =>
+                {
+                    return Err(SinkError::Rejected(code))
+                }
                 Err((error, _)) => return Err(SinkError::Abortable(error)),
             }
         }
@@ -243,7 +371,7 @@ impl TransactionalSink {
 /// polls in 100 ms steps, which put a 100 ms floor under every commit
 /// (measured: flush 100.1 ms, EndTxn 3 ms, for 1 or 1 000 records). After
 /// this flush nothing is in flight, so its own flush returns at once.
-fn flush(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
+fn flush(producer: &Inner, timeout: Duration) -> Result<(), KafkaError> {
     let deadline = std::time::Instant::now() + timeout;
     while producer.in_flight_count() > 0 {
         if std::time::Instant::now() >= deadline {
@@ -258,8 +386,12 @@ fn flush(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
 async fn init_producer(
     config: &rdkafka::ClientConfig,
     timeout: Duration,
-) -> Result<Arc<BaseProducer>, SinkError> {
-    let producer: Arc<BaseProducer> = Arc::new(config.create().map_err(SinkError::Create)?);
+) -> Result<Arc<Inner>, SinkError> {
+    let producer: Arc<Inner> = Arc::new(
+        config
+            .create_with_context(Reports::default())
+            .map_err(SinkError::Create)?,
+    );
     let init = producer.clone();
     blocking(move || init.init_transactions(timeout)).await?;
     Ok(producer)

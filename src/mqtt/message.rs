@@ -19,6 +19,25 @@ pub struct MqttMessage {
     /// MQTT 5 content type.
     pub content_type: Option<String>,
     pub received_at: DateTime<Utc>,
+    /// Set when the packet arrived well framed but could not be taken as it
+    /// is; the message is dead-lettered, never routed.
+    pub defect: Option<Defect>,
+}
+
+/// Why a received PUBLISH cannot be routed, whatever its route says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Defect {
+    /// The packet was over `limits.max_packet_bytes`: its payload was
+    /// discarded as it streamed in, so memory stays bounded. `payload` is
+    /// empty; this is what is known of the original.
+    TooLarge {
+        packet_bytes: usize,
+        payload_bytes: usize,
+        sha256: [u8; 32],
+    },
+    /// An MQTT 3.1.1 topic that is not UTF-8 (MQTT 5 brokers refuse those
+    /// themselves); `topic` holds it with invalid bytes replaced.
+    TopicNotUtf8,
 }
 
 impl MqttMessage {
@@ -33,6 +52,7 @@ impl MqttMessage {
             user_properties: Vec::new(),
             content_type: None,
             received_at: Utc::now(),
+            defect: None,
         }
     }
 }

@@ -11,6 +11,6 @@ mod message;
 mod session;
 mod wire;
 
-pub use message::MqttMessage;
+pub use message::{Defect, MqttMessage};
 pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession};
 pub use wire::OutgoingPublish;

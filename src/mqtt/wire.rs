@@ -265,6 +265,7 @@ fn inbound_v4(packet: v4::Packet) -> Inbound {
                     user_properties: Vec::new(),
                     content_type: None,
                     received_at: Utc::now(),
+                    defect: None,
                 },
             }
         }
@@ -309,6 +310,7 @@ fn inbound_v5(packet: v5::Packet) -> Inbound {
                     user_properties,
                     content_type,
                     received_at: Utc::now(),
+                    defect: None,
                 },
             }
         }

@@ -79,14 +79,16 @@ impl Format {
     pub fn parse(&self, payload: &[u8]) -> Result<Option<Value>, Rejection> {
         match self {
             Self::Raw => Ok(None),
-            Self::Json => serde_json::from_slice(payload).map(Some).map_err(|e| {
-                let reason = if std::str::from_utf8(payload).is_err() {
-                    RejectReason::NotUtf8
-                } else {
-                    RejectReason::Parse
-                };
-                Rejection::new(reason, format!("invalid JSON: {e}"))
-            }),
+            Self::Json => super::strict_json::from_slice(payload)
+                .map(Some)
+                .map_err(|e| {
+                    let reason = if std::str::from_utf8(payload).is_err() {
+                        RejectReason::NotUtf8
+                    } else {
+                        RejectReason::Parse
+                    };
+                    Rejection::new(reason, format!("invalid JSON: {e}"))
+                }),
             Self::Text(text) => text.parse(payload).map(Some),
         }
     }

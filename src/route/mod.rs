@@ -11,17 +11,19 @@
 mod filter;
 mod format;
 mod index;
+pub mod reject;
+mod strict_json;
 mod table;
 mod template;
 mod transform;
 
 pub use filter::TopicFilter;
+pub use reject::{headers, RejectReason, Rejection};
 pub use table::{RouteSummary, RouteTable, Subscription};
-pub use template::{Context, Template, TemplateError};
+pub use template::{topic_level_problem, Context, Template, TemplateError, MQTT_TOPIC_MAX_BYTES};
 
-use crate::mqtt::{MqttMessage, OutgoingPublish};
+use crate::mqtt::OutgoingPublish;
 use bytes::Bytes;
-use std::fmt;
 
 /// One record to produce.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,87 +68,6 @@ pub enum Outcome {
     KeptOnMqtt,
 }
 
-/// Which rule a rejected message broke. The label values of
-/// `bridge_messages_dead_lettered_total{reason}`, so the set stays small.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    TooLarge,
-    NotUtf8,
-    Parse,
-    Schema,
-    Transform,
-    Key,
-    Topic,
-    Header,
-    Timestamp,
-    /// Kafka itself refused the record (e.g. over `message.max.bytes`).
-    KafkaRejected,
-}
-
-impl RejectReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::TooLarge => "too_large",
-            Self::NotUtf8 => "not_utf8",
-            Self::Parse => "parse",
-            Self::Schema => "schema",
-            Self::Transform => "transform",
-            Self::Key => "key",
-            Self::Topic => "topic",
-            Self::Header => "header",
-            Self::Timestamp => "timestamp",
-            Self::KafkaRejected => "kafka_rejected",
-        }
-    }
-}
-
-/// Why a message went to the dead-letter topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub reason: RejectReason,
-    /// Human-readable detail, e.g. the schema validator's message.
-    pub detail: String,
-    /// JSON pointer into the payload where the problem is, when known.
-    pub path: Option<String>,
-}
-
-impl Rejection {
-    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            detail: detail.into(),
-            path: None,
-        }
-    }
-
-    pub fn with_path(mut self, path: impl Into<String>) -> Self {
-        self.path = Some(path.into());
-        self
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason.as_str(), self.detail)
-    }
-}
-
-/// Header names the bridge writes. MQTT user properties with these names
-/// (or any `bridge.` name) are not carried over, so a device cannot forge
-/// the source topic or a dead-letter reason.
-pub mod headers {
-    pub fn is_reserved(name: &str) -> bool {
-        name == MQTT_TOPIC || name == CONTENT_TYPE || name.starts_with("bridge.")
-    }
-
-    pub const MQTT_TOPIC: &str = "mqtt.topic";
-    pub const CONTENT_TYPE: &str = "content-type";
-    pub const ROUTE: &str = "bridge.route";
-    pub const ERROR_REASON: &str = "bridge.error.reason";
-    pub const ERROR_DETAIL: &str = "bridge.error.detail";
-    pub const ERROR_PATH: &str = "bridge.error.path";
-}
-
 /// Kafka's own rule for topic names.
 pub fn is_valid_kafka_topic(name: &str) -> bool {
     !name.is_empty()
@@ -156,48 +77,4 @@ pub fn is_valid_kafka_topic(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Builds the dead-letter record for a message: the original bytes, keyed by
-/// the MQTT topic so one device's failures stay in order, with the reason in
-/// headers.
-pub(crate) fn dead_letter_record(
-    topic: &str,
-    route: Option<&str>,
-    message: &MqttMessage,
-    rejection: &Rejection,
-) -> KafkaRecord {
-    let mut headers = Vec::with_capacity(5 + message.user_properties.len());
-    headers.push((
-        headers::MQTT_TOPIC.to_string(),
-        message.topic.as_bytes().to_vec(),
-    ));
-    if let Some(route) = route {
-        headers.push((headers::ROUTE.to_string(), route.as_bytes().to_vec()));
-    }
-    headers.push((
-        headers::ERROR_REASON.to_string(),
-        rejection.reason.as_str().as_bytes().to_vec(),
-    ));
-    headers.push((
-        headers::ERROR_DETAIL.to_string(),
-        rejection.detail.as_bytes().to_vec(),
-    ));
-    if let Some(path) = &rejection.path {
-        headers.push((headers::ERROR_PATH.to_string(), path.as_bytes().to_vec()));
-    }
-    for (k, v) in message
-        .user_properties
-        .iter()
-        .filter(|(k, _)| !headers::is_reserved(k))
-    {
-        headers.push((k.clone(), v.as_bytes().to_vec()));
-    }
-    KafkaRecord {
-        topic: topic.to_string(),
-        key: Some(message.topic.clone()),
-        value: message.payload.clone(),
-        headers,
-        timestamp_ms: message.received_at.timestamp_millis(),
-    }
 }

@@ -2,17 +2,17 @@
 
 use super::format::{regex_error, Format};
 use super::index::RouteIndex;
+use super::reject::{self, DeadLetterLimits, Evidence, Form};
 use super::template::{Context, Template};
 use super::transform::Transform;
 use super::{
-    dead_letter_record, headers, is_valid_kafka_topic, KafkaRecord, Outcome, RejectReason,
-    Rejection, TopicFilter,
+    headers, is_valid_kafka_topic, KafkaRecord, Outcome, RejectReason, Rejection, TopicFilter,
 };
 use crate::config::{
     locate_all, Config, ConfigError, ConfigErrors, Guarantee, MappingSource, RouteConfig,
     RouteKafkaConfig,
 };
-use crate::mqtt::{MqttMessage, OutgoingPublish};
+use crate::mqtt::{Defect, MqttMessage, OutgoingPublish};
 use crate::schema::Schema;
 use bytes::Bytes;
 use regex::Regex;
@@ -63,6 +63,8 @@ enum Target {
 #[derive(Debug)]
 struct KafkaTarget {
     topic: Template,
+    /// Glob patterns a templated topic must match (empty: any).
+    allowed_topics: Vec<glob::Pattern>,
     key: Option<Template>,
     headers: Vec<(String, Template)>,
     timestamp: Timestamp,
@@ -101,10 +103,25 @@ pub struct RouteSummary {
     pub key: Option<String>,
 }
 
+/// Bounds on what one device message may carry, from `limits`.
+#[derive(Debug, Clone)]
+struct Limits {
+    max_user_properties: usize,
+    max_user_property_bytes: usize,
+    max_packet_bytes: usize,
+    timestamp_max_ahead_ms: i64,
+    timestamp_max_behind_ms: Option<i64>,
+    dead_letter: DeadLetterLimits,
+    /// Topics a templated Kafka topic may never render to: the state topic
+    /// and every dead-letter topic (internal `__` topics are refused too).
+    reserved_topics: Vec<String>,
+}
+
 /// All routes in precedence order.
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    limits: Limits,
     default_dead_letter_topic: String,
     index: RouteIndex,
     /// M2M trees with where they were declared (`file:line`).
@@ -193,8 +210,31 @@ impl RouteTable {
         for (i, route) in routes.iter().enumerate() {
             index.insert(&route.filter, i);
         }
+        let l = &config.bridge.limits;
+        let mut reserved_topics = vec![
+            config.bridge.delivery.state_topic.clone(),
+            config.bridge.kafka.dead_letter_topic.clone(),
+        ];
+        reserved_topics.extend(routes.iter().map(|r| r.dead_letter_topic.clone()));
+        reserved_topics.sort();
+        reserved_topics.dedup();
+        let limits = Limits {
+            max_user_properties: l.max_user_properties,
+            max_user_property_bytes: l.max_user_property_bytes,
+            max_packet_bytes: l.max_packet_bytes,
+            timestamp_max_ahead_ms: i64::try_from(l.timestamp_max_ahead_ms).unwrap_or(i64::MAX),
+            timestamp_max_behind_ms: l
+                .timestamp_max_behind_ms
+                .map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
+            dead_letter: DeadLetterLimits {
+                max_payload_bytes: l.dead_letter_max_payload_bytes,
+                max_user_property_bytes: l.max_user_property_bytes,
+            },
+            reserved_topics,
+        };
         Ok(Self {
             routes,
+            limits,
             default_dead_letter_topic: config.bridge.kafka.dead_letter_topic.clone(),
             index,
             m2m,
@@ -208,28 +248,48 @@ impl RouteTable {
         &self.summaries
     }
 
-    /// The dead-letter record for a message whose record Kafka refused:
-    /// without the payload (it is what Kafka refused), with the reason.
-    pub fn rejected_by_kafka(
+    /// The dead-letter record of `message` in the given form: the route's
+    /// dead-letter topic (the bridge's default without a route), bounded as
+    /// `limits` says. `kafka_error` names the broker's error when Kafka
+    /// refused the record this replaces.
+    pub fn dead_letter(
         &self,
         route: Option<usize>,
         message: &MqttMessage,
-        detail: &str,
+        rejection: &Rejection,
+        kafka_error: Option<&str>,
+        form: Form,
     ) -> KafkaRecord {
         let route = route.map(|r| &self.routes[r]);
-        let mut stub = message.clone();
-        stub.payload = Bytes::new();
-        let rejection = Rejection::new(
-            RejectReason::KafkaRejected,
-            format!(
-                "{detail} (payload of {} bytes not included)",
-                message.payload.len()
-            ),
-        );
         let topic = route.map_or(self.default_dead_letter_topic.as_str(), |r| {
             r.dead_letter_topic.as_str()
         });
-        dead_letter_record(topic, route.map(|r| r.name.as_str()), &stub, &rejection)
+        let original = match &message.defect {
+            Some(Defect::TooLarge {
+                payload_bytes,
+                sha256,
+                ..
+            }) => Some((*payload_bytes, *sha256)),
+            _ => None,
+        };
+        let evidence = Evidence {
+            source: &message.topic,
+            from_mqtt: true,
+            key: None,
+            payload: &message.payload,
+            original,
+            user_properties: &message.user_properties,
+            timestamp_ms: message.received_at.timestamp_millis(),
+        };
+        reject::dead_letter_record(
+            topic,
+            route.map_or("", |r| r.name.as_str()),
+            &evidence,
+            rejection,
+            kafka_error,
+            &self.limits.dead_letter,
+            form,
+        )
     }
 
     /// The declared M2M trees (filter, `file:line`).
@@ -302,7 +362,7 @@ impl RouteTable {
             let route = &self.routes[index];
             captures.clear();
             if route.matches(&message.topic, &mut captures) {
-                return match route.process(message, &captures) {
+                return match route.process(message, &captures, &self.limits) {
                     Ok(Processed::Record(record)) => Outcome::Forward {
                         route: index,
                         record,
@@ -313,19 +373,92 @@ impl RouteTable {
                     },
                     Err(rejection) => Outcome::DeadLetter {
                         route: Some(index),
-                        record: dead_letter_record(
-                            &route.dead_letter_topic,
-                            Some(&route.name),
+                        record: self.dead_letter(
+                            Some(index),
                             message,
                             &rejection,
+                            None,
+                            Form::Full,
                         ),
                         rejection,
                     },
                 };
             }
         }
+        if message.defect.is_some() {
+            // Dead-lettered whether a route matches or not: a defective
+            // message is evidence of a broken or hostile device.
+            let rejection = defect_rejection(message, &self.limits).expect("has a defect");
+            return Outcome::DeadLetter {
+                route: None,
+                record: self.dead_letter(None, message, &rejection, None, Form::Full),
+                rejection,
+            };
+        }
         Outcome::Unrouted
     }
+}
+
+/// The rejection a message's defect calls for, if it has one.
+fn defect_rejection(message: &MqttMessage, limits: &Limits) -> Option<Rejection> {
+    Some(match message.defect.as_ref()? {
+        Defect::TooLarge { packet_bytes, .. } => Rejection::new(
+            RejectReason::TooLarge,
+            format!(
+                "the packet is {packet_bytes} bytes, over limits.max_packet_bytes ({}); its payload was discarded as it arrived",
+                limits.max_packet_bytes
+            ),
+        ),
+        Defect::TopicNotUtf8 => Rejection::new(
+            RejectReason::NotUtf8,
+            "the topic is not UTF-8 (invalid bytes shown as U+FFFD)",
+        ),
+    })
+}
+
+/// Bytes of one message that the device chose: payload, topic, user
+/// properties and content type.
+fn message_bytes(message: &MqttMessage) -> usize {
+    message.payload.len()
+        + message.topic.len()
+        + property_bytes(message)
+        + message.content_type.as_ref().map_or(0, String::len)
+}
+
+fn property_bytes(message: &MqttMessage) -> usize {
+    message
+        .user_properties
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum()
+}
+
+/// Refuses a message over any size limit, before any work is spent on it.
+fn check_size(message: &MqttMessage, max_bytes: usize, limits: &Limits) -> Result<(), Rejection> {
+    let too_large = |detail: String| Err(Rejection::new(RejectReason::TooLarge, detail));
+    let count = message.user_properties.len();
+    if count > limits.max_user_properties {
+        return too_large(format!(
+            "{count} user properties, the limit is {} (limits.max_user_properties)",
+            limits.max_user_properties
+        ));
+    }
+    let props = property_bytes(message);
+    if props > limits.max_user_property_bytes {
+        return too_large(format!(
+            "user properties of {props} bytes, the limit is {} (limits.max_user_property_bytes)",
+            limits.max_user_property_bytes
+        ));
+    }
+    let size = message_bytes(message);
+    if size > max_bytes {
+        return too_large(format!(
+            "message is {size} bytes (payload {}, topic {}, user properties {props}), the limit is {max_bytes}",
+            message.payload.len(),
+            message.topic.len(),
+        ));
+    }
+    Ok(())
 }
 
 fn summary(config: &RouteConfig, route: &Route) -> RouteSummary {
@@ -460,7 +593,13 @@ fn compile_route(
             .ok()
     };
     let target = match (&route.kafka, &route.publish) {
-        (Some(kafka), None) => kafka_target(kafka, &template, &mut problems, structured),
+        (Some(kafka), None) => kafka_target(
+            kafka,
+            &template,
+            &mut problems,
+            structured,
+            &config.bridge.delivery.state_topic,
+        ),
         (None, Some(publish)) => {
             let topic = template(&mut problems, "publish.topic", &publish.topic);
             if publish.topic.contains(['+', '#']) {
@@ -554,6 +693,7 @@ fn kafka_target(
     template: &impl Fn(&mut Problems, &str, &str) -> Option<Template>,
     problems: &mut Problems,
     structured: bool,
+    state_topic: &str,
 ) -> Option<Target> {
     let topic = template(problems, "kafka.topic", &kafka.topic);
     let key = kafka
@@ -562,6 +702,12 @@ fn kafka_target(
         .map(|k| template(problems, "kafka.key", k));
     let mut headers = Vec::new();
     for (name, text) in &kafka.headers {
+        if headers::is_reserved(name) {
+            problems.push((
+                format!("kafka.headers.{name}"),
+                "is a header name the bridge writes itself (`mqtt.topic`, `content-type`, `bridge.*`)".into(),
+            ));
+        }
         if let Some(t) = template(problems, &format!("kafka.headers.{name}"), text) {
             headers.push((name.clone(), t));
         }
@@ -571,6 +717,29 @@ fn kafka_target(
             problems.push((
                 "kafka.topic".into(),
                 format!("`{literal}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
+            ));
+        } else if literal == state_topic || literal.starts_with("__") {
+            problems.push((
+                "kafka.topic".into(),
+                format!("`{literal}` is the exactly-once state topic or an internal Kafka topic"),
+            ));
+        }
+    }
+    let mut allowed_topics = Vec::new();
+    for (i, pattern) in kafka.allowed_topics.iter().enumerate() {
+        match glob::Pattern::new(pattern) {
+            Ok(p) => allowed_topics.push(p),
+            Err(e) => problems.push((format!("kafka.allowed_topics[{i}]"), e.to_string())),
+        }
+    }
+    if let (Some(literal), false) = (
+        topic.as_ref().and_then(Template::as_literal),
+        allowed_topics.is_empty(),
+    ) {
+        if !allowed_topics.iter().any(|p| p.matches(literal)) {
+            problems.push((
+                "kafka.allowed_topics".into(),
+                format!("does not allow the route's own topic `{literal}`"),
             ));
         }
     }
@@ -594,6 +763,7 @@ fn kafka_target(
     };
     Some(Target::Kafka(KafkaTarget {
         topic: topic?,
+        allowed_topics,
         key: key.flatten(),
         headers,
         timestamp,
@@ -633,18 +803,17 @@ impl Route {
         true
     }
 
-    fn process(&self, message: &MqttMessage, captures: &[&str]) -> Result<Processed, Rejection> {
+    fn process(
+        &self,
+        message: &MqttMessage,
+        captures: &[&str],
+        limits: &Limits,
+    ) -> Result<Processed, Rejection> {
         debug_assert_eq!(captures.len(), self.captures.len());
-        let size = message.payload.len();
-        if size > self.max_payload_bytes {
-            return Err(Rejection::new(
-                RejectReason::TooLarge,
-                format!(
-                    "payload is {size} bytes, the limit is {}",
-                    self.max_payload_bytes
-                ),
-            ));
+        if let Some(rejection) = defect_rejection(message, limits) {
+            return Err(rejection);
         }
+        check_size(message, self.max_payload_bytes, limits)?;
         let parsed = self.format.parse(&message.payload)?;
         if let (Some(schema), Some(value)) = (&self.schema, &parsed) {
             schema.validate(value)?;
@@ -677,19 +846,13 @@ impl Route {
         };
         match &self.target {
             Target::Kafka(kafka) => kafka
-                .record(&ctx, message, value.as_ref(), bytes)
+                .record(&ctx, message, value.as_ref(), bytes, limits)
                 .map(Processed::Record),
             Target::Mqtt(mqtt) => {
                 let topic = mqtt
                     .topic
-                    .render(&ctx)
+                    .render_mqtt_topic(&ctx)
                     .map_err(|e| Rejection::new(RejectReason::Topic, format!("topic: {e}")))?;
-                if topic.is_empty() || topic.contains(['+', '#']) {
-                    return Err(Rejection::new(
-                        RejectReason::Topic,
-                        format!("`{topic}` is not a topic to publish to"),
-                    ));
-                }
                 Ok(Processed::Publish(OutgoingPublish {
                     topic,
                     payload: bytes,
@@ -708,16 +871,14 @@ impl KafkaTarget {
         message: &MqttMessage,
         value: Option<&Value>,
         bytes: Bytes,
+        limits: &Limits,
     ) -> Result<KafkaRecord, Rejection> {
         let topic = self
             .topic
             .render(ctx)
             .map_err(|e| Rejection::new(RejectReason::Topic, format!("topic: {e}")))?;
-        if !is_valid_kafka_topic(&topic) {
-            return Err(Rejection::new(
-                RejectReason::Topic,
-                format!("`{topic}` is not a valid Kafka topic name"),
-            ));
+        if self.topic.as_literal().is_none() {
+            self.check_topic(&topic, limits)?;
         }
         let key = match &self.key {
             Some(t) => Some(
@@ -736,10 +897,12 @@ impl KafkaTarget {
             headers.push((headers::CONTENT_TYPE.to_string(), ct.as_bytes().to_vec()));
         }
         if self.user_properties {
-            let carried = message
-                .user_properties
-                .iter()
-                .filter(|(k, _)| !headers::is_reserved(k));
+            // Configured headers win over a device's property of the same
+            // name: a device cannot shadow `schema` or `tenant`.
+            let carried = message.user_properties.iter().filter(|(k, _)| {
+                !headers::is_reserved(k)
+                    && !self.headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(k))
+            });
             for (k, v) in carried {
                 headers.push((k.clone(), v.as_bytes().to_vec()));
             }
@@ -752,7 +915,12 @@ impl KafkaTarget {
         }
         let timestamp_ms = match &self.timestamp {
             Timestamp::Received => message.received_at.timestamp_millis(),
-            Timestamp::Field(ptr) => timestamp_from(value, ptr)?,
+            Timestamp::Field(ptr) => {
+                let ts = timestamp_from(value, ptr)?;
+                check_timestamp(ts, message.received_at.timestamp_millis(), limits)
+                    .map_err(|e| e.with_path(ptr.as_str()))?;
+                ts
+            }
         };
         Ok(KafkaRecord {
             topic,
@@ -762,6 +930,62 @@ impl KafkaTarget {
             timestamp_ms,
         })
     }
+}
+
+impl KafkaTarget {
+    /// A topic that data chose must be a valid Kafka name, never one of
+    /// the bridge's own topics or an internal one, and within the route's
+    /// allow-list.
+    fn check_topic(&self, topic: &str, limits: &Limits) -> Result<(), Rejection> {
+        let refuse = |why: &str| {
+            Err(Rejection::new(
+                RejectReason::Topic,
+                format!(
+                    "`{}` {why}",
+                    reject::truncate(topic, reject::MAX_DETAIL_BYTES / 2)
+                ),
+            ))
+        };
+        if !is_valid_kafka_topic(topic) {
+            return refuse("is not a valid Kafka topic name");
+        }
+        if topic.starts_with("__") {
+            return refuse("is an internal Kafka topic");
+        }
+        if limits.reserved_topics.iter().any(|t| t == topic) {
+            return refuse("is the bridge's own state or dead-letter topic");
+        }
+        if !self.allowed_topics.is_empty() && !self.allowed_topics.iter().any(|p| p.matches(topic))
+        {
+            return refuse("is not in the route's kafka.allowed_topics");
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a timestamp Kafka would refuse (or that is absurd), before one
+/// record aborts a whole transaction.
+fn check_timestamp(ts: i64, now: i64, limits: &Limits) -> Result<(), Rejection> {
+    let reject = |detail: String| Err(Rejection::new(RejectReason::Timestamp, detail));
+    if ts < 0 {
+        return reject(format!("timestamp {ts} is before 1970"));
+    }
+    let ahead = ts.saturating_sub(now);
+    if ahead > limits.timestamp_max_ahead_ms {
+        return reject(format!(
+            "timestamp {ts} is {ahead} ms ahead of the bridge's clock; the limit is {} (limits.timestamp_max_ahead_ms)",
+            limits.timestamp_max_ahead_ms
+        ));
+    }
+    if let Some(behind) = limits.timestamp_max_behind_ms {
+        let age = now.saturating_sub(ts);
+        if age > behind {
+            return reject(format!(
+                "timestamp {ts} is {age} ms old; the limit is {behind} (limits.timestamp_max_behind_ms)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads a record timestamp: epoch milliseconds or an RFC 3339 string.

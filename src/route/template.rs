@@ -53,6 +53,41 @@ pub enum TemplateError {
     MissingUserProperty(String),
     #[error("message has no MQTT content type")]
     MissingContentType,
+    /// A placeholder's value would not stay one topic level, so the data
+    /// could steer the message into another subtree or make the packet
+    /// malformed.
+    #[error("the value of `{placeholder}` is not one MQTT topic level: {why}")]
+    NotOneLevel {
+        placeholder: String,
+        why: &'static str,
+    },
+    #[error("the topic is {0} bytes; MQTT allows at most 65535")]
+    TopicTooLong(usize),
+    #[error("`{0}` is not a topic to publish to")]
+    NotATopic(String),
+}
+
+/// Longest topic name MQTT can encode (a two-byte length prefix).
+pub const MQTT_TOPIC_MAX_BYTES: usize = 65_535;
+
+/// Why `value` cannot be one level of an MQTT topic that data chose, if it
+/// cannot: a `/` would add levels, `+` and `#` are wildcards a publish may
+/// not hold, U+0000 is malformed on the wire, and a leading `$` names the
+/// broker's own trees.
+pub fn topic_level_problem(value: &str) -> Option<&'static str> {
+    if value.contains('/') {
+        Some("it holds `/`")
+    } else if value.contains(['+', '#']) {
+        Some("it holds a wildcard (`+` or `#`)")
+    } else if value.contains('\0') {
+        Some("it holds U+0000")
+    } else if value.starts_with('$') {
+        Some("it starts with `$`")
+    } else if value.is_empty() {
+        Some("it is empty")
+    } else {
+        None
+    }
 }
 
 impl Template {
@@ -192,6 +227,48 @@ impl Template {
         Ok(out)
     }
 
+    /// Renders an MQTT topic to publish to (a relay's or a command's). Every
+    /// placeholder's value must be exactly one topic level (see
+    /// [`topic_level_problem`]): what data chooses can fill a level the
+    /// mapping left open, never pick another subtree. The whole topic must
+    /// be publishable and fit MQTT's length prefix.
+    pub fn render_mqtt_topic(&self, ctx: &Context<'_>) -> Result<String, TemplateError> {
+        let mut out = String::new();
+        for part in &self.parts {
+            let start = out.len();
+            let one = Self {
+                parts: vec![part.clone()],
+            };
+            match part {
+                Part::Literal(text) => {
+                    out.push_str(text);
+                    continue;
+                }
+                // The source topic is the broker's, from a tree the mapping
+                // subscribed to: it may span levels by design.
+                Part::Topic => {
+                    out.push_str(&ctx.message.topic);
+                    continue;
+                }
+                _ => {}
+            }
+            one.render_into(ctx, &mut out)?;
+            if let Some(why) = topic_level_problem(&out[start..]) {
+                return Err(TemplateError::NotOneLevel {
+                    placeholder: part.to_string(),
+                    why,
+                });
+            }
+        }
+        if out.len() > MQTT_TOPIC_MAX_BYTES {
+            return Err(TemplateError::TopicTooLong(out.len()));
+        }
+        if out.is_empty() || out.contains(['+', '#', '\0']) {
+            return Err(TemplateError::NotATopic(out.escape_debug().to_string()));
+        }
+        Ok(out)
+    }
+
     /// Renders to a JSON value: a template that is exactly one placeholder
     /// keeps that value's type (`{mqtt.qos}` is a number, `{/reading}` the
     /// field as it is); anything else is a string.
@@ -202,6 +279,23 @@ impl Template {
             [Part::Retain] => Ok(Value::from(ctx.message.retain)),
             [Part::ReceivedAtMs] => Ok(Value::from(ctx.message.received_at.timestamp_millis())),
             _ => self.render(ctx).map(Value::String),
+        }
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::Literal(text) => f.write_str(text),
+            Part::Capture(i) => write!(f, "{{capture #{i}}}"),
+            Part::Pointer(ptr) => write!(f, "{{{ptr}}}"),
+            Part::Topic => f.write_str("{mqtt.topic}"),
+            Part::Qos => f.write_str("{mqtt.qos}"),
+            Part::Retain => f.write_str("{mqtt.retain}"),
+            Part::ReceivedAt => f.write_str("{mqtt.received_at}"),
+            Part::ReceivedAtMs => f.write_str("{mqtt.received_at_ms}"),
+            Part::ContentType => f.write_str("{mqtt.content_type}"),
+            Part::UserProperty(name) => write!(f, "{{mqtt.user_properties.{name}}}"),
         }
     }
 }

@@ -162,7 +162,10 @@ fn oversized_and_non_utf8_payloads() {
     let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    max_payload_bytes: 8\n    kafka: { topic: t }\n").unwrap();
     let (_, rej) = rejection(t.route(&MqttMessage::new("a/b", "123456789")));
     assert_eq!(rej.reason, RejectReason::TooLarge);
-    assert_eq!(rej.detail, "payload is 9 bytes, the limit is 8");
+    assert_eq!(
+        rej.detail,
+        "message is 12 bytes (payload 9, topic 3, user properties 0), the limit is 8"
+    );
     let (_, rej) = rejection(t.route(&MqttMessage::new("a/b", &b"\"\xff\""[..])));
     assert_eq!(rej.reason, RejectReason::NotUtf8);
 }
@@ -531,4 +534,208 @@ fn config_error_bad_m2m_filter() {
         e.contains("m.yaml:1:7: m2m[0]: `#` must be the last level"),
         "{e}"
     );
+}
+
+// ---- Hostile input (issue 13) ----
+
+const STAMPED: &str = r#"
+routes:
+  - name: r
+    mqtt: { filter: "d/{dev}" }
+    kafka: { topic: t, key: "{dev}", timestamp: /ts, headers: { schema: "v1" } }
+"#;
+
+#[test]
+fn timestamps_outside_the_window_are_refused_before_kafka() {
+    let t = table(STAMPED).unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let at = |ts: i64| {
+        let mut m = MqttMessage::new("d/x", format!(r#"{{"ts": {ts}}}"#));
+        m.received_at = chrono::DateTime::from_timestamp_millis(now).unwrap();
+        t.route(&m)
+    };
+    assert_eq!(forward(at(now + 3_500_000)).timestamp_ms, now + 3_500_000);
+    for ts in [now + 2 * 3_600_000, -1, i64::MAX] {
+        let (record, rej) = rejection(at(ts));
+        assert_eq!(rej.reason, RejectReason::Timestamp, "{ts}");
+        assert_eq!(rej.path.as_deref(), Some("/ts"));
+        assert_eq!(record.topic, "dlq");
+    }
+    // Huge floats saturate rather than wrap.
+    let (_, rej) = rejection(t.route(&MqttMessage::new("d/x", r#"{"ts": 1e300}"#)));
+    assert_eq!(rej.reason, RejectReason::Timestamp);
+}
+
+#[test]
+fn configured_headers_win_over_device_properties_in_any_case() {
+    let t = table(STAMPED).unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut m = MqttMessage::new("d/x", format!(r#"{{"ts": {now}}}"#));
+    m.user_properties = vec![
+        ("schema".into(), "forged".into()),
+        ("SCHEMA".into(), "forged".into()),
+        ("Bridge.route".into(), "forged".into()),
+        ("MQTT.TOPIC".into(), "forged".into()),
+        ("fw".into(), "1.2".into()),
+    ];
+    let r = forward(t.route(&m));
+    let names: Vec<_> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["mqtt.topic", "fw", "schema"]);
+    assert_eq!(r.header("schema"), Some(&b"v1"[..]));
+    assert_eq!(r.header("mqtt.topic"), Some(&b"d/x"[..]));
+}
+
+#[test]
+fn reserved_names_cannot_be_configured_headers() {
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    kafka: { topic: t, headers: { Bridge.Route: x } }\n");
+    assert!(e.contains("header name the bridge writes itself"), "{e}");
+}
+
+#[test]
+fn user_property_bombs_are_too_large_and_not_copied() {
+    let t = table(HVAC).unwrap();
+    let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", "{}");
+    m.user_properties = (0..10_000)
+        .map(|i| (format!("p{i}"), "x".repeat(100)))
+        .collect();
+    let (record, rej) = rejection(t.route(&m));
+    assert_eq!(rej.reason, RejectReason::TooLarge);
+    assert!(
+        rej.detail.contains("10000 user properties"),
+        "{}",
+        rej.detail
+    );
+    let bytes: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(
+        bytes < 16 * 1024,
+        "dead-letter headers are bounded: {bytes}"
+    );
+    // Few but large properties count against the byte limit...
+    m.user_properties = vec![("big".into(), "x".repeat(9000))];
+    let (_, rej) = rejection(t.route(&m));
+    assert!(
+        rej.detail.contains("user properties of 9003 bytes"),
+        "{}",
+        rej.detail
+    );
+    // ...and towards the message size.
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    max_payload_bytes: 100\n    kafka: { topic: t }\n").unwrap();
+    let mut m = MqttMessage::new("a/b", "1");
+    m.user_properties = vec![("k".into(), "v".repeat(200))];
+    let (_, rej) = rejection(t.route(&m));
+    assert!(
+        rej.detail.starts_with("message is 205 bytes"),
+        "{}",
+        rej.detail
+    );
+}
+
+#[test]
+fn dead_letters_keep_a_bounded_prefix_with_size_and_digest() {
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    max_payload_bytes: 100\n    kafka: { topic: t }\n").unwrap();
+    let payload = vec![b'x'; 400 * 1024];
+    let (record, _) = rejection(t.route(&MqttMessage::new("a/b", payload.clone())));
+    assert_eq!(record.value.len(), 256 * 1024);
+    assert_eq!(record.header("bridge.original.size"), Some(&b"409600"[..]));
+    assert_eq!(
+        record.header("bridge.original.sha256").unwrap(),
+        crate::route::reject::sha256_hex(&payload).as_bytes()
+    );
+}
+
+#[test]
+fn schema_failures_do_not_copy_the_value_into_headers() {
+    let schema = r#"{"type": "object", "properties": {"a": {"type": "string"}}}"#;
+    let t = table_with_files(
+        "routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    schema: s.json\n    kafka: { topic: t }\n",
+        &[("s.json", schema)],
+    )
+    .unwrap();
+    let payload = format!(r#"{{"a": [{}1]}}"#, "1,".repeat(50_000));
+    let (record, rej) = rejection(t.route(&MqttMessage::new("a/b", payload)));
+    assert_eq!(rej.reason, RejectReason::Schema);
+    assert!(record.header("bridge.error.detail").unwrap().len() <= 1024);
+}
+
+#[test]
+fn duplicate_json_keys_are_refused() {
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    kafka: { topic: t }\n")
+        .unwrap();
+    let (_, rej) = rejection(t.route(&MqttMessage::new("a/b", r#"{"seq":1,"seq":2}"#)));
+    assert_eq!(rej.reason, RejectReason::Parse);
+    assert!(rej.detail.contains("duplicate key `seq`"), "{}", rej.detail);
+}
+
+#[test]
+fn templated_kafka_topics_stay_out_of_the_bridge_topics() {
+    let t =
+        table("routes:\n  - name: r\n    mqtt: { filter: 'a/{x}' }\n    kafka: { topic: '{x}' }\n")
+            .unwrap();
+    for bad in [
+        "mqtt-bridge.state",
+        "dlq",
+        "__consumer_offsets",
+        "__transaction_state",
+    ] {
+        let (record, rej) = rejection(t.route(&MqttMessage::new(format!("a/{bad}"), "1")));
+        assert_eq!(rej.reason, RejectReason::Topic, "{bad}");
+        assert_eq!(record.topic, "dlq");
+    }
+    assert_eq!(forward(t.route(&MqttMessage::new("a/ok", "1"))).topic, "ok");
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'a/{x}' }\n    kafka: { topic: 'in.{x}', allowed_topics: ['in.s?'] }\n").unwrap();
+    assert_eq!(
+        forward(t.route(&MqttMessage::new("a/s1", "1"))).topic,
+        "in.s1"
+    );
+    let (_, rej) = rejection(t.route(&MqttMessage::new("a/s10", "1")));
+    assert!(rej.detail.contains("allowed_topics"), "{}", rej.detail);
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    kafka: { topic: mqtt-bridge.state }\n");
+    assert!(e.contains("state topic"), "{e}");
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a/+' }\n    kafka: { topic: t, allowed_topics: [u] }\n");
+    assert!(e.contains("does not allow the route's own topic"), "{e}");
+}
+
+#[test]
+fn relay_topics_take_one_level_per_placeholder() {
+    let t = table("routes:\n  - name: r\n    mqtt: { filter: 'in/+' }\n    publish: { topic: 'out/{/room}/set' }\n").unwrap();
+    let publish = |payload: &str| t.route(&MqttMessage::new("in/x", payload.to_string()));
+    match publish(r#"{"room": "r1"}"#) {
+        Outcome::Relay { publish, .. } => assert_eq!(publish.topic, "out/r1/set"),
+        other => panic!("{other:?}"),
+    }
+    for room in ["a/b", "+", "#", "$SYS", "", r"a\u0000b"] {
+        let (_, rej) = rejection(publish(&format!(r#"{{"room": "{room}"}}"#)));
+        assert_eq!(rej.reason, RejectReason::Topic, "{room:?}");
+        assert!(
+            rej.detail.contains("not one MQTT topic level"),
+            "{}",
+            rej.detail
+        );
+    }
+}
+
+#[test]
+fn defective_messages_are_dead_lettered_whatever_the_route() {
+    let t = table(HVAC).unwrap();
+    let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", "");
+    m.defect = Some(Defect::TooLarge {
+        packet_bytes: 70_000_000,
+        payload_bytes: 69_999_000,
+        sha256: [7; 32],
+    });
+    let (record, rej) = rejection(t.route(&m));
+    assert_eq!(rej.reason, RejectReason::TooLarge);
+    assert_eq!(
+        record.header("bridge.original.size"),
+        Some(&b"69999000"[..])
+    );
+    assert_eq!(
+        record.header("bridge.original.sha256"),
+        Some("07".repeat(32).as_bytes())
+    );
+    let mut m = MqttMessage::new("no/route/\u{fffd}", "1");
+    m.defect = Some(Defect::TopicNotUtf8);
+    let (record, rej) = rejection(t.route(&m));
+    assert_eq!(rej.reason, RejectReason::NotUtf8);
+    assert_eq!(record.topic, "dlq");
 }

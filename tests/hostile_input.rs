@@ -1,0 +1,189 @@
+//! Hostile device input on real mosquitto and a real Kafka broker: each
+//! message a device can send to break the flow is accounted for (in its
+//! topic or in the dead-letter topic with the right reason), the messages
+//! after it still arrive, the bridge keeps running and never reconnects.
+//!
+//! The broker-side refusals (a timestamp outside Kafka's window, a record
+//! over a topic's `max.message.bytes`, a topic that does not exist) abort a
+//! whole transaction in librdkafka; these cases prove the bridge replaces
+//! just the refused records and commits the rest.
+
+mod common;
+
+use common::kafka::TestKafka;
+use common::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+use std::time::Duration;
+
+const SETTLE: Duration = Duration::from_secs(2);
+
+async fn create_small_topic(bootstrap: &str, topic: &str, max_message_bytes: usize) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let max = max_message_bytes.to_string();
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", &max);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&[new], &options).await.expect("create") {
+        result.expect("topic created");
+    }
+    kafka::await_topics(bootstrap, &[topic]);
+}
+
+fn mapping(prefix: &str) -> String {
+    format!(
+        r#"
+routes:
+  - name: stamped
+    mqtt: {{ filter: "hostile/ts/{{dev}}" }}
+    kafka: {{ topic: hvac.telemetry, key: "{{dev}}", timestamp: /ts }}
+  - name: small
+    mqtt: {{ filter: "hostile/small/{{dev}}" }}
+    kafka: {{ topic: {prefix}small, key: "{{dev}}" }}
+  - name: templated
+    mqtt: {{ filter: "hostile/tpl/{{x}}" }}
+    kafka: {{ topic: "{prefix}{{x}}" }}
+"#
+    )
+}
+
+fn json(seq: u32, ts: i64) -> String {
+    format!(r#"{{"seq": {seq}, "ts": {ts}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
+    let rig = Rig::start_with(TestKafka::real()).await;
+    let prefix = rig.topics.prefix.clone();
+    let small = format!("{prefix}small");
+    create_small_topic(&rig.bootstrap, &small, 1000).await;
+    let client_id = unique("hostile");
+    let mut config = bridge_config_with_mapping(
+        rig.broker.port,
+        &rig.bootstrap,
+        &client_id,
+        "",
+        &rig.topics,
+        &mapping(&prefix),
+    );
+    // Wider than Kafka's own 1 h window, so that the broker, not the
+    // bridge, refuses the 2 h-ahead record.
+    config.bridge.limits.timestamp_max_ahead_ms = 3 * 3_600_000;
+    let bridge = Bridge::start(config).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let hour = 3_600_000;
+    let big = format!(r#"{{"seq": 4, "pad": "{}"}}"#, "x".repeat(5000));
+    let bomb: Vec<(String, String)> = (0..2000)
+        .map(|i| (format!("p{i}"), "y".repeat(100)))
+        .collect();
+    let mut messages = vec![
+        Publish::new("hostile/ts/a", json(1, now), 1),
+        // Kafka refuses it: INVALID_TIMESTAMP.
+        Publish::new("hostile/ts/a", json(2, now + 2 * hour), 1),
+        // The bridge refuses it: outside its own window.
+        Publish::new("hostile/ts/a", json(3, now + 5 * hour), 1),
+        // Kafka refuses it: over the topic's max.message.bytes.
+        Publish::new("hostile/small/a", big.clone(), 1),
+        Publish::new("hostile/small/a", json(5, now), 1),
+        // Kafka refuses it: the topic does not exist (no auto-create).
+        Publish::new("hostile/tpl/nosuch", json(6, now), 1),
+        Publish::new("hostile/tpl/hvac.telemetry", json(7, now), 1),
+        Publish::new("hostile/ts/a", r#"{"seq": 8, "seq": 80}"#, 1),
+        Publish::new("hostile/ts/a", json(9, now), 1),
+    ];
+    let mut bombed = Publish::new("hostile/ts/a", json(10, now), 1);
+    bombed.user_properties = bomb;
+    messages.push(bombed);
+    messages.push(Publish::new("hostile/ts/a", json(11, now), 1));
+    publish_all(rig.broker.port, &messages).await;
+
+    let telemetry = rig.topics.telemetry();
+    let dlq = rig.topics.dead_letter();
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&telemetry, &small, &dlq],
+        11,
+        Duration::from_secs(90),
+        SETTLE,
+    );
+    assert!(!bridge.is_finished(), "the bridge stopped");
+    let seqs = |topic: &str| {
+        let mut s: Vec<i64> = landed
+            .iter()
+            .filter(|l| l.topic == topic)
+            .map(|l| l.json()["seq"].as_i64().unwrap_or(-1))
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(seqs(&telemetry), [1, 7, 9, 11], "{landed:#?}");
+    assert_eq!(seqs(&small), [5]);
+    let mut dead: Vec<(String, String, String)> = landed
+        .iter()
+        .filter(|l| l.topic == dlq)
+        .map(|l| {
+            let seq = serde_json::from_slice::<serde_json::Value>(&l.value)
+                .map(|v| v["seq"].to_string())
+                .unwrap_or_else(|_| "?".into());
+            (
+                seq,
+                l.header("bridge.error.reason").to_string(),
+                l.header("bridge.error.kafka").to_string(),
+            )
+        })
+        .collect();
+    dead.sort();
+    let expected: Vec<(String, String, String)> = [
+        ("10", "too_large", ""),
+        ("2", "kafka_rejected", "InvalidTimestamp"),
+        ("3", "timestamp", ""),
+        ("4", "kafka_rejected", "MessageSizeTooLarge"),
+        ("6", "kafka_rejected", "UnknownTopic"),
+        ("80", "parse", ""),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    // The unknown topic is reported as the broker's or librdkafka's code,
+    // depending on which saw it first.
+    let dead: Vec<_> = dead
+        .into_iter()
+        .map(|(a, b, c)| {
+            let c = if c == "UnknownTopicOrPartition" {
+                "UnknownTopic".into()
+            } else {
+                c
+            };
+            (a, b, c)
+        })
+        .collect();
+    assert_eq!(dead, expected, "{landed:#?}");
+    for l in landed.iter().filter(|l| l.topic == dlq) {
+        assert!(!l.header("bridge.original.sha256").is_empty());
+        let bytes: usize = l.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(bytes < 16 * 1024, "bounded headers: {bytes} bytes");
+    }
+    let oversized = landed
+        .iter()
+        .find(|l| l.header("bridge.error.kafka") == "MessageSizeTooLarge")
+        .expect("oversized");
+    assert_eq!(
+        oversized.value,
+        big.as_bytes(),
+        "the original is the evidence"
+    );
+    assert_eq!(
+        oversized.header("bridge.original.size"),
+        big.len().to_string()
+    );
+    bridge.stop().await;
+    let log = rig.broker.log();
+    assert_eq!(
+        log.matches(&format!("as {client_id}")).count(),
+        1,
+        "the bridge connected more than once:\n{log}"
+    );
+}
