@@ -34,6 +34,31 @@ pub enum AppError {
     State(#[from] StateError),
     #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
     ShutdownTimeout(Duration),
+    /// A task that runs for the bridge's whole life ended on its own (a
+    /// panic, or a bug): the bridge stops with an error rather than run on
+    /// without it.
+    #[error("the {task} task ended unexpectedly: {why}")]
+    TaskEnded { task: &'static str, why: String },
+}
+
+/// What a task's end says, for [`AppError::TaskEnded`].
+fn task_end<T, E: std::fmt::Display>(
+    joined: Result<Result<T, E>, tokio::task::JoinError>,
+) -> String {
+    match joined {
+        Ok(Ok(_)) => "it returned".into(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            format!("panicked: {text}")
+        }
+        Err(e) => e.to_string(),
+    }
 }
 
 /// How long to wait for the broker to take DISCONNECT before dropping the
@@ -104,12 +129,27 @@ pub async fn run_with_readiness(
         tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));
     let command_runner = (!commands.is_empty()).then(|| {
         let (kafka, acker, stop) = (bridge.kafka.clone(), acker.clone(), stop.clone());
+        let runner = {
+            let stop = stop.clone();
+            tokio::spawn(async move { command::run(commands, &kafka, acker, stop).await })
+        };
+        // Supervises the runner: an error or a panic stops the bridge.
         tokio::spawn(async move {
-            let result = command::run(commands, &kafka, acker, stop.clone()).await;
-            if result.is_err() {
-                stop.cancel();
+            let joined = runner.await;
+            match joined {
+                Ok(Ok(())) if stop.is_cancelled() => Ok(()),
+                Ok(Err(e)) => {
+                    stop.cancel();
+                    Err(AppError::from(e))
+                }
+                other => {
+                    stop.cancel();
+                    Err(AppError::TaskEnded {
+                        task: "command runner",
+                        why: task_end(other),
+                    })
+                }
             }
-            result
         })
     });
 
@@ -124,11 +164,24 @@ pub async fn run_with_readiness(
         result = run => result.map_err(AppError::from),
         _ = deadline => Err(AppError::ShutdownTimeout(shutdown_timeout)),
     };
+    // The commit loop returns Ok only at shutdown or when the intake's
+    // channel closed: without a shutdown request, the intake task ended
+    // (a panic, or an error it could not ride out).
+    if result.is_ok() && !stop.is_cancelled() {
+        let why = match tokio::time::timeout(DISCONNECT_GRACE, &mut intake).await {
+            Ok(joined) => task_end(joined),
+            Err(_) => "its channel closed".into(),
+        };
+        result = Err(AppError::TaskEnded {
+            task: "MQTT intake",
+            why,
+        });
+    }
     stop.cancel();
     if let Some(runner) = command_runner {
         if let Ok(Ok(Err(e))) = tokio::time::timeout(DISCONNECT_GRACE, runner).await {
             if result.is_ok() {
-                result = Err(e.into());
+                result = Err(e);
             }
         }
     }
@@ -138,9 +191,10 @@ pub async fn run_with_readiness(
         tracing::error!(error = %e, "bridge stopping");
     }
     let _ = tokio::time::timeout(DISCONNECT_GRACE, acker.disconnect()).await;
-    if tokio::time::timeout(DISCONNECT_GRACE, &mut intake)
-        .await
-        .is_err()
+    if !intake.is_finished()
+        && tokio::time::timeout(DISCONNECT_GRACE, &mut intake)
+            .await
+            .is_err()
     {
         finished.cancel();
         let _ = intake.await;
