@@ -116,7 +116,8 @@ pub async fn run_with_readiness(
     for sub in &subscriptions {
         tracing::info!(filter = %sub.filter, qos = sub.qos, "subscribing");
     }
-    let session = MqttSession::new(&bridge.mqtt, subscriptions)?;
+    let session = MqttSession::new(&bridge.mqtt, subscriptions)?
+        .with_max_packet_bytes(bridge.limits.max_packet_bytes);
     let acker = session.acker();
     let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
     // Intake stops forwarding as soon as shutdown is requested, and keeps

@@ -187,3 +187,72 @@ async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
         "the bridge connected more than once:\n{log}"
     );
 }
+
+/// A relay publish the MQTT broker refuses (MQTT 5 PUBACK reason code
+/// 0x87, from mosquitto's ACL) is not counted as delivered: its source is
+/// dead-lettered with reason `mqtt_refused`, and the flow goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_relay_dead_letters_its_source() {
+    use common::mosquitto::{Mosquitto, Options};
+    let broker = Mosquitto::start_with(&Options {
+        acl: Some("topic readwrite #\ntopic deny relay/out/locked/#\n".into()),
+        // mosquitto 2.0 disconnects a client after a refusing PUBACK when
+        // max_queued_messages is 0 (no limit), the rig's default.
+        extra_config: "max_queued_messages 1000\n".into(),
+    });
+    let kafka = common::kafka::TestKafka::real();
+    let topics = Topics::new();
+    kafka.create_test_topics(&topics).await;
+    let bootstrap = kafka.bootstrap();
+    let client_id = unique("relay");
+    let mapping = r#"
+routes:
+  - name: stamped
+    mqtt: { filter: "hostile/ts/{dev}" }
+    kafka: { topic: hvac.telemetry, key: "{dev}" }
+  - name: relay
+    mqtt: { filter: "relay/in/{room}" }
+    publish: { topic: "relay/out/{room}/set", qos: 1 }
+"#;
+    let config =
+        bridge_config_with_mapping(broker.port, &bootstrap, &client_id, "", &topics, mapping);
+    let bridge = Bridge::start(config).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    publish_all(
+        broker.port,
+        &[
+            Publish::new("relay/in/locked", r#"{"set": 1}"#, 1),
+            Publish::new("relay/in/open", r#"{"set": 2}"#, 1),
+            Publish::new("hostile/ts/a", json(1, now), 1),
+        ],
+    )
+    .await;
+    let telemetry = topics.telemetry();
+    let dlq = topics.dead_letter();
+    let landed = read_committed(
+        &bootstrap,
+        &[&telemetry, &dlq],
+        2,
+        Duration::from_secs(60),
+        SETTLE,
+    );
+    assert!(!bridge.is_finished(), "the bridge stopped");
+    let dead: Vec<_> = landed.iter().filter(|l| l.topic == dlq).collect();
+    assert_eq!(dead.len(), 1, "{landed:#?}");
+    assert_eq!(dead[0].header("bridge.error.reason"), "mqtt_refused");
+    assert_eq!(dead[0].header("mqtt.topic"), "relay/in/locked");
+    assert!(
+        dead[0].header("bridge.error.detail").contains("0x87"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(dead[0].value, br#"{"set": 1}"#);
+    assert_eq!(landed.iter().filter(|l| l.topic == telemetry).count(), 1);
+    bridge.stop().await;
+    let log = broker.log();
+    assert_eq!(
+        log.matches(&format!("as {client_id}")).count(),
+        1,
+        "the bridge connected more than once:\n{log}"
+    );
+}

@@ -1,20 +1,40 @@
 //! Consumes the command topics and publishes each record to MQTT.
+//!
+//! Every record ends, exactly once per delivery to this consumer, in one of
+//! four ways, and then its offset is committed: delivered (the broker
+//! acknowledged the publish), expired, dead-lettered (invalid, or refused
+//! by the broker), or, when even a dead-letter stub cannot be written,
+//! counted as lost and logged. None of them loops or stops the bridge: a
+//! record is never published twice because the broker refused it, and a
+//! dead-letter topic that refuses records does not hold up the commands
+//! behind it.
 
 use super::{CommandTable, Prepared};
 use crate::config::KafkaConfig;
 use crate::fault;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, refusal_kind};
 use crate::mqtt::{Acker, MqttError};
-use crate::route::headers;
+use crate::route::reject::{self, Evidence, Form};
+use crate::route::{KafkaRecord, RejectReason, Rejection};
 use crate::telemetry;
+use bytes::Bytes;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// How long one dead-letter write may wait in librdkafka's queue.
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// First and longest pause between attempts at a dead-letter write that
+/// failed for a reason that may pass (a broker away, a timeout).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Closing a consumer waits for the group protocol (a join in progress,
 /// leaving the group), polling in a loop: seconds, and on a tokio worker
@@ -34,8 +54,6 @@ impl Drop for CloseInBackground {
 pub enum CommandError {
     #[error("command consumer: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("cannot dead-letter an invalid command: {0}")]
-    DeadLetter(KafkaError),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
 }
@@ -66,9 +84,7 @@ pub async fn run(
     consumer.subscribe(&table.topics())?;
     let consumer = CloseInBackground(Some(consumer));
     let consumer = consumer.0.as_ref().expect("set");
-    let producer: FutureProducer = client_config(kafka)
-        .set("enable.idempotence", "true")
-        .create()?;
+    let mut dead_letters = DeadLetters::new(kafka)?;
     tracing::info!(%group, topics = ?table.topics(), "consuming commands");
     loop {
         let record = tokio::select! {
@@ -98,58 +114,196 @@ pub async fn run(
             record.timestamp().to_millis(),
             now_ms,
         );
-        match prepared {
-            None => {}
+        let invalid = match prepared {
+            None => None,
             Some(Prepared::Publish(publish)) => {
-                let topic = publish.topic.clone();
-                let done = acker.publish(publish).await?;
-                tokio::select! {
+                let done = acker.publish_checked(publish).await?;
+                let outcome = tokio::select! {
                     // Not acknowledged yet: not committed; delivered again.
                     _ = shutdown.cancelled() => return Ok(()),
-                    acked = done => acked.map_err(|_| MqttError::Closed)?,
+                    outcome = done => outcome.map_err(|_| MqttError::Closed)?,
+                };
+                match outcome {
+                    Ok(()) => {
+                        tracing::debug!(%route, "command delivered");
+                        telemetry::command_delivered(&route);
+                        fault::point("command_before_commit");
+                        None
+                    }
+                    // Final: publishing it again would be refused again.
+                    Err(refused) => {
+                        let topic = table.dead_letter_topic(record.topic()).unwrap_or_default();
+                        let rejection =
+                            Rejection::new(RejectReason::MqttRefused, refused.to_string());
+                        Some((topic.to_string(), rejection))
+                    }
                 }
-                tracing::debug!(%route, %topic, "command delivered");
-                telemetry::command_delivered(&route);
-                fault::point("command_before_commit");
             }
             Some(Prepared::Expired { age_ms }) => {
                 tracing::info!(%route, age_ms, "command expired; not delivered");
                 telemetry::command_expired(&route);
+                None
             }
-            Some(Prepared::Invalid { topic, rejection }) => {
-                tracing::warn!(%route, %rejection, "invalid command; dead-lettering it");
-                let mut h = OwnedHeaders::new()
-                    .insert(Header {
-                        key: headers::ROUTE,
-                        value: Some(&route),
-                    })
-                    .insert(Header {
-                        key: headers::ERROR_REASON,
-                        value: Some(rejection.reason.as_str()),
-                    })
-                    .insert(Header {
-                        key: headers::ERROR_DETAIL,
-                        value: Some(&rejection.detail),
-                    });
-                if let Some(path) = &rejection.path {
-                    h = h.insert(Header {
-                        key: headers::ERROR_PATH,
-                        value: Some(path),
-                    });
-                }
-                let mut dead = FutureRecord::<[u8], [u8]>::to(&topic)
-                    .payload(record.payload().unwrap_or_default())
-                    .headers(h);
-                if let Some(key) = record.key() {
-                    dead = dead.key(key);
-                }
-                producer
-                    .send(dead, Duration::from_secs(30))
-                    .await
-                    .map_err(|(e, _)| CommandError::DeadLetter(e))?;
-                telemetry::command_dead_lettered(&route, rejection.reason.as_str());
+            Some(Prepared::Invalid { topic, rejection }) => Some((topic, rejection)),
+        };
+        if let Some((topic, rejection)) = invalid {
+            tracing::warn!(%route, %rejection, "invalid command; dead-lettering it");
+            let key = record.key().map(String::from_utf8_lossy);
+            let payload = Bytes::copy_from_slice(record.payload().unwrap_or_default());
+            let evidence = Evidence {
+                source: record.topic(),
+                from_mqtt: false,
+                key: key.as_deref(),
+                payload: &payload,
+                original: None,
+                user_properties: &[],
+                // When it was handled: the record's own timestamp may be
+                // one Kafka no longer takes.
+                timestamp_ms: now_ms,
+            };
+            let records = |form, kafka_error: Option<&str>| {
+                reject::dead_letter_record(
+                    &topic,
+                    &route,
+                    &evidence,
+                    &rejection,
+                    kafka_error,
+                    table.dead_letter_limits(),
+                    form,
+                )
+            };
+            match dead_letters.write(records, &shutdown).await {
+                Written::Yes => telemetry::command_dead_lettered(&route, rejection.reason.as_str()),
+                Written::Lost(code) => telemetry::dead_letter_lost(&route, &topic, code),
+                // Not dead-lettered yet: not committed; handled again.
+                Written::Stopped => return Ok(()),
             }
         }
-        consumer.commit_message(&record, CommitMode::Async)?;
+        commit(consumer, &record);
     }
+}
+
+/// Commits the offset after `record`. A failure (a rebalance took the
+/// partition, the coordinator is away) is not fatal: the next commit covers
+/// this offset too, or the partition's new owner handles the record again,
+/// which at-least-once delivery of commands allows.
+fn commit(consumer: &StreamConsumer, record: &BorrowedMessage<'_>) {
+    if let Err(error) = consumer.commit_message(record, CommitMode::Async) {
+        tracing::warn!(
+            %error,
+            topic = record.topic(),
+            partition = record.partition(),
+            offset = record.offset(),
+            "cannot commit a command offset; a later commit covers it, or the record is handled again"
+        );
+    }
+}
+
+/// How a dead-letter write ended.
+#[derive(Debug)]
+enum Written {
+    Yes,
+    /// Kafka refused the full record and its stub for good.
+    Lost(RDKafkaErrorCode),
+    /// Shutdown came first.
+    Stopped,
+}
+
+/// The producer of command dead-letter records.
+struct DeadLetters {
+    kafka: KafkaConfig,
+    producer: FutureProducer,
+}
+
+impl DeadLetters {
+    fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
+        Ok(Self {
+            kafka: kafka.clone(),
+            producer: Self::producer(kafka)?,
+        })
+    }
+
+    fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+        client_config(kafka)
+            .set("enable.idempotence", "true")
+            .create()
+    }
+
+    /// Writes the record `records(Form::Full, None)`; when Kafka refuses it
+    /// for good (too large, invalid, topic not authorised...), its stub
+    /// `records(Form::Stub, Some(error))`. Errors that may pass are retried,
+    /// with a growing pause, until shutdown.
+    async fn write(
+        &mut self,
+        records: impl Fn(Form, Option<&str>) -> KafkaRecord,
+        shutdown: &CancellationToken,
+    ) -> Written {
+        let mut form = Form::Full;
+        let mut record = records(form, None);
+        let mut pause = RETRY_FIRST;
+        loop {
+            let error = tokio::select! {
+                _ = shutdown.cancelled() => return Written::Stopped,
+                sent = send(&self.producer, &record) => match sent {
+                    Ok(()) => return Written::Yes,
+                    Err(error) => error,
+                },
+            };
+            match error {
+                KafkaError::MessageProduction(code) if refusal_kind(code).is_some() => {
+                    if form == Form::Stub {
+                        return Written::Lost(code);
+                    }
+                    tracing::warn!(
+                        ?code,
+                        "Kafka refused a command dead-letter record; writing its stub"
+                    );
+                    form = Form::Stub;
+                    record = records(form, Some(&format!("{code:?}")));
+                    continue;
+                }
+                // The idempotent producer is done for (e.g. after an
+                // unrecoverable sequence error): a new one can go on.
+                KafkaError::MessageProduction(RDKafkaErrorCode::Fatal) => {
+                    tracing::warn!("the dead-letter producer failed fatally; creating a new one");
+                    match Self::producer(&self.kafka) {
+                        Ok(producer) => self.producer = producer,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot create a dead-letter producer")
+                        }
+                    }
+                }
+                error => {
+                    tracing::warn!(%error, retry_in = ?pause, "cannot write a command dead-letter record yet");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Written::Stopped,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+async fn send(producer: &FutureProducer, record: &KafkaRecord) -> Result<(), KafkaError> {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let mut future = FutureRecord::<str, [u8]>::to(&record.topic)
+        .payload(&record.value[..])
+        .headers(headers)
+        .timestamp(record.timestamp_ms);
+    if let Some(key) = &record.key {
+        future = future.key(key.as_str());
+    }
+    producer
+        .send(future, DEAD_LETTER_TIMEOUT)
+        .await
+        .map(|_| ())
+        .map_err(|(error, _)| error)
 }

@@ -1,7 +1,14 @@
 //! Compiled command routes and what one record becomes.
+//!
+//! A command record is written by whoever may write the command topic, so
+//! its key and value are untrusted: what they put into the MQTT topic fills
+//! exactly one topic level (no `/`, `+`, `#`, U+0000, leading `$`), and a
+//! topic that cannot be published is refused here, before the broker could
+//! take it for a malformed packet.
 
 use crate::config::{locate_all, Config, ConfigError, ConfigErrors};
 use crate::mqtt::{MqttMessage, OutgoingPublish};
+use crate::route::reject::DeadLetterLimits;
 use crate::route::{is_valid_kafka_topic, RejectReason, Rejection};
 use crate::route::{Context, Template};
 use crate::schema::Schema;
@@ -15,6 +22,8 @@ struct CommandRoute {
     name: String,
     schema: Option<Schema>,
     topic: Template,
+    /// The template as written, for rejection details.
+    topic_text: String,
     qos: u8,
     retain: bool,
     ttl_ms: Option<i64>,
@@ -26,6 +35,8 @@ struct CommandRoute {
 pub struct CommandTable {
     routes: Vec<CommandRoute>,
     by_topic: HashMap<String, usize>,
+    /// How much of a rejected record its dead-letter record carries.
+    dead_letter_limits: DeadLetterLimits,
 }
 
 /// What one command record becomes.
@@ -47,7 +58,14 @@ impl CommandTable {
     /// Compiles the `commands:` of every mapping file, reporting every
     /// problem with file, line and field.
     pub fn compile(config: &Config) -> Result<Self, ConfigErrors> {
-        let mut table = Self::default();
+        let limits = &config.bridge.limits;
+        let mut table = Self {
+            dead_letter_limits: DeadLetterLimits {
+                max_payload_bytes: limits.dead_letter_max_payload_bytes,
+                max_user_property_bytes: limits.max_user_property_bytes,
+            },
+            ..Self::default()
+        };
         let mut errors = Vec::new();
         for source in &config.mappings {
             let base = source.path.parent().unwrap_or(Path::new("."));
@@ -99,9 +117,11 @@ impl CommandTable {
                         name: command.name.clone(),
                         schema,
                         topic,
+                        topic_text: command.mqtt.topic.clone(),
                         qos: command.mqtt.qos,
                         retain: command.mqtt.retain,
-                        ttl_ms: command.ttl_ms.map(|t| t as i64),
+                        // Beyond i64 is no limit at all.
+                        ttl_ms: command.ttl_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
                         dead_letter_topic: command
                             .kafka
                             .dead_letter_topic
@@ -136,8 +156,22 @@ impl CommandTable {
             .map_or("", |&i| self.routes[i].name.as_str())
     }
 
+    /// Where the route reading a Kafka topic dead-letters its records.
+    pub fn dead_letter_topic(&self, topic: &str) -> Option<&str> {
+        self.by_topic
+            .get(topic)
+            .map(|&i| self.routes[i].dead_letter_topic.as_str())
+    }
+
+    /// How much of a rejected record its dead-letter record carries (from
+    /// `limits`).
+    pub fn dead_letter_limits(&self) -> &DeadLetterLimits {
+        &self.dead_letter_limits
+    }
+
     /// Decides what one record becomes. `timestamp_ms` is the record's
-    /// Kafka timestamp, `now_ms` the time it is handled.
+    /// Kafka timestamp, `now_ms` the time it is handled; a timestamp ahead
+    /// of `now_ms` counts as age 0.
     pub fn prepare(
         &self,
         topic: &str,
@@ -152,7 +186,7 @@ impl CommandTable {
             rejection: Rejection::new(reason, detail),
         };
         if let (Some(ttl), Some(ts)) = (route.ttl_ms, timestamp_ms) {
-            let age_ms = now_ms - ts;
+            let age_ms = now_ms.saturating_sub(ts).max(0);
             if age_ms > ttl {
                 return Some(Prepared::Expired { age_ms });
             }
@@ -160,7 +194,7 @@ impl CommandTable {
         let Ok(key) = std::str::from_utf8(key.unwrap_or_default()) else {
             return Some(invalid(RejectReason::Key, "record key is not UTF-8".into()));
         };
-        let parsed: serde_json::Value = match serde_json::from_slice(value) {
+        let parsed: serde_json::Value = match crate::route::strict_json::from_slice(value) {
             Ok(v) => v,
             Err(e) => {
                 return Some(invalid(
@@ -186,15 +220,16 @@ impl CommandTable {
             message: &stand_in,
             value: Some(&parsed),
         };
-        let mqtt_topic = match route.topic.render(&ctx) {
-            Ok(t) if !t.is_empty() && !t.contains(['+', '#']) => t,
-            Ok(t) => {
+        let mqtt_topic = match route.topic.render_mqtt_topic(&ctx) {
+            Ok(t) => t,
+            Err(e) => {
+                // The template's only capture is the record key.
+                let e = e.to_string().replace("{capture #0}", "{key}");
                 return Some(invalid(
                     RejectReason::Topic,
-                    format!("`{t}` is not a topic to publish to"),
-                ))
+                    format!("MQTT topic `{}`: {e}", route.topic_text),
+                ));
             }
-            Err(e) => return Some(invalid(RejectReason::Topic, format!("topic: {e}"))),
         };
         Some(Prepared::Publish(OutgoingPublish {
             topic: mqtt_topic,
@@ -202,5 +237,165 @@ impl CommandTable {
             qos: route.qos,
             retain: route.retain,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BridgeConfig, MappingSource};
+
+    const BRIDGE: &str = "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t, dead_letter_topic: dlq }\nmappings: [x]\nlimits: { dead_letter_max_payload_bytes: 1000 }\n";
+
+    const MAPPING: &str = r#"
+commands:
+  - name: setpoint
+    kafka: { topic: cmds, dead_letter_topic: cmds.dlq }
+    mqtt: { topic: "site/{/site}/hvac/{key}/cmd/setpoint", qos: 1 }
+    ttl_ms: 60000
+  - name: forever
+    kafka: { topic: forever }
+    mqtt: { topic: "dev/{key}/cmd" }
+    ttl_ms: 18446744073709551615
+"#;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn table() -> CommandTable {
+        let dir = tempfile::tempdir().unwrap();
+        let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
+        let source = MappingSource::parse(&dir.path().join("m.yaml"), MAPPING).unwrap();
+        CommandTable::compile(&Config {
+            bridge,
+            path: dir.path().join("bridge.yaml"),
+            mappings: vec![source],
+        })
+        .unwrap()
+    }
+
+    fn prepare(key: &[u8], value: &str) -> Prepared {
+        table()
+            .prepare("cmds", Some(key), value.as_bytes(), Some(NOW), NOW)
+            .expect("a command topic")
+    }
+
+    /// The rejection of an invalid command, checking it goes to the
+    /// route's dead-letter topic.
+    fn invalid(prepared: Prepared) -> Rejection {
+        match prepared {
+            Prepared::Invalid { topic, rejection } => {
+                assert_eq!(topic, "cmds.dlq");
+                rejection
+            }
+            other => panic!("not invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_command_renders_its_topic() {
+        match prepare(b"u7", r#"{"site":"s1"}"#) {
+            Prepared::Publish(p) => {
+                assert_eq!(p.topic, "site/s1/hvac/u7/cmd/setpoint");
+                assert_eq!(&p.payload[..], br#"{"site":"s1"}"#);
+                assert_eq!(p.qos, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_that_is_not_one_topic_level_is_refused() {
+        for (key, why) in [
+            (&b"u1/../../other"[..], "holds `/`"),
+            (b"u1\0", "U+0000"),
+            (b"u+", "wildcard"),
+            (b"#", "wildcard"),
+            (b"$SYS", "starts with `$`"),
+            (b"", "empty"),
+        ] {
+            let rejection = invalid(prepare(key, r#"{"site":"s1"}"#));
+            assert_eq!(rejection.reason, RejectReason::Topic, "{key:?}");
+            assert!(
+                rejection.detail.contains(why),
+                "{key:?}: {}",
+                rejection.detail
+            );
+            assert!(rejection.detail.contains("{key}"), "{}", rejection.detail);
+        }
+    }
+
+    #[test]
+    fn a_pointer_value_that_is_not_one_topic_level_is_refused() {
+        for site in ["s1/x", "s\u{0}", "+", "$share"] {
+            let value = serde_json::json!({ "site": site }).to_string();
+            let rejection = invalid(prepare(b"u1", &value));
+            assert_eq!(rejection.reason, RejectReason::Topic, "{site:?}");
+            assert!(rejection.detail.contains("{/site}"), "{}", rejection.detail);
+        }
+    }
+
+    #[test]
+    fn a_topic_too_long_for_mqtt_is_refused() {
+        let key = "k".repeat(70_000);
+        let rejection = invalid(prepare(key.as_bytes(), r#"{"site":"s1"}"#));
+        assert_eq!(rejection.reason, RejectReason::Topic);
+        assert!(rejection.detail.contains("65535"), "{}", rejection.detail);
+    }
+
+    #[test]
+    fn duplicate_json_keys_are_refused() {
+        let rejection = invalid(prepare(b"u1", r#"{"site":"s1","site":"s2"}"#));
+        assert_eq!(rejection.reason, RejectReason::Parse);
+        assert!(
+            rejection.detail.contains("duplicate key `site`"),
+            "{}",
+            rejection.detail
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_is_refused() {
+        let rejection = invalid(prepare(&[0xff, b'u'], r#"{"site":"s1"}"#));
+        assert_eq!(rejection.reason, RejectReason::Key);
+    }
+
+    #[test]
+    fn ttl_arithmetic_saturates() {
+        let t = table();
+        let value = br#"{"site":"s1"}"#;
+        let prepare = |topic, ts, now| t.prepare(topic, Some(b"u1"), value, Some(ts), now);
+        // From the future: age 0, delivered.
+        assert!(matches!(
+            prepare("cmds", NOW + 3_600_000, NOW),
+            Some(Prepared::Publish(_))
+        ));
+        assert!(matches!(
+            prepare("cmds", i64::MAX, i64::MIN),
+            Some(Prepared::Publish(_))
+        ));
+        // Older than the TTL: expired, with its age.
+        assert_eq!(
+            prepare("cmds", NOW - 60_001, NOW),
+            Some(Prepared::Expired { age_ms: 60_001 })
+        );
+        // An age beyond i64: the most there is, no overflow.
+        assert_eq!(
+            prepare("cmds", i64::MIN, i64::MAX),
+            Some(Prepared::Expired { age_ms: i64::MAX })
+        );
+        // A TTL beyond i64 is no limit (it does not wrap to negative).
+        assert!(matches!(
+            prepare("forever", 0, NOW),
+            Some(Prepared::Publish(_))
+        ));
+    }
+
+    #[test]
+    fn dead_letter_settings_come_from_the_config() {
+        let t = table();
+        assert_eq!(t.dead_letter_topic("cmds"), Some("cmds.dlq"));
+        assert_eq!(t.dead_letter_topic("forever"), Some("dlq"));
+        assert_eq!(t.dead_letter_topic("other"), None);
+        assert_eq!(t.dead_letter_limits().max_payload_bytes, 1000);
     }
 }

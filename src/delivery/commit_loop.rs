@@ -6,7 +6,7 @@ use super::session_state::{
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::fault;
 use crate::kafka::{state_store, Refusal, SinkError, TransactionalSink};
-use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttMessage};
+use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttMessage, PublishRefused};
 use crate::route::reject::Form;
 use crate::route::{KafkaRecord, Outcome, RejectReason, Rejection, RouteTable};
 use crate::telemetry;
@@ -88,7 +88,7 @@ struct Batch {
     /// In arrival order; QoS 0 messages have none.
     acks: Vec<Ack>,
     /// Relay publishes of this batch; its acks wait for all of them.
-    relays: Vec<oneshot::Receiver<()>>,
+    relays: Vec<PendingRelay>,
     messages: usize,
     /// The exactly-once state changed: the transaction must carry it.
     state_changed: bool,
@@ -127,24 +127,58 @@ pub struct CommitLoop {
     /// without a route; registered once (see `telemetry::received_counter`).
     received: Vec<metrics::Counter>,
     received_without_route: metrics::Counter,
+    /// Transactions committed so far (see `WaitingAcks::after_commit`).
+    commits: u64,
+    /// Dead-letter records of refused relays, for the next transaction.
+    refused_relays: Vec<Entry>,
+}
+
+/// A relay publish the source message's ack waits for.
+struct PendingRelay {
+    done: oneshot::Receiver<Result<(), PublishRefused>>,
+    /// The source message, dead-lettered if the broker refuses the relay.
+    message: MqttMessage,
+    route: usize,
+}
+
+/// What became of a relay publish.
+enum RelayOutcome {
+    Done,
+    /// The broker refused it (a PUBACK/PUBREC reason code of 0x80 or
+    /// more, or a packet over its Maximum Packet Size): never resent.
+    Refused(Box<PendingRelay>, PublishRefused),
+    /// The session ended.
+    Closed,
 }
 
 /// A committed batch's acks, held until its relays are done.
 struct WaitingAcks {
     acks: Vec<Ack>,
-    relays: Vec<oneshot::Receiver<()>>,
+    relays: Vec<PendingRelay>,
+    /// A refused relay's dead-letter record must commit before these acks
+    /// go: not before this many commits.
+    after_commit: Option<u64>,
 }
 
-/// Resolves when a relay publish of the front batch is done (`true`) or
-/// the session ended (`false`); never when there is none. Cancel-safe: a
-/// receiver is removed only once it has resolved.
-async fn front_relay_done(waiting: &mut VecDeque<WaitingAcks>) -> bool {
+/// Resolves when a relay publish of the front batch has an outcome; never
+/// when there is none. Cancel-safe: a relay is removed only once it has
+/// resolved.
+async fn front_relay_done(waiting: &mut VecDeque<WaitingAcks>) -> RelayOutcome {
     let Some(relay) = waiting.front_mut().and_then(|w| w.relays.last_mut()) else {
         return std::future::pending().await;
     };
-    let done = relay.await.is_ok();
-    waiting.front_mut().expect("front").relays.pop();
-    done
+    let done = (&mut relay.done).await;
+    let relay = waiting
+        .front_mut()
+        .expect("front")
+        .relays
+        .pop()
+        .expect("last");
+    match done {
+        Ok(Ok(())) => RelayOutcome::Done,
+        Ok(Err(refused)) => RelayOutcome::Refused(Box::new(relay), refused),
+        Err(_) => RelayOutcome::Closed,
+    }
 }
 
 /// The state of exactly-once delivery and where it is written.
@@ -177,6 +211,8 @@ impl CommitLoop {
             sink,
             acker,
             acks_queued: 0,
+            commits: 0,
+            refused_relays: Vec::new(),
             waiting: VecDeque::new(),
             received,
             received_without_route: telemetry::received_counter(""),
@@ -207,10 +243,19 @@ impl CommitLoop {
             }
         }
         loop {
+            // Refused relays found while releasing the last batch's acks.
+            if !self.refused_relays.is_empty() {
+                self.commit_refused_relays(&shutdown).await?;
+            }
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return self.finish().await,
                 done = front_relay_done(&mut self.waiting) => {
                     self.relay_done(done).await?;
+                    // No batch is open: a refused relay's dead letter gets
+                    // a transaction of its own.
+                    if !self.refused_relays.is_empty() {
+                        self.commit_refused_relays(&shutdown).await?;
+                    }
                     continue;
                 }
                 first = input.recv() => match first {
@@ -242,6 +287,7 @@ impl CommitLoop {
             self.waiting.push_back(WaitingAcks {
                 acks: std::mem::take(&mut batch.acks),
                 relays: std::mem::take(&mut batch.relays),
+                after_commit: None,
             });
             self.release_acks().await?;
             if stopping {
@@ -254,23 +300,74 @@ impl CommitLoop {
     /// relays (the session still reads the broker's acks; the caller bounds
     /// the wait with `delivery.shutdown_timeout_ms`).
     async fn finish(&mut self) -> Result<(), DeliveryError> {
+        // Bounded by the caller, not by shutdown (which has come).
+        let unbounded = CancellationToken::new();
         loop {
+            if !self.refused_relays.is_empty() {
+                self.commit_refused_relays(&unbounded).await?;
+            }
             self.release_acks().await?;
             if self.waiting.is_empty() {
                 return Ok(());
             }
-            if !front_relay_done(&mut self.waiting).await {
-                return Err(MqttError::Closed.into());
-            }
+            let outcome = front_relay_done(&mut self.waiting).await;
+            self.take_relay_outcome(outcome)?;
         }
     }
 
-    /// A relay publish finished (or the session ended).
-    async fn relay_done(&mut self, done: bool) -> Result<(), DeliveryError> {
-        if !done {
-            return Err(MqttError::Closed.into());
-        }
+    /// A relay publish has an outcome.
+    async fn relay_done(&mut self, outcome: RelayOutcome) -> Result<(), DeliveryError> {
+        self.take_relay_outcome(outcome)?;
         self.release_acks().await
+    }
+
+    /// Notes a relay's outcome for the front batch: a refused relay's
+    /// source is dead-lettered (reason `mqtt_refused`) in the next
+    /// transaction, and the batch's acks wait until that has committed, so
+    /// a crash in between redelivers the source instead of losing it.
+    fn take_relay_outcome(&mut self, outcome: RelayOutcome) -> Result<(), DeliveryError> {
+        let (relay, refused) = match outcome {
+            RelayOutcome::Done => return Ok(()),
+            RelayOutcome::Closed => return Err(MqttError::Closed.into()),
+            RelayOutcome::Refused(relay, refused) => (*relay, refused),
+        };
+        tracing::warn!(route = self.table.route_name(relay.route), %refused, "the MQTT broker refused a relay publish; dead-lettering its source");
+        let rejection = Rejection::new(RejectReason::MqttRefused, refused.to_string());
+        let record = self.table.dead_letter(
+            Some(relay.route),
+            &relay.message,
+            &rejection,
+            None,
+            Form::Full,
+        );
+        self.refused_relays.push(Entry {
+            record,
+            origin: Some(Origin {
+                message: relay.message,
+                route: Some(relay.route),
+                reason: Some(RejectReason::MqttRefused),
+                form: Some(Form::Full),
+                suspect: false,
+                lost: false,
+            }),
+        });
+        if let Some(front) = self.waiting.front_mut() {
+            front.after_commit = Some(self.commits + 1);
+        }
+        Ok(())
+    }
+
+    /// Commits the dead letters of refused relays in a transaction of
+    /// their own, then releases the acks that waited for it.
+    async fn commit_refused_relays(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<(), DeliveryError> {
+        let mut batch = Batch::default();
+        if self.commit(&mut batch, shutdown).await? {
+            self.release_acks().await?;
+        }
+        Ok(())
     }
 
     /// Sends, in batch order, the acks of committed batches whose relay
@@ -278,22 +375,31 @@ impl CommitLoop {
     /// loop keeps taking messages meanwhile, which is what lets the session
     /// read the broker's acks of the relays.
     async fn release_acks(&mut self) -> Result<(), DeliveryError> {
-        while let Some(front) = self.waiting.front_mut() {
-            while let Some(relay) = front.relays.last_mut() {
-                match relay.try_recv() {
-                    Ok(()) => {
-                        front.relays.pop();
+        loop {
+            let Some(front) = self.waiting.front_mut() else {
+                return Ok(());
+            };
+            if let Some(relay) = front.relays.last_mut() {
+                let outcome = match relay.done.try_recv() {
+                    Ok(result) => {
+                        let relay = front.relays.pop().expect("last");
+                        match result {
+                            Ok(()) => RelayOutcome::Done,
+                            Err(refused) => RelayOutcome::Refused(Box::new(relay), refused),
+                        }
                     }
                     Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        return Err(MqttError::Closed.into())
-                    }
-                }
+                    Err(oneshot::error::TryRecvError::Closed) => RelayOutcome::Closed,
+                };
+                self.take_relay_outcome(outcome)?;
+                continue;
+            }
+            if front.after_commit.is_some_and(|c| self.commits < c) {
+                return Ok(());
             }
             let acks = self.waiting.pop_front().expect("front").acks;
             self.send_acks(acks).await?;
         }
-        Ok(())
     }
 
     /// Hands acks to the session, numbering them as the session counts them
@@ -402,7 +508,11 @@ impl CommitLoop {
             }
             Outcome::Relay { route, publish } => {
                 telemetry::message_relayed(self.table.route_name(route));
-                batch.relays.push(self.acker.publish(publish).await?);
+                batch.relays.push(PendingRelay {
+                    done: self.acker.publish_checked(publish).await?,
+                    message: delivery.message,
+                    route,
+                });
                 return Ok(());
             }
             Outcome::Forward { route, record } => (Some(route), record, None),
@@ -448,6 +558,11 @@ impl CommitLoop {
         batch: &mut Batch,
         shutdown: &CancellationToken,
     ) -> Result<bool, DeliveryError> {
+        // Dead letters of relays the broker refused since the last commit.
+        for entry in std::mem::take(&mut self.refused_relays) {
+            batch.records.push(entry);
+            self.send_entry(batch, batch.records.len() - 1).await?;
+        }
         if let Some(eo) = &mut self.exactly_once {
             // The buckets of the state this batch changed, then the head, as
             // the transaction's last records, so they commit or abort with
@@ -528,6 +643,7 @@ impl CommitLoop {
             match fate {
                 Fate::Committed => {
                     fault::point("after_commit");
+                    self.commits += 1;
                     if let Some(eo) = &mut self.exactly_once {
                         eo.last_token = batch.token.or(eo.last_token);
                     }

@@ -217,16 +217,20 @@ impl TransactionalSink {
     pub async fn await_topic(&self, topic: &str) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let (topic, timeout) = (topic.to_string(), self.commit_timeout);
-        blocking(move || {
+        blocking("wait for the state topic", move || {
             let deadline = std::time::Instant::now() + timeout;
             loop {
                 let ready = producer
                     .client()
                     .fetch_metadata(Some(&topic), timeout)
                     .is_ok_and(|m| super::ready_partitions(&m).is_some());
+                if ready {
+                    return Ok(());
+                }
                 // At the deadline (still missing, or Kafka unreachable)
                 // the first commit deals with what remains.
-                if ready || std::time::Instant::now() >= deadline {
+                if std::time::Instant::now() >= deadline {
+                    tracing::warn!(%topic, ?timeout, "the producer still does not see the state topic; going on, the first commit may wait for it");
                     return Ok(());
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -269,7 +273,7 @@ impl TransactionalSink {
     pub async fn flush(&self) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking(move || flush(&producer, timeout)).await
+        blocking("flush", move || flush(&producer, timeout)).await
     }
 
     /// Starts a transaction unless one is open.
@@ -332,7 +336,7 @@ impl TransactionalSink {
         }
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking(move || {
+        blocking("commit", move || {
             flush(&producer, timeout)?;
             crate::fault::point("before_commit");
             crate::fault::point_soon("during_commit");
@@ -350,7 +354,7 @@ impl TransactionalSink {
         }
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking(move || {
+        blocking("abort", move || {
             // Aborting waits for the delivery reports of every outstanding
             // record, and nothing else polls this producer: drop them from
             // the queues and serve their reports first.
@@ -393,14 +397,35 @@ async fn init_producer(
             .map_err(SinkError::Create)?,
     );
     let init = producer.clone();
-    blocking(move || init.init_transactions(timeout)).await?;
+    blocking("init_transactions", move || init.init_transactions(timeout)).await?;
     Ok(producer)
 }
 
+/// How often a blocking Kafka call that is still running says so.
+const STILL_WAITING_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs a blocking librdkafka call on the blocking pool. While it runs past
+/// [`STILL_WAITING_EVERY`], a warning says which call is waiting and for
+/// how long: during a broker failover a commit can wait for seconds for a
+/// new partition leader or transaction coordinator, and the log should
+/// say so rather than go quiet.
 async fn blocking(
+    what: &'static str,
     call: impl FnOnce() -> Result<(), KafkaError> + Send + 'static,
 ) -> Result<(), SinkError> {
-    match tokio::task::spawn_blocking(call).await {
+    let started = std::time::Instant::now();
+    let mut task = tokio::task::spawn_blocking(call);
+    let joined = loop {
+        tokio::select! {
+            joined = &mut task => break joined,
+            _ = tokio::time::sleep(STILL_WAITING_EVERY) => tracing::warn!(
+                call = what,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "Kafka call still waiting (for a partition leader or the transaction coordinator)"
+            ),
+        }
+    };
+    match joined {
         Ok(result) => result.map_err(SinkError::classify),
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     }

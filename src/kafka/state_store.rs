@@ -23,44 +23,54 @@ use std::time::{Duration, Instant};
 pub enum StateStoreError {
     #[error("cannot read state topic {topic}: {error}")]
     Kafka { topic: String, error: KafkaError },
-    #[error("state topic {0} does not exist and could not be created")]
+    #[error("state topic {0} does not exist")]
     Missing(String),
-    #[error("state topic {0} was not read to its end within {1:?}")]
-    Timeout(String, Duration),
+    #[error("state topic {topic} does not exist and cannot be created: {reason} (create it yourself: compacted, one partition, or give the bridge the right to create topics)")]
+    Create { topic: String, reason: String },
+    #[error("state topic {topic} was not read to its end within {timeout:?} ({waiting})")]
+    Timeout {
+        topic: String,
+        timeout: Duration,
+        /// What the read was still waiting for.
+        waiting: String,
+    },
 }
 
 /// Creates the state topic (compacted, one partition, the broker's default
-/// replication). Failing is not an error here: another instance may have
-/// created it meanwhile; the read that follows reports a topic that is
-/// really missing.
-async fn create_topic(kafka: &KafkaConfig, topic: &str, timeout: Duration) {
-    let admin: AdminClient<DefaultClientContext> = match client_config(kafka).create() {
-        Ok(admin) => admin,
-        Err(error) => {
-            tracing::warn!(%error, "cannot create Kafka admin client");
-            return;
-        }
+/// replication). One that another instance created meanwhile is fine; any
+/// other refusal (not authorised, a policy, Kafka unreachable) is an error
+/// that says so, rather than a silent wait for a topic that will not come.
+async fn create_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(), StateStoreError> {
+    let failed = |reason: String| StateStoreError::Create {
+        topic: topic.to_string(),
+        reason,
     };
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+        .create()
+        .map_err(|e| failed(format!("cannot create a Kafka admin client: {e}")))?;
+    tracing::info!(topic, "creating the exactly-once state topic");
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "compact")
         .set("min.compaction.lag.ms", "0");
     let options = AdminOptions::new()
         .operation_timeout(Some(timeout))
         .request_timeout(Some(timeout));
-    match admin.create_topics(&[new], &options).await {
-        Ok(results) => {
-            for result in results {
-                match result {
-                    Ok(name) => tracing::info!(topic = name, "created state topic"),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((name, code)) => {
-                        tracing::warn!(topic = name, %code, "cannot create state topic")
-                    }
-                }
-            }
+    let results = admin
+        .create_topics(&[new], &options)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    for result in results {
+        match result {
+            Ok(name) => tracing::info!(topic = name, "created state topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(failed(code.to_string())),
         }
-        Err(error) => tracing::warn!(%error, "cannot create state topic"),
     }
+    Ok(())
 }
 
 /// The record key of one bucket of one bridge's state.
@@ -110,9 +120,14 @@ pub async fn load(
                 .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
         }
     };
+    tracing::info!(
+        topic,
+        bound_ms = timeout.as_millis() as u64,
+        "reading the exactly-once state (waits for transactions still open on the topic)"
+    );
     let mut values = match read(false).await {
         Err(StateStoreError::Missing(_)) => {
-            create_topic(kafka, topic, timeout).await;
+            create_topic(kafka, topic, timeout).await?;
             read(true).await
         }
         other => other,
@@ -178,15 +193,36 @@ fn read_last(
     // last committed state may lie beyond it; stopping there made a bridge
     // take messages it had committed for new ones (duplicates found by the
     // zombie test while crash tests left transactions open).
+    // A topic created moments ago on a multi-broker cluster answers
+    // UnknownTopicOrPartition or NotLeaderForPartition for a while: retry
+    // until the deadline, and say what was awaited if it passes.
+    let timed_out = |waiting: String| StateStoreError::Timeout {
+        topic: topic.to_string(),
+        timeout,
+        waiting,
+    };
     let mut targets = HashMap::new();
     for p in 0..partitions as i32 {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(kafka)?;
+        let high = loop {
+            match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                Ok((_, high)) => break high,
+                Err(error) if Instant::now() < deadline => {
+                    tracing::debug!(topic, partition = p, %error, "state topic not readable yet; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(error) => {
+                    return Err(timed_out(format!(
+                        "the end offset of partition {p}: {error}"
+                    )))
+                }
+            }
+        };
         targets.insert(p, high);
     }
     let mut last = HashMap::new();
     let mut done: HashSet<i32> = HashSet::new();
+    let mut last_error = None;
+    let mut next_report = Instant::now() + Duration::from_secs(5);
     loop {
         for (&p, &high) in &targets {
             if high <= 0 || consumer_position(&consumer, topic, p) >= high {
@@ -196,8 +232,33 @@ fn read_last(
         if done.len() == partitions {
             break;
         }
+        let behind = || {
+            let mut parts: Vec<String> = targets
+                .iter()
+                .filter(|(p, _)| !done.contains(p))
+                .map(|(&p, &high)| {
+                    format!(
+                        "partition {p} at {} of {high}",
+                        consumer_position(&consumer, topic, p)
+                    )
+                })
+                .collect();
+            parts.sort();
+            let mut text = parts.join(", ");
+            if let Some(error) = &last_error {
+                text.push_str(&format!("; last error: {error}"));
+            }
+            text
+        };
         if Instant::now() >= deadline {
-            return Err(StateStoreError::Timeout(topic.to_string(), timeout));
+            return Err(timed_out(format!(
+                "reading to the end offsets: {} (a transaction still open on the topic holds a read_committed reader back until it ends)",
+                behind()
+            )));
+        }
+        if Instant::now() >= next_report {
+            tracing::info!(topic, behind = %behind(), "still reading the exactly-once state");
+            next_report = Instant::now() + Duration::from_secs(5);
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
@@ -209,7 +270,13 @@ fn read_last(
                 }
             }
             None | Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(error)) => return Err(kafka(error)),
+            // Transient while a new topic's leaders settle; bounded by the
+            // deadline above, which reports the last one.
+            Some(Err(error)) => {
+                tracing::debug!(topic, %error, "reading the state topic; retrying");
+                last_error = Some(error);
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
     Ok(last)

@@ -35,8 +35,9 @@ pub enum Defect {
         payload_bytes: usize,
         sha256: [u8; 32],
     },
-    /// An MQTT 3.1.1 topic that is not UTF-8 (MQTT 5 brokers refuse those
-    /// themselves); `topic` holds it with invalid bytes replaced.
+    /// A topic that is not UTF-8 (MQTT requires it; a broker that does not
+    /// check, typically for MQTT 3.1.1, passes it on); `topic` holds it with
+    /// invalid bytes replaced.
     TopicNotUtf8,
 }
 

@@ -6,11 +6,19 @@
 //! connection: it reads, writes the acks the delivery task queues, and keeps
 //! the connection alive, also while the delivery task is too busy to take
 //! more messages.
+//!
+//! What a device sends cannot break the connection: a PUBLISH that is well
+//! framed but unusable (a topic that is not UTF-8, a packet over
+//! `limits.max_packet_bytes`, whose payload is dropped as it arrives) is
+//! handed on as a message with a [`Defect`], acknowledged in order and
+//! dead-lettered. And what the bridge publishes itself is either taken by
+//! the broker or refused with a reason ([`PublishRefused`]), never resent
+//! in a loop.
 
 mod message;
 mod session;
 mod wire;
 
 pub use message::{Defect, MqttMessage};
-pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession};
-pub use wire::OutgoingPublish;
+pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession, PublishRefused};
+pub use wire::{OutgoingPublish, DEFAULT_MAX_PACKET_BYTES};

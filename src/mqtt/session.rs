@@ -19,8 +19,22 @@
 //!   some acks, so the broker has processed those acks (it handles a
 //!   connection's packets in order). The delivery task uses that to forget
 //!   duplicate-detection state it no longer needs.
+//! - **Refusals reach the publisher.** An MQTT 5 broker may answer our own
+//!   PUBLISH with a failure reason code (not authorised, quota exceeded);
+//!   [`Acker::publish_checked`] reports it, and a publish the broker could
+//!   only take for a protocol error (over its Maximum Packet Size, a topic
+//!   that cannot be encoded) is refused here without being sent, since the
+//!   broker would disconnect and the publish would be resent first on every
+//!   reconnect.
+//! - **Bounded memory per packet.** A PUBLISH over the session's packet
+//!   limit is hashed and dropped as it arrives (see `wire::Decoder`) and
+//!   handed on as a defective message, acknowledged in order like any
+//!   other.
 
-use super::wire::{Inbound, Outbound, OutgoingPublish, Wire, WireError};
+use super::wire::{
+    self, Decoder, Inbound, Outbound, OutgoingPublish, Wire, WireError, DEFAULT_MAX_PACKET_BYTES,
+    MAX_PACKET_BYTES,
+};
 use super::MqttMessage;
 use crate::config::MqttConfig;
 use crate::route::Subscription;
@@ -59,6 +73,35 @@ pub enum MqttError {
     Timeout(&'static str),
     #[error("TLS: {0}")]
     Tls(String),
+}
+
+/// Why one of our own publishes did not reach the broker's subscribers.
+/// Final: sending the same publish again would be refused again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefused {
+    /// The broker answered with a failure reason code (MQTT 5 PUBACK or
+    /// PUBREC, 0x80 or more), e.g. 0x87 when its ACL denies the topic.
+    #[error("broker refused the publish: {} (0x{code:02x})", wire::reason_code_name(*code))]
+    Broker { code: u8 },
+    /// Not sent: the packet is larger than the broker's Maximum Packet Size
+    /// (MQTT 5 CONNACK), and a broker disconnects a client that sends one.
+    #[error(
+        "the publish is {size} bytes, over the broker's Maximum Packet Size of {max}; not sent"
+    )]
+    TooLarge { size: usize, max: usize },
+    /// Not sent: it would be a malformed PUBLISH.
+    #[error("not sent: {0}")]
+    Invalid(&'static str),
+}
+
+impl PublishRefused {
+    /// The broker's reason code, when the broker refused.
+    pub fn code(&self) -> Option<u8> {
+        match self {
+            Self::Broker { code } => Some(*code),
+            _ => None,
+        }
+    }
 }
 
 /// An acknowledgement the delivery task sends once it may.
@@ -144,9 +187,34 @@ enum Command {
     /// Acks in the order they must go out.
     Acks(Vec<Ack>),
     /// One of our own messages; `done` fires when the broker has it
-    /// (PUBACK, PUBCOMP; QoS 0: written).
-    Publish(OutgoingPublish, oneshot::Sender<()>),
+    /// (PUBACK, PUBCOMP; QoS 0: written) or refused it.
+    Publish(OutgoingPublish, Completion),
     Disconnect,
+}
+
+/// Who waits for one of our own publishes.
+enum Completion {
+    /// [`Acker::publish`]: told that the publish is over, refused or not
+    /// (a refusal is logged).
+    Done(oneshot::Sender<()>),
+    /// [`Acker::publish_checked`]: told how it ended.
+    Checked(oneshot::Sender<Result<(), PublishRefused>>),
+}
+
+impl Completion {
+    fn finish(self, result: Result<(), PublishRefused>) {
+        match self {
+            Self::Done(done) => {
+                if let Err(refused) = result {
+                    tracing::warn!(%refused, "an MQTT publish was refused");
+                }
+                let _ = done.send(());
+            }
+            Self::Checked(done) => {
+                let _ = done.send(result);
+            }
+        }
+    }
 }
 
 /// One of our own QoS 1/2 publishes the broker has not completed.
@@ -155,7 +223,7 @@ struct InFlight {
     publish: OutgoingPublish,
     /// QoS 2: PUBREC received, PUBREL sent.
     released: bool,
-    done: oneshot::Sender<()>,
+    done: Completion,
 }
 
 /// Cloneable handle that acknowledges messages and ends the session.
@@ -181,16 +249,42 @@ impl Acker {
     /// has it (PUBACK or PUBCOMP; QoS 0: once written), also across
     /// reconnects, where unfinished publishes are resent in order. It fails
     /// if the session ends first.
+    ///
+    /// It also fires when the publish was refused (see
+    /// [`Self::publish_checked`], which tells which).
     pub async fn publish(
         &self,
         publish: OutgoingPublish,
     ) -> Result<oneshot::Receiver<()>, MqttError> {
         let (done, receiver) = oneshot::channel();
+        self.send_publish(publish, Completion::Done(done)).await?;
+        Ok(receiver)
+    }
+
+    /// [`Self::publish`], telling how it ended: `Ok(())` once the broker has
+    /// it, or why it was refused: by the broker (an MQTT 5 failure reason
+    /// code in PUBACK or PUBREC; for QoS 2 the flow ends there), or here,
+    /// unsent, because the broker could only take it for a protocol error.
+    /// A refusal is final; the publish is not retried.
+    pub async fn publish_checked(
+        &self,
+        publish: OutgoingPublish,
+    ) -> Result<oneshot::Receiver<Result<(), PublishRefused>>, MqttError> {
+        let (done, receiver) = oneshot::channel();
+        self.send_publish(publish, Completion::Checked(done))
+            .await?;
+        Ok(receiver)
+    }
+
+    async fn send_publish(
+        &self,
+        publish: OutgoingPublish,
+        done: Completion,
+    ) -> Result<(), MqttError> {
         self.commands
             .send(Command::Publish(publish, done))
             .await
-            .map_err(|_| MqttError::Closed)?;
-        Ok(receiver)
+            .map_err(|_| MqttError::Closed)
     }
 
     /// Sends DISCONNECT after the acks queued before it. The broker keeps the
@@ -209,6 +303,11 @@ impl Acker {
 pub struct MqttSession {
     config: MqttConfig,
     wire: Wire,
+    /// PUBLISH packets over this are not held in memory (see
+    /// `wire::Decoder`).
+    max_packet_bytes: usize,
+    /// The broker's Maximum Packet Size on the current connection.
+    broker_max_packet: usize,
     commands: mpsc::Receiver<Command>,
     acker: Acker,
     subscriptions: Vec<Subscription>,
@@ -221,7 +320,14 @@ pub struct MqttSession {
     /// Our own publishes sent and not completed, in the order sent.
     in_flight: VecDeque<InFlight>,
     /// Our own publishes waiting for room in the broker's window.
-    waiting: VecDeque<(OutgoingPublish, oneshot::Sender<()>)>,
+    waiting: VecDeque<(OutgoingPublish, Completion)>,
+}
+
+/// What the broker's CONNACK said.
+struct Accepted {
+    session_present: bool,
+    receive_maximum: Option<u16>,
+    max_packet_size: Option<u32>,
 }
 
 /// Why serving a connection ended without an error.
@@ -240,6 +346,8 @@ impl MqttSession {
         Ok(Self {
             config: config.clone(),
             wire: Wire::new(config.protocol),
+            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            broker_max_packet: MAX_PACKET_BYTES as usize,
             commands,
             acker: Acker { commands: tx },
             subscriptions,
@@ -249,6 +357,18 @@ impl MqttSession {
             in_flight: VecDeque::new(),
             waiting: VecDeque::new(),
         })
+    }
+
+    /// Sets the largest PUBLISH (fixed header included) held in memory
+    /// (`limits.max_packet_bytes`; default 2 MiB). A larger one is not
+    /// refused: its payload is hashed and dropped as it arrives, and it
+    /// reaches the delivery task as a message with an empty payload and
+    /// [`super::Defect::TooLarge`], acknowledged in order like any other.
+    /// Nothing of this is announced to the broker (a Maximum Packet Size
+    /// would make it drop such messages without a trace).
+    pub fn with_max_packet_bytes(mut self, max_packet_bytes: usize) -> Self {
+        self.max_packet_bytes = max_packet_bytes;
+        self
     }
 
     pub fn acker(&self) -> Acker {
@@ -364,26 +484,42 @@ impl MqttSession {
             .map_err(|_| MqttError::Timeout("TCP/TLS connection"))??;
         let mut out = BytesMut::new();
         let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut decoder = Decoder::new(self.config.protocol, self.max_packet_bytes);
         self.wire.encode_connect(&self.config, &mut out)?;
         write(&mut stream, &mut out).await?;
-        let (session_present, receive_maximum) =
-            tokio::time::timeout(CONNECT_TIMEOUT, self.read_connack(&mut stream, &mut buf))
-                .await
-                .map_err(|_| MqttError::Timeout("CONNACK"))??;
+        let accepted = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            read_connack(&mut decoder, &mut stream, &mut buf),
+        )
+        .await
+        .map_err(|_| MqttError::Timeout("CONNACK"))??;
         *connected = true;
         self.connection += 1;
         let connection = self.connection;
-        telemetry::mqtt_connected(session_present);
-        let window = receive_maximum.map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
+        telemetry::mqtt_connected(accepted.session_present);
+        let window = accepted
+            .receive_maximum
+            .map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
+        self.broker_max_packet = accepted
+            .max_packet_size
+            .map_or(MAX_PACKET_BYTES as usize, |m| m as usize);
         // Our unfinished publishes first, in their order, as MQTT requires
-        // of a resumed session (MQTT 3.1.1 §4.4).
-        for f in &self.in_flight {
+        // of a resumed session (MQTT 3.1.1 §4.4). One the broker's limit
+        // (which may differ on this connection) no longer allows ends here.
+        let mut i = 0;
+        while i < self.in_flight.len() {
+            let f = &self.in_flight[i];
             if f.released {
                 self.wire.encode(Outbound::PubRel(f.packet_id), &mut out)?;
+            } else if let Err(refused) = self.check_outgoing(&f.publish) {
+                let f = self.in_flight.remove(i).expect("in range");
+                f.done.finish(Err(refused));
+                continue;
             } else {
                 self.wire
                     .encode_publish(f.packet_id, &f.publish, true, &mut out)?;
             }
+            i += 1;
         }
 
         // Subscribe on every connect, also to a resumed session: routes may
@@ -412,10 +548,13 @@ impl MqttSession {
         // still go out.
         let mut pending: Option<Intake> = None;
         let mut reading_since = Instant::now();
+        // Bytes arriving show the connection is alive even when a PINGRESP
+        // is queued behind a long PUBLISH.
+        let mut last_read = Instant::now();
 
         loop {
             while pending.is_none() {
-                let Some(packet) = self.wire.decode(&mut buf)? else {
+                let Some(packet) = decoder.decode(&mut buf)? else {
                     break;
                 };
                 match packet {
@@ -454,12 +593,25 @@ impl MqttSession {
                         }
                         subscribed.cancel();
                     }
-                    Inbound::PubAck(id) | Inbound::PubComp(id) => self.completed(id),
-                    Inbound::PubRec(id) => {
-                        if let Some(f) = self.in_flight.iter_mut().find(|f| f.packet_id == id) {
+                    Inbound::PubAck { packet_id, reason } => {
+                        self.completed(packet_id, refusal(reason));
+                    }
+                    // A PUBCOMP's only failure code (0x92, packet id not
+                    // found) means the broker had already released it: the
+                    // message was taken at PUBREC.
+                    Inbound::PubComp(id) => self.completed(id, Ok(())),
+                    Inbound::PubRec { packet_id, reason } if reason >= wire::FIRST_FAILURE_CODE => {
+                        // Refused: the flow ends here, the packet id is
+                        // free, no PUBREL (MQTT 5 §4.3.3).
+                        self.completed(packet_id, refusal(reason));
+                    }
+                    Inbound::PubRec { packet_id, .. } => {
+                        if let Some(f) =
+                            self.in_flight.iter_mut().find(|f| f.packet_id == packet_id)
+                        {
                             f.released = true;
                         }
-                        self.wire.encode(Outbound::PubRel(id), &mut out)?;
+                        self.wire.encode(Outbound::PubRel(packet_id), &mut out)?;
                     }
                     Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
                     Inbound::ConnAck { .. } | Inbound::Other => {}
@@ -540,6 +692,7 @@ impl MqttSession {
                     if read? == 0 {
                         return Err(MqttError::ConnectionClosed);
                     }
+                    last_read = Instant::now();
                 }
                 _ = ticker.tick() => {
                     // The broker must hear from us within the keep-alive.
@@ -552,39 +705,12 @@ impl MqttSession {
                     // A PINGRESP not read because the delivery task is busy
                     // is not a dead connection: count only reading time.
                     if let Some((sent, _)) = pings.front() {
-                        let waiting = (*sent).max(reading_since);
+                        let waiting = (*sent).max(reading_since).max(last_read);
                         if pending.is_none() && waiting.elapsed() > keep_alive {
                             return Err(MqttError::Timeout("PINGRESP"));
                         }
                     }
                 }
-            }
-        }
-    }
-
-    async fn read_connack(
-        &self,
-        stream: &mut Box<dyn Stream>,
-        buf: &mut BytesMut,
-    ) -> Result<(bool, Option<u16>), MqttError> {
-        loop {
-            while let Some(packet) = self.wire.decode(buf)? {
-                match packet {
-                    Inbound::ConnAck {
-                        refused: Some(reason),
-                        ..
-                    } => return Err(MqttError::Refused(reason)),
-                    Inbound::ConnAck {
-                        session_present,
-                        receive_maximum,
-                        ..
-                    } => return Ok((session_present, receive_maximum)),
-                    Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
-                    _ => {}
-                }
-            }
-            if stream.read_buf(buf).await? == 0 {
-                return Err(MqttError::ConnectionClosed);
             }
         }
     }
@@ -601,17 +727,35 @@ impl MqttSession {
         }
     }
 
+    /// Why `publish` cannot go out on this connection, if it cannot.
+    fn check_outgoing(&self, publish: &OutgoingPublish) -> Result<(), PublishRefused> {
+        if let Some(problem) = wire::outgoing_problem(publish) {
+            return Err(PublishRefused::Invalid(problem));
+        }
+        let size = wire::publish_size(self.config.protocol, publish);
+        let max = self.broker_max_packet.min(MAX_PACKET_BYTES as usize);
+        if size > max {
+            return Err(PublishRefused::TooLarge { size, max });
+        }
+        Ok(())
+    }
+
     /// Sends waiting publishes while the broker's window has room.
     fn send_waiting(&mut self, window: usize, out: &mut BytesMut) -> Result<(), MqttError> {
         while self.in_flight.len() < window {
             let Some((publish, done)) = self.waiting.pop_front() else {
                 break;
             };
+            if let Err(refused) = self.check_outgoing(&publish) {
+                tracing::debug!(%refused, "publish refused before sending");
+                done.finish(Err(refused));
+                continue;
+            }
             // QoS 0 has no packet id and nothing to wait for; it queues
             // here too, so our publishes go out in the order asked.
             if publish.qos == 0 {
                 self.wire.encode_publish(0, &publish, false, out)?;
-                let _ = done.send(());
+                done.finish(Ok(()));
                 continue;
             }
             let packet_id = self.packet_id();
@@ -626,11 +770,55 @@ impl MqttSession {
         Ok(())
     }
 
-    /// PUBACK or PUBCOMP of our own publish: it is done.
-    fn completed(&mut self, packet_id: u16) {
+    /// PUBACK or PUBCOMP of our own publish, or a refusing PUBREC: it is
+    /// done, and its packet id free.
+    fn completed(&mut self, packet_id: u16, result: Result<(), PublishRefused>) {
         if let Some(i) = self.in_flight.iter().position(|f| f.packet_id == packet_id) {
             let f = self.in_flight.remove(i).expect("found");
-            let _ = f.done.send(());
+            f.done.finish(result);
+        }
+    }
+}
+
+/// A PUBACK or PUBREC reason code as the publish's outcome.
+fn refusal(reason: u8) -> Result<(), PublishRefused> {
+    if reason >= wire::FIRST_FAILURE_CODE {
+        Err(PublishRefused::Broker { code: reason })
+    } else {
+        Ok(())
+    }
+}
+
+async fn read_connack(
+    decoder: &mut Decoder,
+    stream: &mut Box<dyn Stream>,
+    buf: &mut BytesMut,
+) -> Result<Accepted, MqttError> {
+    loop {
+        while let Some(packet) = decoder.decode(buf)? {
+            match packet {
+                Inbound::ConnAck {
+                    refused: Some(reason),
+                    ..
+                } => return Err(MqttError::Refused(reason)),
+                Inbound::ConnAck {
+                    session_present,
+                    receive_maximum,
+                    max_packet_size,
+                    ..
+                } => {
+                    return Ok(Accepted {
+                        session_present,
+                        receive_maximum,
+                        max_packet_size,
+                    })
+                }
+                Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
+                _ => {}
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(MqttError::ConnectionClosed);
         }
     }
 }
@@ -676,4 +864,327 @@ async fn open(config: &MqttConfig) -> Result<Box<dyn Stream>, MqttError> {
         .connect(name, tcp)
         .await?;
     Ok(Box::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session against a scripted broker on a loopback socket: what it
+    //! writes is read back with rumqttc's codec, what it is sent is written
+    //! byte by byte.
+
+    use super::*;
+    use crate::mqtt::Defect;
+    use bytes::Bytes;
+    use rumqttc::mqttbytes::v4;
+    use rumqttc::v5::mqttbytes::v5;
+    use tokio::net::{TcpListener, TcpStream};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct Broker {
+        stream: TcpStream,
+        buf: BytesMut,
+        protocol: MqttProtocol,
+    }
+
+    use crate::config::MqttProtocol;
+
+    /// A session connected to a scripted broker that answered CONNECT with
+    /// `connack`, and the session's intake.
+    async fn connect(
+        protocol: MqttProtocol,
+        connack: &[u8],
+        configure: impl FnOnce(MqttSession) -> MqttSession,
+    ) -> (Broker, Acker, mpsc::Receiver<Intake>, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let protocol_name = match protocol {
+            MqttProtocol::V5 => "v5",
+            MqttProtocol::V311 => "v311",
+        };
+        let config: MqttConfig = serde_yaml_ng::from_str(&format!(
+            "{{ host: 127.0.0.1, port: {port}, client_id: c, protocol: {protocol_name}, keep_alive_s: 60 }}"
+        ))
+        .unwrap();
+        let session = configure(MqttSession::new(&config, Vec::new()).unwrap());
+        let acker = session.acker();
+        let (tx, rx) = mpsc::channel(16);
+        let finished = CancellationToken::new();
+        tokio::spawn(session.run_intake(
+            tx,
+            CancellationToken::new(),
+            finished.clone(),
+            CancellationToken::new(),
+        ));
+        let (stream, _) = tokio::time::timeout(WAIT, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut broker = Broker {
+            stream,
+            buf: BytesMut::new(),
+            protocol,
+        };
+        broker.expect(|p| matches!(p, Packet::Connect)).await;
+        broker.send(connack).await;
+        (broker, acker, rx, finished)
+    }
+
+    /// What the broker read, as far as these tests care.
+    #[derive(Debug, PartialEq)]
+    enum Packet {
+        Connect,
+        Publish { packet_id: u16, topic: String },
+        PubAck(u16),
+        PubRec(u16),
+        PubRel(u16),
+        PingReq,
+        Other,
+    }
+
+    impl Broker {
+        async fn read(&mut self) -> Packet {
+            loop {
+                let packet = match self.protocol {
+                    MqttProtocol::V5 => match v5::Packet::read(&mut self.buf, None) {
+                        Ok(v5::Packet::Connect(..)) => Some(Packet::Connect),
+                        Ok(v5::Packet::Publish(p)) => Some(Packet::Publish {
+                            packet_id: p.pkid,
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        }),
+                        Ok(v5::Packet::PubAck(a)) => Some(Packet::PubAck(a.pkid)),
+                        Ok(v5::Packet::PubRec(a)) => Some(Packet::PubRec(a.pkid)),
+                        Ok(v5::Packet::PubRel(a)) => Some(Packet::PubRel(a.pkid)),
+                        Ok(v5::Packet::PingReq(_)) => Some(Packet::PingReq),
+                        Ok(_) => Some(Packet::Other),
+                        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => None,
+                        Err(e) => panic!("the session sent a malformed packet: {e}"),
+                    },
+                    MqttProtocol::V311 => match v4::Packet::read(&mut self.buf, 1 << 28) {
+                        Ok(v4::Packet::Connect(..)) => Some(Packet::Connect),
+                        Ok(v4::Packet::Publish(p)) => Some(Packet::Publish {
+                            packet_id: p.pkid,
+                            topic: p.topic,
+                        }),
+                        Ok(v4::Packet::PubAck(a)) => Some(Packet::PubAck(a.pkid)),
+                        Ok(v4::Packet::PubRec(a)) => Some(Packet::PubRec(a.pkid)),
+                        Ok(v4::Packet::PubRel(a)) => Some(Packet::PubRel(a.pkid)),
+                        Ok(v4::Packet::PingReq) => Some(Packet::PingReq),
+                        Ok(_) => Some(Packet::Other),
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => None,
+                        Err(e) => panic!("the session sent a malformed packet: {e}"),
+                    },
+                };
+                if let Some(packet) = packet {
+                    return packet;
+                }
+                let read = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("the session wrote nothing")
+                    .unwrap();
+                assert!(read > 0, "the session closed the connection");
+            }
+        }
+
+        /// The next packet other than PINGREQ, which must match.
+        async fn expect(&mut self, wanted: impl Fn(&Packet) -> bool) -> Packet {
+            loop {
+                match self.read().await {
+                    Packet::PingReq => continue,
+                    packet => {
+                        assert!(wanted(&packet), "unexpected {packet:?}");
+                        return packet;
+                    }
+                }
+            }
+        }
+
+        async fn expect_publish(&mut self, wanted: &str) -> u16 {
+            match self
+                .expect(|p| matches!(p, Packet::Publish { topic, .. } if topic == wanted))
+                .await
+            {
+                Packet::Publish { packet_id, .. } => packet_id,
+                _ => unreachable!(),
+            }
+        }
+
+        async fn send(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).await.unwrap();
+        }
+    }
+
+    fn publish(topic: &str, qos: u8, payload: usize) -> OutgoingPublish {
+        OutgoingPublish {
+            topic: topic.into(),
+            payload: Bytes::from(vec![b'x'; payload]),
+            qos,
+            retain: false,
+        }
+    }
+
+    async fn outcome(
+        done: oneshot::Receiver<Result<(), PublishRefused>>,
+    ) -> Result<(), PublishRefused> {
+        tokio::time::timeout(WAIT, done)
+            .await
+            .expect("the publish ended")
+            .expect("the session is alive")
+    }
+
+    fn ack(packet_type: u8, id: u16, reason: u8) -> [u8; 5] {
+        let [high, low] = id.to_be_bytes();
+        [packet_type << 4, 3, high, low, reason]
+    }
+
+    /// CONNACK, MQTT 5, with a Maximum Packet Size.
+    const CONNACK_V5_MAX_200: &[u8] = &[0x20, 8, 0, 0, 5, 0x27, 0, 0, 0, 200];
+    const CONNACK_V5: &[u8] = &[0x20, 3, 0, 0, 0];
+    const CONNACK_V4: &[u8] = &[0x20, 2, 0, 0];
+
+    #[tokio::test]
+    async fn a_refusing_puback_or_pubrec_ends_the_publish_with_its_reason() {
+        let (mut broker, acker, _intake, finished) =
+            connect(MqttProtocol::V5, CONNACK_V5, |s| s).await;
+
+        // QoS 1, refused: 0x87.
+        let done = acker.publish_checked(publish("a/1", 1, 3)).await.unwrap();
+        let id = broker.expect_publish("a/1").await;
+        broker.send(&ack(4, id, 0x87)).await;
+        let refused = outcome(done).await.unwrap_err();
+        assert_eq!(refused, PublishRefused::Broker { code: 0x87 });
+        assert_eq!(
+            refused.to_string(),
+            "broker refused the publish: NotAuthorized (0x87)"
+        );
+
+        // QoS 2, refused at PUBREC: no PUBREL, the flow is over.
+        let done = acker.publish_checked(publish("a/2", 2, 3)).await.unwrap();
+        let refused_id = broker.expect_publish("a/2").await;
+        broker.send(&ack(5, refused_id, 0x97)).await;
+        assert_eq!(
+            outcome(done).await,
+            Err(PublishRefused::Broker { code: 0x97 })
+        );
+
+        // QoS 2, taken: PUBREL for this one only, then PUBCOMP ends it.
+        let done = acker.publish_checked(publish("a/3", 2, 3)).await.unwrap();
+        let id = broker.expect_publish("a/3").await;
+        broker.send(&ack(5, id, 0)).await;
+        assert_eq!(broker.expect(|_| true).await, Packet::PubRel(id));
+        broker.send(&ack(7, id, 0)).await;
+        assert_eq!(outcome(done).await, Ok(()));
+
+        // `publish` keeps its old contract: it fires, refused or not.
+        let done = acker.publish(publish("a/4", 1, 3)).await.unwrap();
+        let id = broker.expect_publish("a/4").await;
+        broker.send(&ack(4, id, 0x80)).await;
+        tokio::time::timeout(WAIT, done).await.unwrap().unwrap();
+
+        // Success codes below 0x80 are successes.
+        let done = acker.publish_checked(publish("a/5", 1, 3)).await.unwrap();
+        let id = broker.expect_publish("a/5").await;
+        broker.send(&ack(4, id, 0x10)).await;
+        assert_eq!(outcome(done).await, Ok(()));
+        finished.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_publish_over_the_brokers_maximum_packet_size_is_not_sent() {
+        let (mut broker, acker, _intake, finished) =
+            connect(MqttProtocol::V5, CONNACK_V5_MAX_200, |s| s).await;
+        let too_large = acker.publish_checked(publish("big", 1, 200)).await.unwrap();
+        let invalid = acker.publish_checked(publish("a/+", 1, 1)).await.unwrap();
+        let fits = acker
+            .publish_checked(publish("small", 1, 100))
+            .await
+            .unwrap();
+        assert!(matches!(
+            outcome(too_large).await,
+            Err(PublishRefused::TooLarge { max: 200, .. })
+        ));
+        assert!(matches!(
+            outcome(invalid).await,
+            Err(PublishRefused::Invalid(_))
+        ));
+        // The next thing the broker reads is the one that fits.
+        let id = broker.expect_publish("small").await;
+        broker.send(&ack(4, id, 0)).await;
+        assert_eq!(outcome(fits).await, Ok(()));
+        finished.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_publish_is_handed_on_and_acked_in_order() {
+        let (mut broker, acker, mut intake, finished) =
+            connect(MqttProtocol::V311, CONNACK_V4, |s| s).await;
+        // QoS 1, id 7, topic "a\xffb": then a valid one, id 8.
+        broker
+            .send(&[0x32, 9, 0, 3, b'a', 0xff, b'b', 0, 7, b'h', b'i'])
+            .await;
+        broker.send(&[0x32, 7, 0, 1, b'c', 0, 8, b'o', b'k']).await;
+        let mut acks = Vec::new();
+        for (id, defect) in [(7, Some(Defect::TopicNotUtf8)), (8, None)] {
+            let intake = tokio::time::timeout(WAIT, intake.recv()).await.unwrap();
+            let Some(Intake::Message(delivery)) = intake else {
+                panic!("{intake:?}");
+            };
+            assert_eq!(delivery.packet_id, id);
+            assert_eq!(delivery.message.defect, defect);
+            acks.extend(delivery.ack);
+        }
+        acker.ack_all(acks).await.unwrap();
+        assert_eq!(broker.expect(|_| true).await, Packet::PubAck(7));
+        assert_eq!(broker.expect(|_| true).await, Packet::PubAck(8));
+        finished.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_publish_over_the_limit_streams_through_and_the_next_one_follows() {
+        let (mut broker, _acker, mut intake, finished) =
+            connect(MqttProtocol::V5, CONNACK_V5, |s| {
+                s.with_max_packet_bytes(4096)
+            })
+            .await;
+        let payload_bytes: usize = 8 * 1024 * 1024;
+        let remaining = 2 + 1 + 2 + 1 + payload_bytes;
+        let mut head = vec![0x32];
+        let mut n = remaining;
+        while n > 0 {
+            let b = (n % 128) as u8;
+            n /= 128;
+            head.push(if n > 0 { b | 0x80 } else { b });
+        }
+        head.extend_from_slice(&[0, 1, b't', 0, 9, 0]);
+        let packet_bytes = head.len() + payload_bytes;
+        let writer = tokio::spawn(async move {
+            broker.send(&head).await;
+            let chunk = vec![b'z'; 64 * 1024];
+            for _ in 0..payload_bytes / chunk.len() {
+                broker.send(&chunk).await;
+            }
+            broker.send(&[0x32, 7, 0, 1, b'n', 0, 10, 0, b'!']).await;
+            broker
+        });
+        async fn next(intake: &mut mpsc::Receiver<Intake>) -> Delivery {
+            match tokio::time::timeout(WAIT, intake.recv()).await.unwrap() {
+                Some(Intake::Message(d)) => d,
+                other => panic!("{other:?}"),
+            }
+        }
+        let big = next(&mut intake).await;
+        assert_eq!(big.packet_id, 9);
+        assert!(big.message.payload.is_empty());
+        assert!(matches!(
+            big.message.defect,
+            Some(Defect::TooLarge { packet_bytes: p, payload_bytes: q, .. }) if (p, q) == (packet_bytes, payload_bytes)
+        ));
+        let small = next(&mut intake).await;
+        assert_eq!(
+            (small.packet_id, &small.message.payload[..]),
+            (10, &b"!"[..])
+        );
+        let _broker = writer.await.unwrap();
+        finished.cancel();
+    }
 }

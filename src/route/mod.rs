@@ -12,7 +12,7 @@ mod filter;
 mod format;
 mod index;
 pub mod reject;
-mod strict_json;
+pub(crate) mod strict_json;
 mod table;
 mod template;
 mod transform;

@@ -11,6 +11,19 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
 }
 
+/// Broker settings beyond the defaults of [`Mosquitto::start`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The text of an ACL file (mosquitto's `acl_file` syntax). Lines before
+    /// any `user` line apply to anonymous clients, which is what tests use;
+    /// e.g. `topic readwrite #` then `topic deny some/tree/#`. MQTT 5
+    /// publishes the ACL denies are answered with reason code 0x87.
+    pub acl: Option<String>,
+    /// Lines added to mosquitto.conf, e.g. `max_packet_size 100000` or
+    /// `log_type debug`.
+    pub extra_config: String,
+}
+
 /// Debian installs the broker in /usr/sbin, which is not on every PATH.
 fn binary() -> PathBuf {
     if let Ok(path) = std::env::var("MOSQUITTO") {
@@ -47,7 +60,18 @@ impl Mosquitto {
     /// offline persistent sessions (mosquitto drops QoS>0 messages past
     /// `max_queued_messages`, 1000 by default) and a large in-flight window.
     pub fn start() -> Self {
+        Self::start_with(&Options::default())
+    }
+
+    /// [`Self::start`] with an ACL and extra configuration lines.
+    pub fn start_with(options: &Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut extra = options.extra_config.clone();
+        if let Some(acl) = &options.acl {
+            let path = dir.path().join("acl");
+            std::fs::write(&path, acl).expect("write the ACL file");
+            extra.push_str(&format!("\nacl_file {}\n", path.display()));
+        }
         for _attempt in 0..5 {
             let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
@@ -56,7 +80,7 @@ impl Mosquitto {
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                      max_queued_messages 0\nmax_inflight_messages 0\n\
-                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n",
+                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n",
                 ),
             )
             .expect("write mosquitto.conf");

@@ -1,0 +1,123 @@
+//! Broker failover under load: a three-node KRaft cluster (RF 3,
+//! `min.insync.replicas` 2, one transaction-coordinator partition) whose
+//! brokers are each killed with SIGKILL and restarted in turn while QoS 2
+//! messages arrive at about 700 a second. Every message must land exactly
+//! once, and the bridge must never go longer than a stated bound without a
+//! commit while messages are waiting.
+//!
+//! Its own test binary: it reads the process-wide commit counter to
+//! measure the longest stall, which tests running alongside would blur.
+
+mod common;
+
+use common::kafka::{create_topics, KafkaCluster};
+use common::mosquitto::Mosquitto;
+use common::{
+    assert_every_seq, bridge_config, publish_all, read_committed, telemetry_messages, unique,
+    Bridge, Topics,
+};
+use mqtt_kafka_bridge::telemetry::STATS;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The longest the bridge may go without a commit while brokers fail over
+/// and messages wait. A broker's session times out after 2 s here
+/// (`broker.session.timeout.ms`), a new leader and coordinator take a few
+/// seconds more, and librdkafka retries with backoff.
+const STALL_BOUND: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_is_exactly_once_and_never_stalls_long() {
+    let mut cluster = KafkaCluster::start(3);
+    let broker = Mosquitto::start();
+    let topics = Topics::new();
+    let names = topics.all();
+    let state = format!("{}state", topics.prefix);
+    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+    all.push(&state);
+    create_topics(&cluster.bootstrap, &all, 3, 3).await;
+    let mut config = bridge_config(
+        broker.port,
+        &cluster.bootstrap,
+        &unique("bridge"),
+        "",
+        &topics,
+    );
+    config.bridge.delivery.state_topic = state;
+    let bridge = Bridge::start(config).await;
+
+    // 700 a second for 30 s (BRIDGE_TEST_FAILOVER_MESSAGES for longer
+    // runs; the brokers are killed in the first 40 s either way).
+    let count: u32 = std::env::var("BRIDGE_TEST_FAILOVER_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(21_000);
+    let port = broker.port;
+    let started = Instant::now();
+    let publisher = tokio::spawn(async move {
+        let messages = telemetry_messages("f", count, 16, 2);
+        let mut next = tokio::time::Instant::now();
+        for chunk in messages.chunks(70) {
+            publish_all(port, chunk).await;
+            next += Duration::from_millis(100);
+            tokio::time::sleep_until(next).await;
+        }
+    });
+    // The longest time without a commit, sampled every 100 ms until every
+    // message has been committed.
+    let sampler = tokio::spawn(async move {
+        let (mut last, mut since, mut worst) = (
+            STATS.commits.load(Ordering::Relaxed),
+            Instant::now(),
+            Duration::ZERO,
+        );
+        let mut worst_at = Duration::ZERO;
+        while STATS.produced.load(Ordering::Relaxed) < u64::from(count) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = STATS.commits.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() > worst {
+                worst = since.elapsed();
+                worst_at = started.elapsed();
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+        }
+        (worst, worst_at)
+    });
+    for node in cluster.node_ids() {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::task::block_in_place(|| cluster.kill(node));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::task::block_in_place(|| cluster.restart(node));
+    }
+    publisher.await.expect("publisher");
+    let published = started.elapsed();
+    let landed = tokio::task::block_in_place(|| {
+        read_committed(
+            &cluster.bootstrap,
+            &[&topics.telemetry()],
+            count as usize,
+            Duration::from_secs(180),
+            Duration::from_secs(2),
+        )
+    });
+    let (worst, worst_at) = sampler.await.expect("sampler");
+    let done = started.elapsed();
+    eprintln!(
+        "published {count} in {published:?}, all committed after {done:?}; longest time without a commit: {worst:?} (ending {worst_at:?} in)"
+    );
+    bridge.stop().await;
+    assert_eq!(
+        assert_every_seq(&landed, count.into()),
+        count as usize,
+        "records"
+    );
+    assert!(
+        worst < STALL_BOUND,
+        "the bridge went {worst:?} without a commit (at {worst_at:?}); the bound is {STALL_BOUND:?}"
+    );
+}
