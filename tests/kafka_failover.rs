@@ -13,8 +13,8 @@ mod common;
 use common::kafka::{create_topics, KafkaCluster};
 use common::mosquitto::Mosquitto;
 use common::{
-    assert_every_seq, bridge_config, publish_all, read_committed, telemetry_messages, unique,
-    Bridge, Topics,
+    assert_every_seq, bridge_config, distinct_seqs, publish_all, read_committed_until_quiet,
+    telemetry_messages, unique, Bridge, Topics,
 };
 use mqtt_kafka_bridge::telemetry::STATS;
 use std::sync::atomic::Ordering;
@@ -96,15 +96,33 @@ async fn failover_under_load_is_exactly_once_and_never_stalls_long() {
     }
     publisher.await.expect("publisher");
     let published = started.elapsed();
-    let landed = tokio::task::block_in_place(|| {
-        read_committed(
+    let telemetry = topics.telemetry();
+    let dead_letter = topics.dead_letter();
+    let all = tokio::task::block_in_place(|| {
+        read_committed_until_quiet(
             &cluster.bootstrap,
-            &[&topics.telemetry()],
+            &[&telemetry, &dead_letter],
             count as usize,
             Duration::from_secs(180),
-            Duration::from_secs(2),
         )
     });
+    let (landed, dead): (Vec<_>, Vec<_>) = all.into_iter().partition(|l| l.topic == telemetry);
+    assert!(
+        dead.is_empty(),
+        "{} dead-lettered, e.g. {:?}",
+        dead.len(),
+        dead.first().map(|d| &d.headers)
+    );
+    let (seqs, _) = distinct_seqs(&landed);
+    let missing: Vec<u64> = (0..u64::from(count))
+        .filter(|s| seqs.binary_search(s).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} missing: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(200)]
+    );
     let (worst, worst_at) = sampler.await.expect("sampler");
     let done = started.elapsed();
     eprintln!(

@@ -532,6 +532,11 @@ fn cluster_id() -> String {
 
 /// Broker settings for tests: small, fast to start, internal topics sized
 /// for the cluster, topic auto-creation off so tests create what they use.
+///
+/// Retention off: test records carry payload timestamps from 2023
+/// (`ts`), and time-based retention (7 days, checked every 5 minutes)
+/// deleted the first segments of a run older than that, which read as
+/// lost messages ("offset out of range" at offset 0, then fewer records).
 fn server_properties(
     id: u32,
     port: u16,
@@ -549,6 +554,7 @@ fn server_properties(
          inter.broker.listener.name=PLAINTEXT\nlistener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
          log.dirs={}\nnum.partitions=1\ndefault.replication.factor={rf}\nmin.insync.replicas={isr}\n\
          auto.create.topics.enable=false\n\
+         log.retention.ms=-1\n\
          offsets.topic.replication.factor={rf}\noffsets.topic.num.partitions=1\n\
          transaction.state.log.replication.factor={rf}\ntransaction.state.log.min.isr={isr}\ntransaction.state.log.num.partitions=1\n\
          share.coordinator.state.topic.replication.factor={rf}\nshare.coordinator.state.topic.min.isr={isr}\n\

@@ -263,6 +263,25 @@ pub fn read_committed(
     })
 }
 
+/// Reads `topics` until `expected` records arrived, or until nothing new
+/// arrived for 20 s after `timeout`... whichever first: returns what it
+/// read, for tests that diagnose what is missing rather than panic.
+pub fn read_committed_until_quiet(
+    bootstrap: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Landed> {
+    let deadline = Instant::now() + timeout;
+    read_committed_until(
+        bootstrap,
+        topics,
+        timeout * 2,
+        Duration::from_secs(2),
+        &|out| out.len() >= expected || Instant::now() >= deadline,
+    )
+}
+
 /// Reads until `expected` distinct `seq` values arrived (for at-least-once
 /// runs, where redelivered duplicates must not end the read early).
 pub fn read_committed_distinct(
