@@ -466,24 +466,6 @@ async fn a_64_mib_publish_streams_through_in_bounded_memory_and_the_next_one_arr
     assert_connected_once(&rig.broker, &client_id);
 }
 
-/// Creates `topic` (one partition) refusing records over
-/// `max_message_bytes`.
-async fn create_tight_topic(bootstrap: &str, topic: &str, max_message_bytes: usize) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let max = max_message_bytes.to_string();
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", &max);
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&[new], &options).await.expect("create") {
-        result.expect("topic created");
-    }
-    kafka::await_topics(bootstrap, &[topic]);
-}
-
 /// A dead-letter topic that refuses the full record gets its stub; one that
 /// refuses the stub too gets nothing (counted and logged), and in both
 /// cases the offset is committed and the next command is delivered.
@@ -493,8 +475,8 @@ async fn a_dead_letter_kafka_refuses_falls_back_to_a_stub_and_never_stalls_comma
     let rig = rig_with(&Options::default()).await;
     let prefix = rig.topics.prefix.clone();
     let (small_dlq, tiny_dlq) = (format!("{prefix}small-dlq"), format!("{prefix}tiny-dlq"));
-    create_tight_topic(&rig.bootstrap, &small_dlq, 2000).await;
-    create_tight_topic(&rig.bootstrap, &tiny_dlq, 100).await;
+    kafka::create_topic_with_max_bytes(&rig.bootstrap, &small_dlq, 2000).await;
+    kafka::create_topic_with_max_bytes(&rig.bootstrap, &tiny_dlq, 100).await;
     let (small_cmds, tiny_cmds) = (
         format!("{prefix}hvac.small-cmds"),
         format!("{prefix}hvac.tiny-cmds"),

@@ -12,26 +12,9 @@ mod common;
 
 use common::kafka::TestKafka;
 use common::*;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::ClientConfig;
 use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(2);
-
-async fn create_small_topic(bootstrap: &str, topic: &str, max_message_bytes: usize) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let max = max_message_bytes.to_string();
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", &max);
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&[new], &options).await.expect("create") {
-        result.expect("topic created");
-    }
-    kafka::await_topics(bootstrap, &[topic]);
-}
 
 fn mapping(prefix: &str) -> String {
     format!(
@@ -59,7 +42,7 @@ async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
     let rig = Rig::start_with(TestKafka::real()).await;
     let prefix = rig.topics.prefix.clone();
     let small = format!("{prefix}small");
-    create_small_topic(&rig.bootstrap, &small, 1000).await;
+    kafka::create_topic_with_max_bytes(&rig.bootstrap, &small, 1000).await;
     let client_id = unique("hostile");
     let mut config = bridge_config_with_mapping(
         rig.broker.port,

@@ -179,6 +179,23 @@ pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32, re
     await_topics(bootstrap, topics);
 }
 
+/// Creates `topic` (one partition) refusing records over
+/// `max_message_bytes` (its own `max.message.bytes`), for refusals only a
+/// real broker makes.
+pub async fn create_topic_with_max_bytes(bootstrap: &str, topic: &str, max_message_bytes: usize) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let max = max_message_bytes.to_string();
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", &max);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&[new], &options).await.expect("create") {
+        result.expect("topic created");
+    }
+    await_topics(bootstrap, &[topic]);
+}
+
 /// Waits until the broker's metadata shows every topic with a leader for
 /// every partition. Creation returns before that; a producer that asks in
 /// between takes the topic for missing and holds its records for up to
