@@ -39,6 +39,10 @@ pub enum Defect {
     /// check, typically for MQTT 3.1.1, passes it on); `topic` holds it with
     /// invalid bytes replaced.
     TopicNotUtf8,
+    /// The packet's framing holds but a part of it cannot be read (an
+    /// MQTT 5 property block whose length runs past the packet): the
+    /// message is taken without payload, so the connection survives.
+    Malformed(&'static str),
 }
 
 impl MqttMessage {

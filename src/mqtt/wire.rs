@@ -386,13 +386,22 @@ struct Head {
     /// Bytes after the fixed header up to the payload, or up to the
     /// property block when that is skipped.
     consumed: usize,
-    /// Property bytes left unread (too many to keep).
+    /// Property bytes left unread (too many to keep), or, when the block
+    /// is malformed, everything after the packet id.
     skipped_properties: usize,
+    /// The MQTT 5 property block cannot be read (its length runs past the
+    /// packet): the packet's framing still holds, so the message is taken,
+    /// without payload, and dead-lettered rather than the connection ended.
+    malformed: Option<&'static str>,
 }
 
 impl Head {
     fn into_inbound(self, payload: Bytes, too_large: Option<Defect>) -> Inbound {
-        let defect = too_large.or(self.topic_not_utf8.then_some(Defect::TopicNotUtf8));
+        let defect = self
+            .malformed
+            .map(Defect::Malformed)
+            .or(too_large)
+            .or(self.topic_not_utf8.then_some(Defect::TopicNotUtf8));
         Inbound::Publish {
             packet_id: self.packet_id,
             message: MqttMessage {
@@ -470,7 +479,11 @@ impl Decoder {
                 let body = frame.slice(fixed.header_len..);
                 let head = publish_head(self.protocol, fixed.byte1, &body, fixed.remaining, true)?
                     .ok_or(WireError::Malformed("PUBLISH shorter than its header"))?;
-                let payload = body.slice(head.consumed..);
+                let payload = if head.malformed.is_some() {
+                    Bytes::new()
+                } else {
+                    body.slice(head.consumed..)
+                };
                 Ok(Some(head.into_inbound(payload, None)))
             }
             PUBACK | PUBREC | PUBREL | PUBCOMP => {
@@ -635,32 +648,40 @@ fn publish_head(
         at += 2;
     }
     let (mut user_properties, mut content_type, mut skipped_properties) = (Vec::new(), None, 0);
+    let mut malformed = None;
     if protocol == MqttProtocol::V5 {
-        let (properties_len, len_len) = match variable_int(&body[at..]) {
-            Ok(Some(v)) => v,
-            Ok(None) if body.len() >= remaining => {
-                return Err(WireError::Malformed(
-                    "PUBLISH property length past the packet",
-                ))
+        // A broken property block inside an intact frame: skip the rest of
+        // the packet (its length is known) and keep what identifies it.
+        let after_id = at;
+        let problem = match variable_int(&body[at..]) {
+            Ok(Some((_, len_len))) if at + len_len > remaining => {
+                Some("PUBLISH property length past the packet")
             }
+            Ok(Some((properties_len, len_len))) if at + len_len + properties_len > remaining => {
+                Some("PUBLISH properties past the packet")
+            }
+            Ok(Some((properties_len, len_len))) => {
+                at += len_len;
+                if keep_all_properties || properties_len <= MAX_KEPT_PROPERTY_BYTES {
+                    if at + properties_len > body.len() {
+                        return Ok(None);
+                    }
+                    (user_properties, content_type) =
+                        publish_properties(&body[at..at + properties_len]);
+                    at += properties_len;
+                } else {
+                    skipped_properties = properties_len;
+                }
+                None
+            }
+            Ok(None) if body.len() >= remaining => Some("PUBLISH property length past the packet"),
             Ok(None) => return Ok(None),
-            Err(()) => {
-                return Err(WireError::Malformed(
-                    "PUBLISH property length over four bytes",
-                ))
-            }
+            Err(()) => Some("PUBLISH property length over four bytes"),
         };
-        have(at, len_len, "PUBLISH property length past the packet")?;
-        at += len_len;
-        if keep_all_properties || properties_len <= MAX_KEPT_PROPERTY_BYTES {
-            if !have(at, properties_len, "PUBLISH properties past the packet")? {
-                return Ok(None);
-            }
-            (user_properties, content_type) = publish_properties(&body[at..at + properties_len]);
-            at += properties_len;
-        } else {
-            have(at, properties_len, "PUBLISH properties past the packet")?;
-            skipped_properties = properties_len;
+        if let Some(what) = problem {
+            malformed = Some(what);
+            at = after_id;
+            skipped_properties = remaining - after_id;
         }
     }
     let (topic, topic_not_utf8) = match std::str::from_utf8(topic_bytes) {
@@ -678,6 +699,7 @@ fn publish_head(
         content_type,
         consumed: at,
         skipped_properties,
+        malformed,
     }))
 }
 
@@ -1056,7 +1078,7 @@ mod tests {
 
     #[test]
     fn broken_framing_is_an_error() {
-        let cases: [(MqttProtocol, &[u8]); 6] = [
+        let cases: [(MqttProtocol, &[u8]); 5] = [
             // Remaining length over four bytes.
             (MqttProtocol::V5, &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]),
             // Topic length past the packet.
@@ -1065,8 +1087,6 @@ mod tests {
             (MqttProtocol::V311, &[0x36, 5, 0, 1, b'a', 0, 1]),
             // QoS 1 with packet id 0.
             (MqttProtocol::V311, &[0x32, 5, 0, 1, b'a', 0, 0]),
-            // Property length past the packet.
-            (MqttProtocol::V5, &[0x30, 5, 0, 1, b'a', 9, 0]),
             // A publish ack without a packet id.
             (MqttProtocol::V5, &[0x40, 1, 0]),
         ];
@@ -1076,6 +1096,52 @@ mod tests {
                 decoder(protocol).decode(&mut buf).is_err(),
                 "{protocol:?} {bytes:?}"
             );
+        }
+    }
+
+    /// A property block that runs past an intact frame is not worth a
+    /// reconnect (the broker would resend the same packet first): the
+    /// message comes out without payload, marked malformed, with its
+    /// packet id so it is acked in order, and the next packet decodes.
+    #[test]
+    fn a_broken_property_block_is_a_defect_not_a_lost_connection() {
+        let broken: [&[u8]; 3] = [
+            // QoS 1, id 7, property length 9 in a 2-byte remainder.
+            &[0x32, 7, 0, 1, b'a', 0, 7, 9, 0],
+            // Property length over four bytes.
+            &[0x32, 10, 0, 1, b'a', 0, 7, 0xff, 0xff, 0xff, 0xff, 0x01],
+            // Property length itself cut by the frame's end.
+            &[0x32, 6, 0, 1, b'a', 0, 7, 0xff],
+        ];
+        for limit in [DEFAULT_MAX_PACKET_BYTES, 8] {
+            for bytes in broken {
+                let mut buf = BytesMut::from(bytes);
+                buf.extend_from_slice(&publish_bytes(MqttProtocol::V5, "next", 8, b"ok"));
+                let mut d = Decoder::new(MqttProtocol::V5, limit);
+                let Some(Inbound::Publish { packet_id, message }) = d.decode(&mut buf).unwrap()
+                else {
+                    panic!("{bytes:?}: no publish");
+                };
+                assert_eq!(packet_id, 7);
+                assert_eq!(message.topic, "a");
+                assert!(message.payload.is_empty());
+                assert!(
+                    matches!(message.defect, Some(Defect::Malformed(_))),
+                    "{bytes:?}: {:?}",
+                    message.defect
+                );
+                let mut next = None;
+                for _ in 0..4 {
+                    if let Some(p) = d.decode(&mut buf).unwrap() {
+                        next = Some(p);
+                        break;
+                    }
+                }
+                let Some(Inbound::Publish { packet_id, message }) = next else {
+                    panic!("{bytes:?}: the next packet did not decode");
+                };
+                assert_eq!((packet_id, message.topic.as_str()), (8, "next"));
+            }
         }
     }
 

@@ -413,6 +413,10 @@ fn defect_rejection(message: &MqttMessage, limits: &Limits) -> Option<Rejection>
             RejectReason::NotUtf8,
             "the topic is not UTF-8 (invalid bytes shown as U+FFFD)",
         ),
+        Defect::Malformed(what) => Rejection::new(
+            RejectReason::Parse,
+            format!("the MQTT packet is malformed ({what}); its payload is not kept"),
+        ),
     })
 }
 

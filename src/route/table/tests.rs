@@ -733,6 +733,11 @@ fn defective_messages_are_dead_lettered_whatever_the_route() {
         record.header("bridge.original.sha256"),
         Some("07".repeat(32).as_bytes())
     );
+    let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", "");
+    m.defect = Some(Defect::Malformed("PUBLISH properties past the packet"));
+    let (_, rej) = rejection(t.route(&m));
+    assert_eq!(rej.reason, RejectReason::Parse);
+    assert!(rej.detail.contains("malformed"), "{}", rej.detail);
     let mut m = MqttMessage::new("no/route/\u{fffd}", "1");
     m.defect = Some(Defect::TopicNotUtf8);
     let (record, rej) = rejection(t.route(&m));
