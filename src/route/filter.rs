@@ -109,6 +109,9 @@ impl TopicFilter {
     /// Whether every topic this filter matches is also matched by `other`;
     /// used to find shadowed routes and redundant subscriptions.
     pub fn is_covered_by(&self, other: &TopicFilter) -> bool {
+        if other.wildcard_first() && self.dollar_first() {
+            return false;
+        }
         let mut mine = self.levels.iter();
         for theirs in &other.levels {
             match (theirs, mine.next()) {
@@ -132,8 +135,24 @@ impl TopicFilter {
         })
     }
 
+    /// Whether the first level is `+`, `#` or a capture: such a filter
+    /// never matches a `$` topic (MQTT 3.1.1 §4.7.2, MQTT 5 §4.7.2).
+    fn wildcard_first(&self) -> bool {
+        !matches!(self.levels.first(), Some(Level::Literal(_)))
+    }
+
+    /// Whether the filter only matches `$` topics (`$SYS/#`, `$aws/...`).
+    fn dollar_first(&self) -> bool {
+        matches!(self.levels.first(), Some(Level::Literal(l)) if l.starts_with('$'))
+    }
+
     /// Whether some topic matches both filters.
     pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        if (self.wildcard_first() && other.dollar_first())
+            || (other.wildcard_first() && self.dollar_first())
+        {
+            return false;
+        }
         let (mut a, mut b) = (self.levels.iter(), other.levels.iter());
         loop {
             match (a.next(), b.next()) {
@@ -171,6 +190,23 @@ impl fmt::Display for TopicFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `#` and `+/...` never match `$` topics, so they neither cover nor
+    /// overlap a `$` filter: with a `#` route beside a `$aws/...` route,
+    /// the `$aws` subscription must not be dropped as redundant (it was,
+    /// and that route silently received nothing).
+    #[test]
+    fn wildcards_first_neither_cover_nor_overlap_dollar_filters() {
+        let f = |t: &str| TopicFilter::parse(t).unwrap();
+        for wide in ["#", "+/things/+/shadow", "{x}/things/#"] {
+            assert!(!f("$aws/things/+/shadow").is_covered_by(&f(wide)), "{wide}");
+            assert!(!f("$aws/things/+/shadow").overlaps(&f(wide)), "{wide}");
+            assert!(!f(wide).overlaps(&f("$aws/things/+/shadow")), "{wide}");
+        }
+        assert!(f("$aws/things/a/shadow").is_covered_by(&f("$aws/#")));
+        assert!(f("$aws/x").overlaps(&f("$aws/+")));
+        assert!(f("+/x").is_covered_by(&f("#")));
+    }
 
     fn captures(filter: &str, topic: &str) -> Option<Vec<String>> {
         let filter = TopicFilter::parse(filter).unwrap();

@@ -744,3 +744,16 @@ fn defective_messages_are_dead_lettered_whatever_the_route() {
     assert_eq!(rej.reason, RejectReason::NotUtf8);
     assert_eq!(record.topic, "dlq");
 }
+
+#[test]
+fn a_dollar_route_keeps_its_subscription_beside_a_catch_all() {
+    let t = table(
+        "routes:\n  - name: all\n    mqtt: { filter: '#' }\n    kafka: { topic: all }\n  - name: aws\n    mqtt: { filter: '$aws/things/+/shadow' }\n    kafka: { topic: aws }\n",
+    )
+    .unwrap();
+    let filters: Vec<_> = t.subscriptions().into_iter().map(|s| s.filter).collect();
+    assert_eq!(filters, ["#", "$aws/things/+/shadow"]);
+    assert!(t.warnings.is_empty(), "not shadowed: {:?}", t.warnings);
+    let r = forward(t.route(&MqttMessage::new("$aws/things/u1/shadow", "{}")));
+    assert_eq!(r.topic, "aws");
+}
