@@ -136,6 +136,11 @@ fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
     );
     check(bridge.mqtt.qos <= 2, "mqtt.qos", "must be 0, 1 or 2");
     check(
+        bridge.limits.max_user_properties <= crate::mqtt::MAX_KEPT_USER_PROPERTIES,
+        "limits.max_user_properties",
+        "must be at most 1024 (the decoder keeps no more per message)",
+    );
+    check(
         bridge.mqtt.inflight_window > 0,
         "mqtt.inflight_window",
         "must be at least 1",

@@ -21,4 +21,4 @@ mod wire;
 
 pub use message::{Defect, MqttMessage};
 pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession, PublishRefused};
-pub use wire::{OutgoingPublish, DEFAULT_MAX_PACKET_BYTES};
+pub use wire::{OutgoingPublish, DEFAULT_MAX_PACKET_BYTES, MAX_KEPT_USER_PROPERTIES};

@@ -39,6 +39,12 @@ pub const DEFAULT_MAX_PACKET_BYTES: usize = 2 * 1024 * 1024;
 /// discarded with the payload.
 const MAX_KEPT_PROPERTY_BYTES: usize = 64 * 1024;
 
+/// User properties of one PUBLISH kept in memory. A device can pack about
+/// half a million empty ones into a 2 MiB packet; one more than this is
+/// kept, so the count still exceeds any `limits.max_user_properties` (at
+/// most this, checked at load) and the message is refused as `too_large`.
+pub const MAX_KEPT_USER_PROPERTIES: usize = 1024;
+
 /// The broker's packets other than PUBLISH are small (acks, CONNACK,
 /// SUBACK, DISCONNECT); a longer one is not buffered.
 const MAX_CONTROL_PACKET_BYTES: usize = 64 * 1024;
@@ -750,6 +756,10 @@ fn publish_properties(mut block: &[u8]) -> (Vec<(String, String)>, Option<String
             0x23 => {
                 take(block, 2)?;
             }
+            0x26 if user_properties.len() > MAX_KEPT_USER_PROPERTIES => {
+                binary(block)?;
+                binary(block)?;
+            }
             0x26 => {
                 let name = text(block)?;
                 let value = text(block)?;
@@ -1097,6 +1107,43 @@ mod tests {
                 "{protocol:?} {bytes:?}"
             );
         }
+    }
+
+    /// Half a million empty user properties fit in a 2 MiB packet; the
+    /// decoder keeps one more than its cap, so memory stays bounded and the
+    /// count still trips any `limits.max_user_properties`.
+    #[test]
+    fn user_property_bombs_are_kept_only_up_to_the_cap() {
+        let mut props = Vec::new();
+        for _ in 0..100_000 {
+            props.extend_from_slice(&[0x26, 0, 0, 0, 0]);
+        }
+        let mut body = vec![0, 1, b'a', 0, 7];
+        let mut len = Vec::new();
+        let mut n = props.len();
+        loop {
+            let mut b = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                b |= 0x80;
+            }
+            len.push(b);
+            if n == 0 {
+                break;
+            }
+        }
+        body.extend_from_slice(&len);
+        body.extend_from_slice(&props);
+        body.extend_from_slice(b"{}");
+        let mut buf = BytesMut::from(&fixed(0x32, body.len())[..]);
+        buf.extend_from_slice(&body);
+        let Some(Inbound::Publish { message, .. }) =
+            decoder(MqttProtocol::V5).decode(&mut buf).unwrap()
+        else {
+            panic!("no publish");
+        };
+        assert_eq!(message.user_properties.len(), MAX_KEPT_USER_PROPERTIES + 1);
+        assert_eq!(&message.payload[..], b"{}");
     }
 
     /// A property block that runs past an intact frame is not worth a

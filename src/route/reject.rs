@@ -131,6 +131,12 @@ pub mod headers {
     pub const SOURCE: &str = "bridge.source";
 }
 
+/// What one carried user property costs against
+/// `max_user_property_bytes` beyond its name and value: a Kafka header's
+/// own framing. Without it, a million empty properties would cost nothing
+/// and all be copied.
+pub const HEADER_OVERHEAD_BYTES: usize = 16;
+
 /// Longest `bridge.error.detail` (and `bridge.source` in a stub) written.
 pub const MAX_DETAIL_BYTES: usize = 1024;
 
@@ -268,10 +274,11 @@ pub fn dead_letter_record(
     if full {
         let mut budget = limits.max_user_property_bytes;
         for (k, v) in evidence.user_properties {
-            if headers::is_reserved(k) || headers.iter().any(|(h, _)| h == k) {
+            // Every header written above has a reserved name.
+            if headers::is_reserved(k) {
                 continue;
             }
-            let Some(left) = budget.checked_sub(k.len() + v.len()) else {
+            let Some(left) = budget.checked_sub(k.len() + v.len() + HEADER_OVERHEAD_BYTES) else {
                 break;
             };
             budget = left;
@@ -358,8 +365,30 @@ mod tests {
         assert_eq!(r.header(headers::ORIGINAL_TRUNCATED), Some(&b"true"[..]));
         assert!(r.header(headers::ERROR_DETAIL).unwrap().len() <= MAX_DETAIL_BYTES);
         let carried = r.headers.iter().filter(|(k, _)| k.starts_with('p')).count();
-        assert_eq!(carried, 9, "1000-byte budget, 102 bytes each");
+        assert_eq!(
+            carried, 8,
+            "1000-byte budget, 102 bytes + 16 of overhead each"
+        );
         assert_eq!(r.key.as_deref(), Some("site/s1/hvac/u7/telemetry"));
+    }
+
+    #[test]
+    fn empty_properties_still_spend_the_budget() {
+        let payload = Bytes::from_static(b"{}");
+        let props = vec![(String::new(), String::new()); 100_000];
+        let r = dead_letter_record(
+            "dlq",
+            "r",
+            &evidence(&payload, &props),
+            &Rejection::new(RejectReason::TooLarge, "bomb"),
+            None,
+            &DeadLetterLimits::default(),
+            Form::Full,
+        );
+        assert_eq!(
+            r.headers.iter().filter(|(k, _)| k.is_empty()).count(),
+            8 * 1024 / HEADER_OVERHEAD_BYTES
+        );
     }
 
     #[test]

@@ -86,14 +86,19 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(de::Error::custom(format_args!(
-                    "duplicate key `{}`",
-                    super::reject::truncate(&key, 256)
-                )));
-            }
             let value = map.next_value_seed(Strict)?;
-            object.insert(key, value);
+            // One lookup per key: the entry says whether it was there.
+            match object.entry(key) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                serde_json::map::Entry::Occupied(taken) => {
+                    return Err(de::Error::custom(format_args!(
+                        "duplicate key `{}`",
+                        super::reject::truncate(taken.key(), 256)
+                    )));
+                }
+            }
         }
         Ok(Value::Object(object))
     }

@@ -420,15 +420,7 @@ fn defect_rejection(message: &MqttMessage, limits: &Limits) -> Option<Rejection>
     })
 }
 
-/// Bytes of one message that the device chose: payload, topic, user
-/// properties and content type.
-fn message_bytes(message: &MqttMessage) -> usize {
-    message.payload.len()
-        + message.topic.len()
-        + property_bytes(message)
-        + message.content_type.as_ref().map_or(0, String::len)
-}
-
+/// Bytes of user-property names and values.
 fn property_bytes(message: &MqttMessage) -> usize {
     message
         .user_properties
@@ -454,7 +446,10 @@ fn check_size(message: &MqttMessage, max_bytes: usize, limits: &Limits) -> Resul
             limits.max_user_property_bytes
         ));
     }
-    let size = message_bytes(message);
+    let size = message.payload.len()
+        + message.topic.len()
+        + props
+        + message.content_type.as_ref().map_or(0, String::len);
     if size > max_bytes {
         return too_large(format!(
             "message is {size} bytes (payload {}, topic {}, user properties {props}), the limit is {max_bytes}",

@@ -183,36 +183,7 @@ impl Template {
     /// Renders to text, appending to `out`.
     pub fn render_into(&self, ctx: &Context<'_>, out: &mut String) -> Result<(), TemplateError> {
         for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Capture(i) => out.push_str(ctx.captures.get(*i).copied().unwrap_or("")),
-                Part::Pointer(ptr) => match lookup(ctx, ptr)? {
-                    Value::String(s) => out.push_str(s),
-                    other => {
-                        let _ = write!(out, "{other}");
-                    }
-                },
-                Part::Topic => out.push_str(&ctx.message.topic),
-                Part::Qos => {
-                    let _ = write!(out, "{}", ctx.message.qos);
-                }
-                Part::Retain => {
-                    let _ = write!(out, "{}", ctx.message.retain);
-                }
-                Part::ReceivedAt => {
-                    let _ = write!(out, "{}", ctx.message.received_at.to_rfc3339());
-                }
-                Part::ReceivedAtMs => {
-                    let _ = write!(out, "{}", ctx.message.received_at.timestamp_millis());
-                }
-                Part::ContentType => out.push_str(
-                    ctx.message
-                        .content_type
-                        .as_deref()
-                        .ok_or(TemplateError::MissingContentType)?,
-                ),
-                Part::UserProperty(name) => out.push_str(user_property(ctx, name)?),
-            }
+            render_part(part, ctx, out)?;
         }
         Ok(())
     }
@@ -236,9 +207,6 @@ impl Template {
         let mut out = String::new();
         for part in &self.parts {
             let start = out.len();
-            let one = Self {
-                parts: vec![part.clone()],
-            };
             match part {
                 Part::Literal(text) => {
                     out.push_str(text);
@@ -252,7 +220,7 @@ impl Template {
                 }
                 _ => {}
             }
-            one.render_into(ctx, &mut out)?;
+            render_part(part, ctx, &mut out)?;
             if let Some(why) = topic_level_problem(&out[start..]) {
                 return Err(TemplateError::NotOneLevel {
                     placeholder: part.to_string(),
@@ -281,6 +249,41 @@ impl Template {
             _ => self.render(ctx).map(Value::String),
         }
     }
+}
+
+/// Appends one part's text to `out`.
+fn render_part(part: &Part, ctx: &Context<'_>, out: &mut String) -> Result<(), TemplateError> {
+    match part {
+        Part::Literal(text) => out.push_str(text),
+        Part::Capture(i) => out.push_str(ctx.captures.get(*i).copied().unwrap_or("")),
+        Part::Pointer(ptr) => match lookup(ctx, ptr)? {
+            Value::String(s) => out.push_str(s),
+            other => {
+                let _ = write!(out, "{other}");
+            }
+        },
+        Part::Topic => out.push_str(&ctx.message.topic),
+        Part::Qos => {
+            let _ = write!(out, "{}", ctx.message.qos);
+        }
+        Part::Retain => {
+            let _ = write!(out, "{}", ctx.message.retain);
+        }
+        Part::ReceivedAt => {
+            let _ = write!(out, "{}", ctx.message.received_at.to_rfc3339());
+        }
+        Part::ReceivedAtMs => {
+            let _ = write!(out, "{}", ctx.message.received_at.timestamp_millis());
+        }
+        Part::ContentType => out.push_str(
+            ctx.message
+                .content_type
+                .as_deref()
+                .ok_or(TemplateError::MissingContentType)?,
+        ),
+        Part::UserProperty(name) => out.push_str(user_property(ctx, name)?),
+    }
+    Ok(())
 }
 
 impl std::fmt::Display for Part {
