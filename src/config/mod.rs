@@ -66,54 +66,90 @@ impl Config {
         let text = env::interpolate(path, &raw, |name| std::env::var(name).ok())?;
         let bridge: BridgeConfig = parse_yaml(path, &text)?;
         let mut errors = validate_bridge(path, &bridge);
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut mappings = Vec::new();
-        for (index, pattern) in bridge.mappings.iter().enumerate() {
-            match expand_glob(base, pattern) {
-                Ok(paths) if paths.is_empty() => errors.push(ConfigError::field(
-                    path,
-                    format!("mappings[{index}]"),
-                    format!("`{pattern}` matches no file"),
-                )),
-                Ok(paths) => {
-                    let this_file = std::fs::canonicalize(path).ok();
-                    for mapping_path in paths {
-                        // `*.yaml` next to the bridge file matches the bridge
-                        // file itself, which is not a mapping file.
-                        let is_self = std::fs::canonicalize(&mapping_path).ok() == this_file;
-                        let seen = mappings
-                            .iter()
-                            .any(|m: &MappingSource| m.path == mapping_path);
-                        if is_self || seen {
-                            continue;
-                        }
-                        match MappingSource::load(&mapping_path) {
-                            Ok(source) => mappings.push(source),
-                            Err(e) => errors.extend(e.0),
-                        }
-                    }
-                }
-                Err(message) => errors.push(ConfigError::field(
-                    path,
-                    format!("mappings[{index}]"),
-                    message,
-                )),
-            }
-        }
+        let mappings = load_mappings(path, &bridge, &mut errors);
+        Self::checked(path, &text, bridge, mappings, errors)
+    }
+
+    /// A config from a bridge file's text and mappings already parsed, with
+    /// the same checks as [`Config::load`] but no mapping globs read: the
+    /// demo, benchmarks and tests build their configs here so that none of
+    /// them runs a config a user could not load.
+    pub fn from_parts(
+        path: &Path,
+        raw: &str,
+        mappings: Vec<MappingSource>,
+    ) -> Result<Self, ConfigErrors> {
+        let text = env::interpolate(path, raw, |name| std::env::var(name).ok())?;
+        let bridge: BridgeConfig = parse_yaml(path, &text)?;
+        let errors = validate_bridge(path, &bridge);
+        Self::checked(path, &text, bridge, mappings, errors)
+    }
+
+    /// `Self` when `errors` is empty, else the errors with the bridge
+    /// file's own located in `text`.
+    fn checked(
+        path: &Path,
+        text: &str,
+        bridge: BridgeConfig,
+        mappings: Vec<MappingSource>,
+        errors: Vec<ConfigError>,
+    ) -> Result<Self, ConfigErrors> {
         let (mut own, others): (Vec<_>, Vec<_>) = errors.into_iter().partition(|e| e.file == path);
-        locate_all(&text, &mut own);
+        locate_all(text, &mut own);
         own.extend(others);
-        let errors = own;
-        if errors.is_empty() {
+        if own.is_empty() {
             Ok(Self {
                 bridge,
                 path: path.to_path_buf(),
                 mappings,
             })
         } else {
-            Err(ConfigErrors(errors))
+            Err(ConfigErrors(own))
         }
     }
+}
+
+/// Reads every mapping file the bridge file's globs name, once each.
+fn load_mappings(
+    path: &Path,
+    bridge: &BridgeConfig,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<MappingSource> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut mappings = Vec::new();
+    for (index, pattern) in bridge.mappings.iter().enumerate() {
+        match expand_glob(base, pattern) {
+            Ok(paths) if paths.is_empty() => errors.push(ConfigError::field(
+                path,
+                format!("mappings[{index}]"),
+                format!("`{pattern}` matches no file"),
+            )),
+            Ok(paths) => {
+                let this_file = std::fs::canonicalize(path).ok();
+                for mapping_path in paths {
+                    // `*.yaml` next to the bridge file matches the bridge
+                    // file itself, which is not a mapping file.
+                    let is_self = std::fs::canonicalize(&mapping_path).ok() == this_file;
+                    let seen = mappings
+                        .iter()
+                        .any(|m: &MappingSource| m.path == mapping_path);
+                    if is_self || seen {
+                        continue;
+                    }
+                    match MappingSource::load(&mapping_path) {
+                        Ok(source) => mappings.push(source),
+                        Err(e) => errors.extend(e.0),
+                    }
+                }
+            }
+            Err(message) => errors.push(ConfigError::field(
+                path,
+                format!("mappings[{index}]"),
+                message,
+            )),
+        }
+    }
+    mappings
 }
 
 /// Range checks serde cannot express.
