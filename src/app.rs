@@ -91,7 +91,11 @@ pub async fn run_with_readiness(
     }
     let bridge = &config.bridge;
     let sink = tokio::select! {
-        sink = TransactionalSink::connect(&bridge.kafka, &bridge.delivery) => sink?,
+        sink = TransactionalSink::connect(
+            &bridge.kafka,
+            Duration::from_millis(bridge.delivery.transaction_timeout_ms),
+            Duration::from_millis(bridge.delivery.commit_timeout_ms),
+        ) => sink?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(transactional_id = %bridge.kafka.transactional_id, "Kafka producer ready");
@@ -114,7 +118,7 @@ pub async fn run_with_readiness(
 
     let subscriptions = table.subscriptions();
     for sub in &subscriptions {
-        tracing::info!(filter = %sub.filter, qos = sub.qos, "subscribing");
+        tracing::info!(filter = %sub.filter, qos = sub.qos.as_u8(), "subscribing");
     }
     let session = MqttSession::new(&bridge.mqtt, subscriptions)?
         .with_max_packet_bytes(bridge.limits.max_packet_bytes);

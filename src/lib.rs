@@ -31,6 +31,5 @@ pub mod fault;
 pub mod kafka;
 pub mod mqtt;
 pub mod route;
-pub mod schema;
 pub mod telemetry;
 pub mod translate;

@@ -1,8 +1,9 @@
 //! Human-readable output for `check` and `translate`.
 
 use crate::config::Config;
-use crate::mqtt::MqttMessage;
-use crate::route::{KafkaRecord, Outcome, RouteTable};
+use crate::kafka;
+use crate::mqtt::{MqttMessage, Qos};
+use crate::route::{Outcome, RouteTable};
 use anyhow::{bail, Context as _};
 use std::fmt::Write;
 use std::path::Path;
@@ -30,9 +31,9 @@ pub fn run(
         }
         None => payload.as_bytes().to_vec(),
     };
-    if qos > 2 {
+    let Some(qos) = Qos::from_u8(qos) else {
         bail!("--qos must be 0, 1 or 2");
-    }
+    };
     let mut message = MqttMessage::new(topic, bytes);
     message.qos = qos;
     for property in properties {
@@ -105,7 +106,7 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
     out
 }
 
-fn record_text(out: &mut String, record: &KafkaRecord) {
+fn record_text(out: &mut String, record: &kafka::Record) {
     let _ = writeln!(out, "topic:     {}", record.topic);
     let _ = writeln!(
         out,

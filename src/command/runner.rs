@@ -12,10 +12,11 @@
 use super::{CommandTable, Prepared};
 use crate::config::KafkaConfig;
 use crate::fault;
+use crate::kafka;
 use crate::kafka::{client_config, refusal_kind};
 use crate::mqtt::{Acker, MqttError};
 use crate::route::reject::{self, Evidence, Form};
-use crate::route::{KafkaRecord, RejectReason, Rejection};
+use crate::route::{RejectReason, Rejection};
 use crate::telemetry;
 use bytes::Bytes;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -235,7 +236,7 @@ impl DeadLetters {
     /// with a growing pause, until shutdown.
     async fn write(
         &mut self,
-        records: impl Fn(Form, Option<&str>) -> KafkaRecord,
+        records: impl Fn(Form, Option<&str>) -> kafka::Record,
         shutdown: &CancellationToken,
     ) -> Written {
         let mut form = Form::Full;
@@ -286,7 +287,7 @@ impl DeadLetters {
     }
 }
 
-async fn send(producer: &FutureProducer, record: &KafkaRecord) -> Result<(), KafkaError> {
+async fn send(producer: &FutureProducer, record: &kafka::Record) -> Result<(), KafkaError> {
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (key, value) in &record.headers {
         headers = headers.insert(Header {

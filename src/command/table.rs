@@ -7,11 +7,12 @@
 //! take it for a malformed packet.
 
 use crate::config::{locate_all, Config, ConfigError, ConfigErrors};
-use crate::mqtt::{MqttMessage, OutgoingPublish};
+use crate::kafka;
+use crate::mqtt::{MqttMessage, OutgoingPublish, Qos};
 use crate::route::reject::DeadLetterLimits;
-use crate::route::{is_valid_kafka_topic, RejectReason, Rejection};
+use crate::route::schema::Schema;
 use crate::route::{Context, Template};
-use crate::schema::Schema;
+use crate::route::{RejectReason, Rejection};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,7 +25,7 @@ struct CommandRoute {
     topic: Template,
     /// The template as written, for rejection details.
     topic_text: String,
-    qos: u8,
+    qos: Qos,
     retain: bool,
     ttl_ms: Option<i64>,
     dead_letter_topic: String,
@@ -81,7 +82,7 @@ impl CommandTable {
                         format!("command route `{}` is defined twice", command.name),
                     );
                 }
-                if !is_valid_kafka_topic(&command.kafka.topic) {
+                if !kafka::is_valid_topic_name(&command.kafka.topic) {
                     error("kafka.topic", "is not a valid Kafka topic name".into());
                 }
                 if table.by_topic.contains_key(&command.kafka.topic) {
@@ -89,9 +90,6 @@ impl CommandTable {
                         "kafka.topic",
                         "is already read by another command route".into(),
                     );
-                }
-                if command.mqtt.qos > 2 {
-                    error("mqtt.qos", "must be 0, 1 or 2".into());
                 }
                 if command.mqtt.topic.contains(['+', '#']) {
                     error(
@@ -297,7 +295,7 @@ commands:
             Prepared::Publish(p) => {
                 assert_eq!(p.topic, "site/s1/hvac/u7/cmd/setpoint");
                 assert_eq!(&p.payload[..], br#"{"site":"s1"}"#);
-                assert_eq!(p.qos, 1);
+                assert_eq!(p.qos, Qos::AtLeastOnce);
             }
             other => panic!("{other:?}"),
         }

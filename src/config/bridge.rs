@@ -1,7 +1,8 @@
 //! The bridge file: connections, delivery settings, where the mappings are.
 
+use crate::kafka::KafkaConfig;
+use crate::mqtt::MqttConfig;
 use serde::Deserialize;
-use std::collections::BTreeMap;
 
 /// Top level of `bridge.yaml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -18,76 +19,6 @@ pub struct BridgeConfig {
     /// Glob patterns of mapping files, relative to the bridge file. Files are
     /// loaded in sorted path order, which is also the route precedence order.
     pub mappings: Vec<String>,
-}
-
-/// MQTT protocol version spoken to the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MqttProtocol {
-    /// MQTT 5: carries user properties and content type into Kafka headers,
-    /// and lets the bridge cap in-flight messages with Receive Maximum.
-    #[default]
-    V5,
-    /// MQTT 3.1.1, for brokers and gateways that speak nothing newer.
-    V311,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttConfig {
-    pub host: String,
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
-    /// Must be stable across restarts: the broker keeps the persistent
-    /// session (unacknowledged messages) under this id.
-    pub client_id: String,
-    #[serde(default)]
-    pub protocol: MqttProtocol,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// Use TLS (the system's root certificates) to reach the broker.
-    #[serde(default)]
-    pub tls: bool,
-    /// `false` keeps the broker-side session across disconnects, so messages
-    /// published while the bridge is down are delivered when it returns.
-    #[serde(default)]
-    pub clean_session: bool,
-    /// MQTT 5 session expiry after disconnect.
-    #[serde(default = "default_session_expiry_s")]
-    pub session_expiry_s: u32,
-    #[serde(default = "default_keep_alive_s")]
-    pub keep_alive_s: u64,
-    /// Default subscription QoS for routes that do not set their own.
-    #[serde(default = "default_qos")]
-    pub qos: u8,
-    /// Messages received but not yet acknowledged. When the window is full
-    /// the bridge stops reading from the broker, which holds the backlog.
-    #[serde(default = "default_inflight_window")]
-    pub inflight_window: u16,
-    /// Delay before reconnecting after the connection drops.
-    #[serde(default = "default_reconnect_delay_ms")]
-    pub reconnect_delay_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    pub bootstrap_servers: String,
-    /// Identity of this bridge's transactional producer. Two instances with
-    /// the same id fence each other: give every instance its own.
-    pub transactional_id: String,
-    /// Where payloads that fail parsing, validation or mapping go, with the
-    /// reason in headers. A route may override it.
-    #[serde(default = "default_dead_letter_topic")]
-    pub dead_letter_topic: String,
-    /// Consumer group of the command routes (Kafka → MQTT). Default:
-    /// `<transactional_id>.commands`.
-    pub command_group: Option<String>,
-    /// Passed to librdkafka as they are (`security.protocol`,
-    /// `sasl.mechanisms`, `compression.type`, ...). The escape hatch for every
-    /// setting the bridge does not model itself.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
 }
 
 /// What the bridge promises about each MQTT message reaching Kafka.
@@ -210,27 +141,6 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-fn default_mqtt_port() -> u16 {
-    1883
-}
-fn default_session_expiry_s() -> u32 {
-    3600
-}
-fn default_keep_alive_s() -> u64 {
-    30
-}
-fn default_qos() -> u8 {
-    1
-}
-fn default_inflight_window() -> u16 {
-    1000
-}
-fn default_reconnect_delay_ms() -> u64 {
-    1000
-}
-fn default_dead_letter_topic() -> String {
-    "mqtt-bridge.dead-letter".into()
-}
 fn default_state_topic() -> String {
     "mqtt-bridge.state".into()
 }

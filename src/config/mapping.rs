@@ -4,6 +4,7 @@
 //! turns it into matchers, templates and validators, reporting every problem
 //! with the field path that `locate` maps back to a line.
 
+use crate::mqtt::Qos;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -52,13 +53,13 @@ pub struct CommandMqttConfig {
     /// the record value).
     pub topic: String,
     #[serde(default = "default_command_qos")]
-    pub qos: u8,
+    pub qos: Qos,
     #[serde(default)]
     pub retain: bool,
 }
 
-fn default_command_qos() -> u8 {
-    1
+fn default_command_qos() -> Qos {
+    Qos::AtLeastOnce
 }
 
 /// One route: which MQTT messages, how to read and reshape them, where they go.
@@ -94,13 +95,13 @@ pub struct RoutePublishConfig {
     /// Topic template, as for `kafka.topic`; no `+` or `#`.
     pub topic: String,
     #[serde(default = "default_publish_qos")]
-    pub qos: u8,
+    pub qos: Qos,
     #[serde(default)]
     pub retain: bool,
 }
 
-fn default_publish_qos() -> u8 {
-    1
+fn default_publish_qos() -> Qos {
+    Qos::AtLeastOnce
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,7 +114,7 @@ pub struct RouteMqttConfig {
     /// does not apply and the next one is tried.
     pub regex: Option<String>,
     /// Subscription QoS; defaults to `mqtt.qos` of the bridge file.
-    pub qos: Option<u8>,
+    pub qos: Option<Qos>,
 }
 
 /// How the payload bytes become a JSON value.

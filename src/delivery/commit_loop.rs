@@ -5,10 +5,11 @@ use super::session_state::{
 };
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::fault;
+use crate::kafka;
 use crate::kafka::{state_store, Refusal, SinkError, TransactionalSink};
 use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttMessage, PublishRefused};
 use crate::route::reject::Form;
-use crate::route::{KafkaRecord, Outcome, RejectReason, Rejection, RouteTable};
+use crate::route::{Outcome, RejectReason, Rejection, RouteTable};
 use crate::telemetry;
 use bytes::Bytes;
 use rdkafka::types::RDKafkaErrorCode;
@@ -54,7 +55,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// One record of a transaction, with what it came from.
 struct Entry {
-    record: KafkaRecord,
+    record: kafka::Record,
     /// `None` for the exactly-once state and head records, which are the
     /// bridge's own and never replaced.
     origin: Option<Origin>,
@@ -485,7 +486,7 @@ impl CommitLoop {
                 {
                     Verdict::New => Some(fp),
                     Verdict::Duplicate { exact } => {
-                        telemetry::duplicate_dropped(message.qos, exact);
+                        telemetry::duplicate_dropped(message.qos.as_u8(), exact);
                         return Ok(());
                     }
                 }
@@ -591,7 +592,7 @@ impl CommitLoop {
             }
             let topic = eo.topic.clone();
             for (key, bytes) in state {
-                let record = KafkaRecord {
+                let record = kafka::Record {
                     topic: topic.clone(),
                     key: Some(key),
                     value: Bytes::from(bytes),

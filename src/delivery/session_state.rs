@@ -23,6 +23,7 @@
 //! bytes written per transaction stay bounded however far the broker's
 //! confirmations lag (under saturation they lagged by 20 000 acks).
 
+use crate::mqtt::Qos;
 use std::collections::HashMap;
 use std::hash::Hasher;
 
@@ -66,11 +67,13 @@ pub enum StateError {
     Version(u8),
     #[error("state record is truncated ({0} bytes)")]
     Truncated(usize),
+    #[error("state record holds QoS {0}")]
+    Qos(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
-    qos: u8,
+    qos: Qos,
     fingerprint: u64,
     /// Number of the PUBACK sent for it (QoS 1), once sent; see
     /// `Intake::AcksConfirmed`.
@@ -129,11 +132,15 @@ impl SessionState {
         self.buckets[bucket(packet_id)].get(&packet_id)
     }
 
-    pub fn check(&mut self, packet_id: u16, qos: u8, dup: bool, fingerprint: u64) -> Verdict {
+    pub fn check(&mut self, packet_id: u16, qos: Qos, dup: bool, fingerprint: u64) -> Verdict {
         match (qos, self.buckets[bucket(packet_id)].get_mut(&packet_id)) {
             // The broker cannot have reused the id: a resend, DUP flag or not.
-            (2, Some(entry)) if entry.qos == 2 => Verdict::Duplicate { exact: true },
-            (1, Some(entry)) if dup && entry.qos == 1 && entry.fingerprint == fingerprint => {
+            (Qos::ExactlyOnce, Some(entry)) if entry.qos == Qos::ExactlyOnce => {
+                Verdict::Duplicate { exact: true }
+            }
+            (Qos::AtLeastOnce, Some(entry))
+                if dup && entry.qos == Qos::AtLeastOnce && entry.fingerprint == fingerprint =>
+            {
                 // The broker resent it, so the ack we sent before did not
                 // reach it (lost with its connection, or dropped by the
                 // session as stale): a confirmation that counts that ack
@@ -146,7 +153,7 @@ impl SessionState {
     }
 
     /// The message is in the open transaction.
-    pub fn record(&mut self, packet_id: u16, qos: u8, fingerprint: u64) {
+    pub fn record(&mut self, packet_id: u16, qos: Qos, fingerprint: u64) {
         self.dirty |= 1 << bucket(packet_id);
         self.buckets[bucket(packet_id)].insert(
             packet_id,
@@ -161,7 +168,7 @@ impl SessionState {
     /// The PUBACK for `packet_id` is the session's `seq`th ack.
     pub fn acked(&mut self, packet_id: u16, seq: u64) {
         if let Some(entry) = self.buckets[bucket(packet_id)].get_mut(&packet_id) {
-            if entry.qos == 1 {
+            if entry.qos == Qos::AtLeastOnce {
                 entry.ack_seq = Some(seq);
             }
         }
@@ -170,7 +177,7 @@ impl SessionState {
     /// PUBREL: forget a QoS 2 id. Returns whether it was known.
     pub fn release(&mut self, packet_id: u16) -> bool {
         match self.get(packet_id) {
-            Some(entry) if entry.qos == 2 => {
+            Some(entry) if entry.qos == Qos::ExactlyOnce => {
                 self.buckets[bucket(packet_id)].remove(&packet_id);
                 self.dirty |= 1 << bucket(packet_id);
                 true
@@ -185,7 +192,9 @@ impl SessionState {
         let mut removed = false;
         for (b, entries) in self.buckets.iter_mut().enumerate() {
             let before = entries.len();
-            entries.retain(|_, e| !(e.qos == 1 && e.ack_seq.is_some_and(|seq| seq <= acks)));
+            entries.retain(|_, e| {
+                !(e.qos == Qos::AtLeastOnce && e.ack_seq.is_some_and(|seq| seq <= acks))
+            });
             if entries.len() != before {
                 self.dirty |= 1 << b;
                 removed = true;
@@ -213,7 +222,7 @@ impl SessionState {
         out.push(FORMAT_VERSION);
         for (id, e) in entries {
             out.extend_from_slice(&id.to_be_bytes());
-            out.push(e.qos);
+            out.push(e.qos.as_u8());
             out.extend_from_slice(&e.fingerprint.to_be_bytes());
         }
         out
@@ -234,11 +243,12 @@ impl SessionState {
         }
         for c in rest.chunks_exact(ENTRY_BYTES) {
             let id = u16::from_be_bytes([c[0], c[1]]);
+            let qos = Qos::from_u8(c[2]).ok_or(StateError::Qos(c[2]))?;
             let fingerprint = u64::from_be_bytes(c[3..11].try_into().expect("8 bytes"));
             self.buckets[bucket(id)].insert(
                 id,
                 Entry {
-                    qos: c[2],
+                    qos,
                     fingerprint,
                     ack_seq: None,
                 },
@@ -252,62 +262,80 @@ impl SessionState {
 mod tests {
     use super::*;
 
+    const Q1: Qos = Qos::AtLeastOnce;
+    const Q2: Qos = Qos::ExactlyOnce;
+
     #[test]
     fn qos2_resend_is_a_duplicate_until_released() {
         let mut s = SessionState::default();
-        assert_eq!(s.check(7, 2, false, 1), Verdict::New);
-        s.record(7, 2, 1);
+        assert_eq!(s.check(7, Q2, false, 1), Verdict::New);
+        s.record(7, Q2, 1);
         // Resent with or without DUP, any content: the id is ours.
-        assert_eq!(s.check(7, 2, true, 1), Verdict::Duplicate { exact: true });
-        assert_eq!(s.check(7, 2, false, 99), Verdict::Duplicate { exact: true });
+        assert_eq!(s.check(7, Q2, true, 1), Verdict::Duplicate { exact: true });
+        assert_eq!(
+            s.check(7, Q2, false, 99),
+            Verdict::Duplicate { exact: true }
+        );
         // Confirmations concern QoS 1 only.
         s.acked(7, 1);
         assert!(!s.confirm(10));
         assert!(s.release(7));
-        assert_eq!(s.check(7, 2, false, 1), Verdict::New);
+        assert_eq!(s.check(7, Q2, false, 1), Verdict::New);
         assert!(!s.release(7), "an unknown PUBREL is not an error");
     }
 
     #[test]
     fn qos1_duplicate_needs_dup_flag_and_same_fingerprint() {
         let mut s = SessionState::default();
-        s.record(3, 1, 42);
-        assert_eq!(s.check(3, 1, true, 42), Verdict::Duplicate { exact: false });
+        s.record(3, Q1, 42);
+        assert_eq!(
+            s.check(3, Q1, true, 42),
+            Verdict::Duplicate { exact: false }
+        );
         // DUP=0 is a first attempt: a new message reusing the id.
-        assert_eq!(s.check(3, 1, false, 42), Verdict::New);
-        assert_eq!(s.check(3, 1, true, 43), Verdict::New);
+        assert_eq!(s.check(3, Q1, false, 42), Verdict::New);
+        assert_eq!(s.check(3, Q1, true, 43), Verdict::New);
         // A QoS 2 message with the id is never a QoS 1 resend.
-        assert_eq!(s.check(3, 2, true, 42), Verdict::New);
+        assert_eq!(s.check(3, Q2, true, 42), Verdict::New);
     }
 
     #[test]
     fn confirmed_acks_forget_qos1_entries() {
         let mut s = SessionState::default();
-        s.record(1, 1, 10);
-        s.record(2, 1, 20);
-        s.record(3, 1, 30);
+        s.record(1, Q1, 10);
+        s.record(2, Q1, 20);
+        s.record(3, Q1, 30);
         s.acked(1, 5);
         s.acked(2, 6);
         assert!(s.confirm(5));
-        assert_eq!(s.check(1, 1, true, 10), Verdict::New);
+        assert_eq!(s.check(1, Q1, true, 10), Verdict::New);
         assert_eq!(s.len(), 2);
         // Not yet acked: kept whatever is confirmed.
         assert!(s.confirm(100));
         assert_eq!(s.take_dirty().len(), 1, "one bucket changed");
         assert_eq!(s.len(), 1);
-        assert_eq!(s.check(3, 1, true, 30), Verdict::Duplicate { exact: false });
+        assert_eq!(
+            s.check(3, Q1, true, 30),
+            Verdict::Duplicate { exact: false }
+        );
     }
 
     #[test]
     fn a_resend_keeps_its_entry_until_its_new_ack_is_confirmed() {
         let mut s = SessionState::default();
-        s.record(4, 1, 40);
+        s.record(4, Q1, 40);
         // Acked as the 5th ack, but the connection was lost and the broker
         // resends it: the old ack did not count.
         s.acked(4, 5);
-        assert_eq!(s.check(4, 1, true, 40), Verdict::Duplicate { exact: false });
+        assert_eq!(
+            s.check(4, Q1, true, 40),
+            Verdict::Duplicate { exact: false }
+        );
         assert!(!s.confirm(5), "a confirmation of the old ack keeps it");
-        assert_eq!(s.check(4, 1, true, 40), Verdict::Duplicate { exact: false });
+        assert_eq!(
+            s.check(4, Q1, true, 40),
+            Verdict::Duplicate { exact: false }
+        );
         s.acked(4, 9);
         assert!(!s.confirm(8));
         assert!(s.confirm(9), "its new ack confirmed: forgotten");
@@ -317,14 +345,14 @@ mod tests {
     #[test]
     fn encoding_round_trips_and_rejects_garbage() {
         let mut s = SessionState::default();
-        s.record(1, 1, 0x0102_0304_0506_0708);
+        s.record(1, Q1, 0x0102_0304_0506_0708);
         assert_eq!(
             s.encode_bucket(0),
             [FORMAT_VERSION, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7, 8],
             "the documented layout"
         );
-        s.record(65535, 2, u64::MAX);
-        s.record(1023, 1, 7);
+        s.record(65535, Q2, u64::MAX);
+        s.record(1023, Q1, 7);
         let dirty = s.take_dirty();
         assert_eq!(
             dirty.iter().map(|(b, _)| *b).collect::<Vec<_>>(),

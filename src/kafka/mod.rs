@@ -1,13 +1,16 @@
 //! The Kafka side: a transactional producer that makes one batch of records
 //! visible atomically.
 
+mod config;
+mod record;
 mod sink;
 pub mod state_store;
 
+pub use config::KafkaConfig;
+pub use record::{is_valid_topic_name, Record};
 pub use sink::{refusal_kind, Refusal, SinkError, TransactionalSink};
 pub use state_store::StateStoreError;
 
-use crate::config::KafkaConfig;
 use rdkafka::ClientConfig;
 
 /// librdkafka settings shared by every client the bridge creates; the

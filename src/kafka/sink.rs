@@ -4,8 +4,8 @@
 //! they run on tokio's blocking pool; producing a record only enqueues it and
 //! stays on the async task.
 
-use crate::config::{DeliveryConfig, KafkaConfig};
-use crate::route::KafkaRecord;
+use super::KafkaConfig;
+use super::Record;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{
@@ -162,10 +162,13 @@ pub struct TransactionalSink {
 impl TransactionalSink {
     /// Creates the producer and registers its `transactional.id` with the
     /// coordinator, which fences any older producer with the same id and
-    /// aborts the transaction it left open.
+    /// aborts the transaction it left open. `transaction_timeout` is how
+    /// long the coordinator lets a transaction stay open before aborting
+    /// it; `commit_timeout` bounds each commit and abort.
     pub async fn connect(
         kafka: &KafkaConfig,
-        delivery: &DeliveryConfig,
+        transaction_timeout: Duration,
+        commit_timeout: Duration,
     ) -> Result<Self, SinkError> {
         let mut config = super::client_config(kafka);
         // A record for a topic that does not exist fails after this long
@@ -179,14 +182,13 @@ impl TransactionalSink {
         }
         config.set("transactional.id", &kafka.transactional_id).set(
             "transaction.timeout.ms",
-            delivery.transaction_timeout_ms.to_string(),
+            transaction_timeout.as_millis().to_string(),
         );
-        let timeout = Duration::from_millis(delivery.commit_timeout_ms);
-        let producer = init_producer(&config, timeout).await?;
+        let producer = init_producer(&config, commit_timeout).await?;
         Ok(Self {
             producer,
             config,
-            commit_timeout: timeout,
+            commit_timeout,
             in_transaction: false,
         })
     }
@@ -292,7 +294,7 @@ impl TransactionalSink {
     /// Enqueues one record in the open transaction; `id` comes back in a
     /// [`Refusal`] if the broker refuses it. Delivery is confirmed by the
     /// commit.
-    pub async fn send(&mut self, record: &KafkaRecord, id: usize) -> Result<(), SinkError> {
+    pub async fn send(&mut self, record: &Record, id: usize) -> Result<(), SinkError> {
         self.begin()?;
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {

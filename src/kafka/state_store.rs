@@ -10,7 +10,7 @@
 //! transaction.
 
 use super::client_config;
-use crate::config::KafkaConfig;
+use super::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};

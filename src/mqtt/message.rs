@@ -1,5 +1,6 @@
 //! The bridge's view of one MQTT PUBLISH, independent of protocol version.
 
+use super::Qos;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
@@ -10,7 +11,7 @@ pub struct MqttMessage {
     /// Reference-counted: the same bytes become the Kafka value when the
     /// route does not reshape the payload.
     pub payload: Bytes,
-    pub qos: u8,
+    pub qos: Qos,
     pub retain: bool,
     /// Set by the broker on redelivery; informational only.
     pub dup: bool,
@@ -51,7 +52,7 @@ impl MqttMessage {
         Self {
             topic: topic.into(),
             payload: payload.into(),
-            qos: 1,
+            qos: Qos::AtLeastOnce,
             retain: false,
             dup: false,
             user_properties: Vec::new(),

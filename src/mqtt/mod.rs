@@ -15,10 +15,22 @@
 //! the broker or refused with a reason ([`PublishRefused`]), never resent
 //! in a loop.
 
+mod config;
 mod message;
+mod qos;
 mod session;
 mod wire;
+
+pub use config::{MqttConfig, MqttProtocol};
+pub use qos::Qos;
 
 pub use message::{Defect, MqttMessage};
 pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession, PublishRefused};
 pub use wire::{OutgoingPublish, DEFAULT_MAX_PACKET_BYTES, MAX_KEPT_USER_PROPERTIES};
+
+/// A broker subscription the routes need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: Qos,
+}

@@ -35,9 +35,9 @@ use super::wire::{
     self, Decoder, Inbound, Outbound, OutgoingPublish, Wire, WireError, DEFAULT_MAX_PACKET_BYTES,
     MAX_PACKET_BYTES,
 };
+use super::MqttConfig;
 use super::MqttMessage;
-use crate::config::MqttConfig;
-use crate::route::Subscription;
+use super::{Qos, Subscription};
 use crate::telemetry;
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -130,11 +130,11 @@ pub enum AckKind {
 
 impl Ack {
     /// The ack a message received on `connection` needs, by its QoS.
-    fn for_message(packet_id: u16, qos: u8, connection: u64) -> Option<Self> {
+    fn for_message(packet_id: u16, qos: Qos, connection: u64) -> Option<Self> {
         let kind = match qos {
-            0 => return None,
-            1 => AckKind::PubAck,
-            _ => AckKind::PubRec,
+            Qos::AtMostOnce => return None,
+            Qos::AtLeastOnce => AckKind::PubAck,
+            Qos::ExactlyOnce => AckKind::PubRec,
         };
         Some(Self {
             kind,
@@ -753,7 +753,7 @@ impl MqttSession {
             }
             // QoS 0 has no packet id and nothing to wait for; it queues
             // here too, so our publishes go out in the order asked.
-            if publish.qos == 0 {
+            if publish.qos == Qos::AtMostOnce {
                 self.wire.encode_publish(0, &publish, false, out)?;
                 done.finish(Ok(()));
                 continue;
@@ -887,7 +887,7 @@ mod tests {
         protocol: MqttProtocol,
     }
 
-    use crate::config::MqttProtocol;
+    use crate::mqtt::MqttProtocol;
 
     /// A session connected to a scripted broker that answered CONNECT with
     /// `connack`, and the session's intake.
@@ -1018,7 +1018,7 @@ mod tests {
         OutgoingPublish {
             topic: topic.into(),
             payload: Bytes::from(vec![b'x'; payload]),
-            qos,
+            qos: Qos::from_u8(qos).unwrap(),
             retain: false,
         }
     }

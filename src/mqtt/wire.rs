@@ -18,9 +18,9 @@
 //! - PUBACK and PUBREC keep their MQTT 5 reason code, whatever it is, so a
 //!   broker's refusal reaches whoever published.
 
+use super::Subscription;
 use super::{Defect, MqttMessage};
-use crate::config::{MqttConfig, MqttProtocol};
-use crate::route::Subscription;
+use super::{MqttConfig, MqttProtocol, Qos};
 use bytes::{Buf, Bytes, BytesMut};
 use chrono::Utc;
 use rumqttc::mqttbytes::v4;
@@ -129,7 +129,7 @@ pub enum Outbound {
 pub struct OutgoingPublish {
     pub topic: String,
     pub payload: Bytes,
-    pub qos: u8,
+    pub qos: Qos,
     pub retain: bool,
 }
 
@@ -161,8 +161,6 @@ pub fn outgoing_problem(publish: &OutgoingPublish) -> Option<&'static str> {
         Some("the topic holds a wildcard (`+` or `#`)")
     } else if publish.topic.contains('\0') {
         Some("the topic holds U+0000")
-    } else if publish.qos > 2 {
-        Some("QoS is over 2")
     } else {
         None
     }
@@ -171,7 +169,7 @@ pub fn outgoing_problem(publish: &OutgoingPublish) -> Option<&'static str> {
 /// Bytes of the PUBLISH that carries `publish` (fixed header included).
 pub fn publish_size(protocol: MqttProtocol, publish: &OutgoingPublish) -> usize {
     let mut remaining = 2 + publish.topic.len() + publish.payload.len();
-    if publish.qos > 0 {
+    if publish.qos != Qos::AtMostOnce {
         remaining += 2;
     }
     if protocol == MqttProtocol::V5 {
@@ -241,7 +239,11 @@ impl Wire {
                     qos_v4(publish.qos),
                     publish.payload.clone(),
                 );
-                p.pkid = if publish.qos == 0 { 0 } else { packet_id };
+                p.pkid = if publish.qos == Qos::AtMostOnce {
+                    0
+                } else {
+                    packet_id
+                };
                 p.retain = publish.retain;
                 p.dup = dup;
                 v4::Packet::Publish(p).write(buf, MAX_PACKET_BYTES as usize)?;
@@ -253,7 +255,11 @@ impl Wire {
                     publish.payload.clone(),
                     None,
                 );
-                p.pkid = if publish.qos == 0 { 0 } else { packet_id };
+                p.pkid = if publish.qos == Qos::AtMostOnce {
+                    0
+                } else {
+                    packet_id
+                };
                 p.retain = publish.retain;
                 p.dup = dup;
                 v5::Packet::Publish(p).write(buf, Some(MAX_PACKET_BYTES))?;
@@ -381,7 +387,7 @@ impl Fixed {
 /// The variable header of a PUBLISH.
 #[derive(Debug)]
 struct Head {
-    qos: u8,
+    qos: Qos,
     dup: bool,
     retain: bool,
     topic: String,
@@ -627,10 +633,9 @@ fn publish_head(
             Ok(at + n <= body.len())
         }
     };
-    let qos = (byte1 >> 1) & 0b11;
-    if qos == 3 {
+    let Some(qos) = Qos::from_u8((byte1 >> 1) & 0b11) else {
         return Err(WireError::Malformed("PUBLISH with QoS 3"));
-    }
+    };
     if !have(0, 2, "PUBLISH topic length past the packet")? {
         return Ok(None);
     }
@@ -641,7 +646,7 @@ fn publish_head(
     let topic_bytes = &body[2..2 + topic_len];
     let mut at = 2 + topic_len;
     let mut packet_id = 0;
-    if qos > 0 {
+    if qos != Qos::AtMostOnce {
         if !have(at, 2, "PUBLISH packet id past the packet")? {
             return Ok(None);
         }
@@ -824,20 +829,20 @@ fn inbound_v5(packet: v5::Packet) -> Inbound {
     }
 }
 
-fn qos_v4(qos: u8) -> rumqttc::QoS {
+fn qos_v4(qos: Qos) -> rumqttc::QoS {
     match qos {
-        0 => rumqttc::QoS::AtMostOnce,
-        1 => rumqttc::QoS::AtLeastOnce,
-        _ => rumqttc::QoS::ExactlyOnce,
+        Qos::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        Qos::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
     }
 }
 
-fn qos_v5(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
+fn qos_v5(qos: Qos) -> rumqttc::v5::mqttbytes::QoS {
     use rumqttc::v5::mqttbytes::QoS;
     match qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
     }
 }
 
@@ -870,7 +875,11 @@ mod tests {
         let publish = OutgoingPublish {
             topic: topic.into(),
             payload: Bytes::copy_from_slice(payload),
-            qos: if packet_id == 0 { 0 } else { 1 },
+            qos: if packet_id == 0 {
+                Qos::AtMostOnce
+            } else {
+                Qos::AtLeastOnce
+            },
             retain: false,
         };
         Wire::new(protocol)
@@ -939,7 +948,7 @@ mod tests {
                 assert_eq!(packet_id, 7);
                 assert_eq!(message.topic, "a/b");
                 assert_eq!(&message.payload[..], b"xyz");
-                assert_eq!(message.qos, 2);
+                assert_eq!(message.qos, Qos::ExactlyOnce);
                 assert!(message.dup);
                 assert_eq!(message.defect, None);
             }
@@ -1259,7 +1268,7 @@ mod tests {
             let (packet_id, message) = expect_publish(decoded.next());
             assert_eq!(packet_id, 0x1234);
             assert_eq!(message.topic, "big/x");
-            assert_eq!((message.qos, message.retain), (2, true));
+            assert_eq!((message.qos, message.retain), (Qos::ExactlyOnce, true));
             assert!(message.payload.is_empty());
             assert_eq!(
                 message.defect,
@@ -1341,7 +1350,7 @@ mod tests {
             for payload in [
                 0, 1, 100, 120, 127, 128, 16_370, 16_383, 16_384, 2_097_140, 2_097_152,
             ] {
-                for qos in [0, 1] {
+                for qos in [Qos::AtMostOnce, Qos::AtLeastOnce] {
                     let publish = OutgoingPublish {
                         topic: "a/b".into(),
                         payload: Bytes::from(vec![0; payload]),
@@ -1367,7 +1376,7 @@ mod tests {
         let publish = |topic: &str| OutgoingPublish {
             topic: topic.into(),
             payload: Bytes::new(),
-            qos: 1,
+            qos: Qos::AtLeastOnce,
             retain: false,
         };
         assert_eq!(outgoing_problem(&publish("a/b")), None);

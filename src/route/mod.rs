@@ -12,6 +12,7 @@ mod filter;
 mod format;
 mod index;
 pub mod reject;
+pub mod schema;
 pub(crate) mod strict_json;
 mod table;
 mod template;
@@ -19,37 +20,17 @@ mod transform;
 
 pub use filter::TopicFilter;
 pub use reject::{headers, RejectReason, Rejection};
-pub use table::{RouteSummary, RouteTable, Subscription};
+pub use table::{RouteSummary, RouteTable};
 pub use template::{topic_level_problem, Context, Template, TemplateError, MQTT_TOPIC_MAX_BYTES};
 
+use crate::kafka;
 use crate::mqtt::OutgoingPublish;
-use bytes::Bytes;
-
-/// One record to produce.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KafkaRecord {
-    pub topic: String,
-    pub key: Option<String>,
-    pub value: Bytes,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub timestamp_ms: i64,
-}
-
-impl KafkaRecord {
-    /// The value of the first header with this name.
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
-    }
-}
 
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Produce this record; `route` indexes [`RouteTable::routes`].
-    Forward { route: usize, record: KafkaRecord },
+    Forward { route: usize, record: kafka::Record },
     /// A relay route: publish this back to MQTT; nothing goes to Kafka.
     Relay {
         route: usize,
@@ -58,7 +39,7 @@ pub enum Outcome {
     /// The message is bad: produce it to the dead-letter topic instead.
     DeadLetter {
         route: Option<usize>,
-        record: KafkaRecord,
+        record: kafka::Record,
         rejection: Rejection,
     },
     /// No route matched; the message is acknowledged and dropped.
@@ -66,15 +47,4 @@ pub enum Outcome {
     /// The topic is in a declared M2M tree: it stays on MQTT, whatever
     /// route would match it.
     KeptOnMqtt,
-}
-
-/// Kafka's own rule for topic names.
-pub fn is_valid_kafka_topic(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

@@ -9,7 +9,7 @@
 //! SHA-256 digest is, so the whole original can be matched later even when
 //! only a prefix (or nothing) was kept.
 
-use super::KafkaRecord;
+use crate::kafka;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -225,7 +225,7 @@ pub fn dead_letter_record(
     kafka_error: Option<&str>,
     limits: &DeadLetterLimits,
     form: Form,
-) -> KafkaRecord {
+) -> kafka::Record {
     let (size, digest) = match evidence.original {
         Some((size, digest)) => (size, hex(&digest)),
         None => (evidence.payload.len(), sha256_hex(evidence.payload)),
@@ -290,7 +290,7 @@ pub fn dead_letter_record(
         (None, true) => Some(evidence.source),
         (None, false) => None,
     };
-    KafkaRecord {
+    kafka::Record {
         topic: topic.to_string(),
         key: key.map(|k| {
             if full {

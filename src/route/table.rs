@@ -5,15 +5,14 @@ use super::index::RouteIndex;
 use super::reject::{self, DeadLetterLimits, Evidence, Form};
 use super::template::{Context, Template};
 use super::transform::Transform;
-use super::{
-    headers, is_valid_kafka_topic, KafkaRecord, Outcome, RejectReason, Rejection, TopicFilter,
-};
+use super::{headers, Outcome, RejectReason, Rejection, TopicFilter};
 use crate::config::{
     locate_all, Config, ConfigError, ConfigErrors, Guarantee, MappingSource, RouteConfig,
     RouteKafkaConfig,
 };
-use crate::mqtt::{Defect, MqttMessage, OutgoingPublish};
-use crate::schema::Schema;
+use crate::kafka;
+use crate::mqtt::{Defect, MqttMessage, OutgoingPublish, Qos, Subscription};
+use crate::route::schema::Schema;
 use bytes::Bytes;
 use regex::Regex;
 use serde_json::Value;
@@ -43,7 +42,7 @@ struct Route {
     /// Group names of `regex`, appended to the filter's captures.
     regex_groups: Vec<String>,
     captures: Vec<String>,
-    qos: u8,
+    qos: Qos,
     format: Format,
     schema: Option<Schema>,
     max_payload_bytes: usize,
@@ -74,21 +73,14 @@ struct KafkaTarget {
 #[derive(Debug)]
 struct MqttTarget {
     topic: Template,
-    qos: u8,
+    qos: Qos,
     retain: bool,
 }
 
 /// What a route made of one message.
 enum Processed {
-    Record(KafkaRecord),
+    Record(kafka::Record),
     Publish(OutgoingPublish),
-}
-
-/// A broker subscription derived from the routes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
-    pub filter: String,
-    pub qos: u8,
 }
 
 /// What `check` prints for one route.
@@ -259,7 +251,7 @@ impl RouteTable {
         rejection: &Rejection,
         kafka_error: Option<&str>,
         form: Form,
-    ) -> KafkaRecord {
+    ) -> kafka::Record {
         let route = route.map(|r| &self.routes[r]);
         let topic = route.map_or(self.default_dead_letter_topic.as_str(), |r| {
             r.dead_letter_topic.as_str()
@@ -307,7 +299,7 @@ impl RouteTable {
     /// The subscriptions that cover every route, without redundant ones: a
     /// broker may deliver a message once per matching subscription.
     pub fn subscriptions(&self) -> Vec<Subscription> {
-        let mut subs: Vec<(TopicFilter, u8)> = Vec::new();
+        let mut subs: Vec<(TopicFilter, Qos)> = Vec::new();
         for route in &self.routes {
             if let Some(existing) = subs.iter_mut().find(|(f, _)| route.filter.is_covered_by(f)) {
                 existing.1 = existing.1.max(route.qos);
@@ -544,10 +536,9 @@ fn compile_route(
         },
     };
     let qos = route.mqtt.qos.unwrap_or(config.bridge.mqtt.qos);
-    if qos > 2 {
-        problems.push(("mqtt.qos".into(), "must be 0, 1 or 2".into()));
-    }
-    if route.mqtt.qos == Some(0) && config.bridge.delivery.guarantee == Guarantee::ExactlyOnce {
+    if route.mqtt.qos == Some(Qos::AtMostOnce)
+        && config.bridge.delivery.guarantee == Guarantee::ExactlyOnce
+    {
         problems.push((
             "mqtt.qos".into(),
             "is 0 (at most once), below what `delivery.guarantee: exactly_once` needs; use 2 \
@@ -607,9 +598,6 @@ fn compile_route(
                     "a topic to publish to cannot hold `+` or `#`".into(),
                 ));
             }
-            if publish.qos > 2 {
-                problems.push(("publish.qos".into(), "must be 0, 1 or 2".into()));
-            }
             // A relay that hears its own output would loop forever.
             if let (Some(f), Ok(out)) = (
                 &filter,
@@ -654,7 +642,7 @@ fn compile_route(
         .as_ref()
         .and_then(|k| k.dead_letter_topic.clone())
         .unwrap_or_else(|| config.bridge.kafka.dead_letter_topic.clone());
-    if !is_valid_kafka_topic(&dead_letter_topic) {
+    if !kafka::is_valid_topic_name(&dead_letter_topic) {
         problems.push((
             "kafka.dead_letter_topic".into(),
             format!("`{dead_letter_topic}` is not a valid Kafka topic name"),
@@ -712,7 +700,7 @@ fn kafka_target(
         }
     }
     if let Some(literal) = topic.as_ref().and_then(Template::as_literal) {
-        if !is_valid_kafka_topic(literal) {
+        if !kafka::is_valid_topic_name(literal) {
             problems.push((
                 "kafka.topic".into(),
                 format!("`{literal}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
@@ -871,7 +859,7 @@ impl KafkaTarget {
         value: Option<&Value>,
         bytes: Bytes,
         limits: &Limits,
-    ) -> Result<KafkaRecord, Rejection> {
+    ) -> Result<kafka::Record, Rejection> {
         let topic = self
             .topic
             .render(ctx)
@@ -921,7 +909,7 @@ impl KafkaTarget {
                 ts
             }
         };
-        Ok(KafkaRecord {
+        Ok(kafka::Record {
             topic,
             key,
             value: bytes,
@@ -945,7 +933,7 @@ impl KafkaTarget {
                 ),
             ))
         };
-        if !is_valid_kafka_topic(topic) {
+        if !kafka::is_valid_topic_name(topic) {
             return refuse("is not a valid Kafka topic name");
         }
         if topic.starts_with("__") {

@@ -243,7 +243,7 @@ impl Template {
     pub fn render_value(&self, ctx: &Context<'_>) -> Result<Value, TemplateError> {
         match self.parts.as_slice() {
             [Part::Pointer(ptr)] => Ok(lookup(ctx, ptr)?.clone()),
-            [Part::Qos] => Ok(Value::from(ctx.message.qos)),
+            [Part::Qos] => Ok(Value::from(ctx.message.qos.as_u8())),
             [Part::Retain] => Ok(Value::from(ctx.message.retain)),
             [Part::ReceivedAtMs] => Ok(Value::from(ctx.message.received_at.timestamp_millis())),
             _ => self.render(ctx).map(Value::String),
@@ -323,6 +323,7 @@ fn user_property<'a>(ctx: &Context<'a>, name: &str) -> Result<&'a str, TemplateE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::Qos;
     use serde_json::json;
 
     fn caps() -> Vec<String> {
@@ -331,7 +332,7 @@ mod tests {
 
     fn message() -> MqttMessage {
         let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", "{}");
-        m.qos = 2;
+        m.qos = Qos::ExactlyOnce;
         m.user_properties = vec![("fw".into(), "1.2".into())];
         m
     }

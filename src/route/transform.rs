@@ -202,7 +202,7 @@ mod tests {
 
     fn apply(t: &Transform, input: Value) -> Result<Value, String> {
         let mut m = MqttMessage::new("site/s1/hvac/u7/telemetry", "");
-        m.qos = 1;
+        m.qos = crate::mqtt::Qos::AtLeastOnce;
         t.apply(input, &["s1", "u7"], &m)
     }
 

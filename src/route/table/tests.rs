@@ -29,14 +29,14 @@ fn error_text(mapping: &str) -> String {
     table(mapping).unwrap_err().to_string()
 }
 
-fn forward(outcome: Outcome) -> KafkaRecord {
+fn forward(outcome: Outcome) -> kafka::Record {
     match outcome {
         Outcome::Forward { record, .. } => record,
         other => panic!("expected Forward, got {other:?}"),
     }
 }
 
-fn rejection(outcome: Outcome) -> (KafkaRecord, Rejection) {
+fn rejection(outcome: Outcome) -> (kafka::Record, Rejection) {
     match outcome {
         Outcome::DeadLetter {
             record, rejection, ..
@@ -45,7 +45,7 @@ fn rejection(outcome: Outcome) -> (KafkaRecord, Rejection) {
     }
 }
 
-fn json_of(record: &KafkaRecord) -> Value {
+fn json_of(record: &kafka::Record) -> Value {
     serde_json::from_slice(&record.value).unwrap()
 }
 
@@ -217,7 +217,7 @@ routes:
         t.subscriptions(),
         vec![Subscription {
             filter: "dev/#".into(),
-            qos: 1
+            qos: Qos::AtLeastOnce
         }]
     );
 }
@@ -250,11 +250,11 @@ routes:
         vec![
             Subscription {
                 filter: "a/#".into(),
-                qos: 2
+                qos: Qos::ExactlyOnce
             },
             Subscription {
                 filter: "b/+".into(),
-                qos: 1
+                qos: Qos::AtLeastOnce
             },
         ]
     );
@@ -385,9 +385,34 @@ fn config_error_duplicate_route_name() {
 }
 
 #[test]
+fn exactly_once_refuses_a_route_at_qos_0_and_at_least_once_takes_it() {
+    let mapping =
+        "routes:\n  - name: r\n    mqtt: { filter: a, qos: 0 }\n    kafka: { topic: t }\n";
+    let e = error_text(mapping);
+    assert!(e.contains("m.yaml:3:29: routes[0].mqtt.qos: is 0"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
+    bridge.delivery.guarantee = crate::config::Guarantee::AtLeastOnce;
+    let source = MappingSource::parse(&dir.path().join("m.yaml"), mapping).unwrap();
+    RouteTable::compile(&Config {
+        bridge,
+        path: dir.path().join("bridge.yaml"),
+        mappings: vec![source],
+    })
+    .unwrap();
+}
+
+#[test]
 fn config_error_bad_qos_and_text_without_pattern() {
-    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a', qos: 3 }\n    format: text\n    kafka: { topic: t }\n");
-    assert!(e.contains("routes[0].mqtt.qos: must be 0, 1 or 2"), "{e}");
+    // An out-of-range QoS is refused by the parser, at its own position.
+    let e = error_text(
+        "routes:\n  - name: r\n    mqtt: { filter: 'a', qos: 3 }\n    kafka: { topic: t }\n",
+    );
+    assert!(
+        e.contains("m.yaml:3:31: routes[0].mqtt.qos: is 3; must be 0, 1 or 2"),
+        "{e}"
+    );
+    let e = error_text("routes:\n  - name: r\n    mqtt: { filter: 'a' }\n    format: text\n    kafka: { topic: t }\n");
     assert!(
         e.contains("routes[0].format: `format: text` needs a `text` field"),
         "{e}"
@@ -430,7 +455,7 @@ routes:
     match t.route(&m) {
         Outcome::Relay { route: 0, publish } => {
             assert_eq!(publish.topic, "site/s1/hvac/r4/cmd/setpoint");
-            assert_eq!((publish.qos, publish.retain), (2, true));
+            assert_eq!((publish.qos, publish.retain), (Qos::ExactlyOnce, true));
             let v: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
             assert_eq!(
                 v,
@@ -504,7 +529,7 @@ fn m2m_trees_stay_on_mqtt_whatever_matches_and_overlaps_are_warned() {
         "m2m: ['site/+/hvac/+/cmd/#']\nroutes:\n  - name: everything\n    mqtt: { filter: 'site/#' }\n    format: raw\n    kafka: { topic: all }\n",
     )
     .unwrap();
-    for qos in 0..=2 {
+    for qos in [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce] {
         let mut m = MqttMessage::new("site/s1/hvac/u1/cmd/setpoint", "{}");
         m.qos = qos;
         assert_eq!(t.route(&m), Outcome::KeptOnMqtt);
