@@ -1,4 +1,5 @@
-//! The bridge as a separate process: the real binary, killed for real.
+//! Child processes of tests: the bridge as the real binary, killed for
+//! real, and the rule that no child outlives its test.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -154,4 +155,16 @@ pub fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<_> = text.lines().collect();
     lines[lines.len().saturating_sub(80)..].join("\n")
+}
+
+/// Ends a child process when the test process dies, even by SIGKILL, so no
+/// broker outlives its test.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
