@@ -6,7 +6,6 @@
 
 mod common;
 
-use common::process::BridgeProcess;
 use common::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -103,14 +102,7 @@ fn setpoint(seq: u32) -> String {
 async fn commands_reach_each_device_once_in_order_and_bad_ones_do_not() {
     let rig = Rig::start().await;
     let (_device, mut rx) = device(rig.broker.port).await;
-    let config = bridge_config(
-        rig.broker.port,
-        &rig.bootstrap,
-        &unique("bridge"),
-        "",
-        &rig.topics,
-    );
-    let bridge = Bridge::start(config).await;
+    let bridge = Bridge::start(rig.bridge_config().build()).await;
 
     let mut commands: Vec<(&str, String, i64)> = Vec::new();
     for seq in 0..30u32 {
@@ -160,36 +152,8 @@ async fn commands_reach_each_device_once_in_order_and_bad_ones_do_not() {
 async fn a_command_whose_offset_was_not_committed_is_delivered_again() {
     let rig = Rig::start().await;
     let (_device, mut rx) = device(rig.broker.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let id = unique("bridge");
-    let mapping = std::fs::read_to_string(repo_path("mappings/hvac.yaml"))
-        .unwrap()
-        .replace(
-            "topic: hvac.",
-            &format!("topic: {}hvac.", rig.topics.prefix),
-        )
-        .replace(
-            "schemas/",
-            &format!("{}/", repo_path("mappings/schemas").display()),
-        );
-    std::fs::write(dir.path().join("hvac.yaml"), mapping).unwrap();
-    std::fs::write(
-        dir.path().join("bridge.yaml"),
-        format!(
-            "mqtt: {{ host: 127.0.0.1, port: {}, client_id: {id}, reconnect_delay_ms: 100 }}\n\
-             kafka: {{ bootstrap_servers: '{}', transactional_id: {id}, dead_letter_topic: {} }}\n\
-             mappings: ['hvac.yaml']\n",
-            rig.broker.port,
-            rig.bootstrap,
-            rig.topics.dead_letter()
-        ),
-    )
-    .unwrap();
-    let (config, log) = (
-        dir.path().join("bridge.yaml"),
-        dir.path().join("bridge.log"),
-    );
-    let mut bridge = BridgeProcess::start(&config, &log, Some("command_before_commit:1"));
+    let files = BridgeFiles::new(&rig.bridge_config());
+    let bridge = files.start(Some("command_before_commit:1"));
     produce(
         &rig.bootstrap,
         &rig.topics.commands(),
@@ -197,15 +161,13 @@ async fn a_command_whose_offset_was_not_committed_is_delivered_again() {
     )
     .await;
     let first = receive(&mut rx, 1).await;
-    let status = tokio::task::spawn_blocking(move || bridge.wait(ARRIVE))
-        .await
-        .unwrap();
+    let (status, _) = bridge.wait_async(ARRIVE).await;
     assert!(
         matches!(status, Some(s) if !s.success()),
         "crashed at the point: {status:?}"
     );
 
-    let bridge = BridgeProcess::start(&config, &log, None);
+    let bridge = files.start(None);
     let again = receive(&mut rx, 1).await;
     assert_eq!(again, first, "the same command, delivered again");
     produce(
@@ -232,7 +194,7 @@ async fn a_wall_dial_is_relayed_to_its_unit_reshaped() {
     let rig = Rig::start().await;
     let (_device, mut rx) = device(rig.broker.port).await;
     let id = unique("bridge");
-    let config = || bridge_config(rig.broker.port, &rig.bootstrap, &id, "", &rig.topics);
+    let config = || rig.bridge_config().client_id(&id).build();
     let bridge = Bridge::start(config()).await;
     let dials: Vec<Publish> = (0..20)
         .map(|i| {

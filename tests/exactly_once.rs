@@ -9,19 +9,20 @@
 
 mod common;
 
-use common::process::{tail, BridgeProcess};
-use common::{publish_all, read_committed, unique, Landed, Publish, Rig, Topics};
+use common::process::{tail, BridgeFiles, BridgeProcess};
+use common::{publish_all, read_committed, unique, ConfigBuilder, Landed, Publish, Rig, Topics};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SUBSCRIBED: &str = "MQTT subscriptions in place";
 const DEVICES: u64 = 20;
+/// How long a started bridge may take to connect to mosquitto.
+const CONNECT: Duration = Duration::from_secs(30);
 
 /// One bridge identity (MQTT client id = transactional id) with its config
-/// files and log in a temporary directory.
+/// files and log, and the topic it writes.
 struct Identity {
-    dir: tempfile::TempDir,
+    files: BridgeFiles,
     topic: String,
 }
 
@@ -31,47 +32,34 @@ impl Identity {
     }
 
     fn with_guarantee(rig: &Rig, topics: &Topics, qos: u8, guarantee: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let id = unique("eo");
-        let topic = topics.telemetry();
-        std::fs::write(
-            dir.path().join("bridge.yaml"),
-            format!(
-                "mqtt:\n  host: 127.0.0.1\n  port: {port}\n  client_id: {id}\n  keep_alive_s: 5\n  \
-                 reconnect_delay_ms: 100\n  inflight_window: 100\n\
-                 kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {id}\n  \
-                 dead_letter_topic: {dlq}\n\
-                 delivery:\n  guarantee: {guarantee}\n  batch_max_messages: 200\n  \
-                 commit_interval_ms: 50\n  commit_timeout_ms: 5000\n  \
-                 transaction_timeout_ms: 10000\n  shutdown_timeout_ms: 5000\n\
-                 mappings: [mapping.yaml]\n",
-                port = rig.broker.port,
-                bootstrap = rig.bootstrap,
-                dlq = topics.dead_letter(),
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("mapping.yaml"),
-            format!(
-                "routes:\n  - name: eo\n    mqtt: {{ filter: 'eo/{{device}}/data', qos: {qos} }}\n    \
-                 kafka: {{ topic: {topic}, key: '{{device}}' }}\n"
-            ),
-        )
-        .unwrap();
-        Self { dir, topic }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("bridge.yaml")
+        let mapping = format!(
+            "routes:\n  - name: eo\n    mqtt: {{ filter: 'eo/{{device}}/data', qos: {qos} }}\n    \
+             kafka: {{ topic: hvac.telemetry, key: '{{device}}' }}\n"
+        );
+        let config = ConfigBuilder::new(rig.broker.port, &rig.bootstrap, topics)
+            .client_id(&unique("eo"))
+            .mapping_text(&mapping)
+            .mqtt("inflight_window", 100)
+            .delivery("guarantee", guarantee)
+            .delivery("batch_max_messages", 200)
+            .delivery("commit_timeout_ms", 5000)
+            .delivery("transaction_timeout_ms", 10_000)
+            .delivery("shutdown_timeout_ms", 5000);
+        Self {
+            files: BridgeFiles::new(&config),
+            topic: topics.telemetry(),
+        }
     }
 
     fn log(&self) -> PathBuf {
-        self.dir.path().join("bridge.log")
+        self.files.log()
     }
 
-    fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
-        BridgeProcess::start(&self.config(), &self.log(), crash_at)
+    /// Starts a bridge of this identity and waits until it is connected.
+    async fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
+        let mut bridge = self.files.start(crash_at);
+        bridge.await_connected(CONNECT).await;
+        bridge
     }
 }
 
@@ -152,16 +140,10 @@ async fn crash_and_restart(
     let topics = Topics::new();
     rig.kafka.create_test_topics(&topics).await;
     let identity = Identity::with_guarantee(rig, &topics, qos, guarantee);
-    let mut bridge = identity.start(Some(point));
-    bridge.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let bridge = identity.start(Some(point)).await;
     let port = rig.broker.port;
     let publisher = tokio::spawn(async move { publish_all(port, &messages(0..count, qos)).await });
-    let (status, bridge) = tokio::task::spawn_blocking(move || {
-        let status = bridge.wait(Duration::from_secs(60));
-        (status, bridge)
-    })
-    .await
-    .unwrap();
+    let (status, bridge) = bridge.wait_async(Duration::from_secs(60)).await;
     let status = status.unwrap_or_else(|| {
         panic!(
             "{point}: the bridge did not reach its crash point:\n{}",
@@ -172,8 +154,7 @@ async fn crash_and_restart(
     drop(bridge);
     publisher.await.expect("publisher");
 
-    let mut bridge = identity.start(None);
-    bridge.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
+    let bridge = identity.start(None).await;
     let landed = read_all(
         &rig.bootstrap,
         &identity.topic,
@@ -250,8 +231,7 @@ async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
     // Paced: about 2 000 messages a second, QoS 2 and 1 mixed, for as long
     // as the kills take.
     let count = (kills as u64 + 2) * 1500;
-    let mut first = identity.start(None);
-    first.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let first = identity.start(None).await;
     let port = rig.broker.port;
     let publisher = tokio::spawn(async move {
         let all: Vec<_> = messages(0..count, 2)
@@ -273,8 +253,9 @@ async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
         tokio::time::sleep(alive).await;
         bridge.kill();
         eprintln!("kill {} after {alive:?}", kill + 1);
-        bridge = identity.start(None);
-        bridge.await_log(SUBSCRIBED, kill + 2, Duration::from_secs(30));
+        // A new process: its metrics start from nothing, so this waits for
+        // this run's connection, not an earlier one's.
+        bridge = identity.start(None).await;
     }
     publisher.await.expect("publisher");
     let landed = read_all(
@@ -311,12 +292,11 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
     rig.kafka.create_test_topics(&topics).await;
     let identity = Identity::new(rig, &topics, qos);
     let log = identity.log();
-    let mut zombie = identity.start(Some(&format!("{point}:freeze")));
-    zombie.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let mut zombie = identity.start(Some(&format!("{point}:freeze"))).await;
     let port = rig.broker.port;
     let third = count / 3;
     let publisher = tokio::spawn(async move { publish_all(port, &messages(0..third, qos)).await });
-    let mut zombie = tokio::task::spawn_blocking(move || {
+    let zombie = tokio::task::spawn_blocking(move || {
         zombie.await_frozen(Duration::from_secs(60));
         zombie
     })
@@ -333,18 +313,12 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
         };
     publisher.await.expect("publisher");
 
-    let mut successor = identity.start(None);
-    successor.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
+    let successor = identity.start(None).await;
     publish_all(port, &messages(third..2 * third, qos)).await;
     tokio::time::sleep_until(thaw_at).await;
     zombie.signal(libc::SIGCONT);
     publish_all(port, &messages(2 * third..count, qos)).await;
-    let (status, zombie) = tokio::task::spawn_blocking(move || {
-        let status = zombie.wait(Duration::from_secs(60));
-        (status, zombie)
-    })
-    .await
-    .unwrap();
+    let (status, zombie) = zombie.wait_async(Duration::from_secs(60)).await;
     drop(zombie);
     let landed = read_all(
         &rig.bootstrap,

@@ -1,12 +1,15 @@
 //! Shared test support: real mosquitto and Kafka, the bridge in-process or
 //! as the real binary, publishing to MQTT and reading back from Kafka.
+// Each test binary compiles this module and uses a part of it.
 #![allow(dead_code, unused_imports)]
 
 pub mod bridge;
 pub mod config;
 pub mod kafka;
 pub mod landed;
+pub mod metrics;
 pub mod mosquitto;
+pub mod ports;
 pub mod process;
 pub mod publish;
 pub mod repo;
@@ -14,12 +17,13 @@ pub mod rig;
 pub mod topics;
 
 pub use bridge::{await_token, Bridge};
-pub use config::{bridge_config, bridge_config_with_mapping};
+pub use config::ConfigBuilder;
 pub use landed::{
     assert_every_seq, distinct_seqs, read_committed, read_committed_distinct,
     read_committed_until_quiet, Landed,
 };
-pub use process::die_with_parent;
+pub use metrics::MetricsEndpoint;
+pub use process::{die_with_parent, BridgeFiles, BridgeProcess};
 pub use publish::{publish_all, telemetry, telemetry_messages, Publish};
 pub use repo::repo_path;
 pub use rig::Rig;

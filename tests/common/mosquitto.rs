@@ -1,6 +1,6 @@
 //! A real mosquitto broker on a free loopback port, stopped on drop.
 
-use std::net::{TcpListener, TcpStream};
+use super::ports::{free_port, listens_on};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,24 +35,6 @@ fn binary() -> PathBuf {
         }
     }
     "mosquitto".into()
-}
-
-/// A loopback port nothing listens on, never the same twice in this
-/// process: the kernel may hand a just-closed port out again, and two
-/// Kafka nodes once got the same controller port that way.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port");
-        if given.insert(port) {
-            return port;
-        }
-    }
 }
 
 impl Mosquitto {
@@ -102,7 +84,9 @@ impl Mosquitto {
             });
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Its own socket, not just any answer: another process may
+                // have taken the port, and then mosquitto exits.
+                if listens_on(child.id(), port) {
                     return Self { child, port, dir };
                 }
                 if let Ok(Some(_)) = child.try_wait() {

@@ -43,6 +43,11 @@ impl Topics {
     pub fn commands(&self) -> String {
         self.named("hvac.commands")
     }
+    /// A bridge state topic of the test's own, for tests on private
+    /// clusters (created by `Rig::on_cluster`).
+    pub fn state(&self) -> String {
+        self.named("state")
+    }
     /// The topics every rig creates.
     pub fn all(&self) -> Vec<String> {
         vec![
