@@ -23,6 +23,7 @@ const CONNECT: Duration = Duration::from_secs(30);
 /// files and log, and the topic it writes.
 struct Identity {
     files: BridgeFiles,
+    bootstrap: String,
     topic: String,
 }
 
@@ -47,12 +48,31 @@ impl Identity {
             .delivery("shutdown_timeout_ms", 5000);
         Self {
             files: BridgeFiles::new(&config),
+            bootstrap: rig.bootstrap.clone(),
             topic: topics.telemetry(),
         }
     }
 
     fn log(&self) -> PathBuf {
         self.files.log()
+    }
+
+    /// Reads `count` records of this identity's topic (and any extra for a
+    /// few seconds) off the blocking pool; on failure shows the bridges'
+    /// log too.
+    async fn read_landed(&self, count: u64) -> Vec<Landed> {
+        let (bootstrap, topic) = (self.bootstrap.clone(), self.topic.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            read_committed(
+                &bootstrap,
+                &[&topic],
+                count as usize,
+                Duration::from_secs(120),
+                Duration::from_secs(3),
+            )
+        })
+        .await;
+        read.unwrap_or_else(|e| panic!("reader: {e:?}\nbridge log:\n{}", tail(&self.log())))
     }
 
     /// Starts a bridge of this identity and waits until it is connected.
@@ -73,23 +93,6 @@ fn messages(range: std::ops::Range<u64>, qos: u8) -> Vec<Publish> {
             )
         })
         .collect()
-}
-
-/// Reads `count` records (and any extra for a few seconds) off the blocking
-/// pool; on failure shows the bridges' log too.
-async fn read_all(bootstrap: &str, topic: &str, count: usize, log: &Path) -> Vec<Landed> {
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    let read = tokio::task::spawn_blocking(move || {
-        read_committed(
-            &bootstrap,
-            &[&topic],
-            count,
-            Duration::from_secs(120),
-            Duration::from_secs(3),
-        )
-    })
-    .await;
-    read.unwrap_or_else(|e| panic!("reader: {e:?}\nbridge log:\n{}", tail(log)))
 }
 
 /// Every `seq` in `0..count` exactly once and, unless `ordered` is false,
@@ -155,13 +158,7 @@ async fn crash_and_restart(
     publisher.await.expect("publisher");
 
     let bridge = identity.start(None).await;
-    let landed = read_all(
-        &rig.bootstrap,
-        &identity.topic,
-        count as usize,
-        &identity.log(),
-    )
-    .await;
+    let landed = identity.read_landed(count).await;
     bridge.stop();
     (landed, identity)
 }
@@ -199,22 +196,41 @@ fn steps(qos: u8) -> impl Iterator<Item = &'static (&'static str, &'static str)>
     CRASHES.iter().chain(if qos == 2 { PUBREL } else { &[] })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
+/// What a matrix does to the bridge at each step.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// [`crash_and_recover`].
+    Crash,
+    /// [`zombie_at`].
+    Zombie,
+}
+
+/// `fault` at every step of the protocol for `qos`, one after another on
+/// one rig.
+async fn fault_matrix(fault: Fault, qos: u8) {
     let rig = Rig::start().await;
-    for (name, point) in steps(2) {
-        eprintln!("crash point {name}");
-        crash_and_recover(&rig, 2, point, 1500).await;
+    for (name, point) in steps(qos) {
+        match fault {
+            Fault::Crash => {
+                eprintln!("crash point {name}");
+                crash_and_recover(&rig, qos, point, 1500).await;
+            }
+            Fault::Zombie => {
+                eprintln!("zombie frozen at {name}");
+                zombie_at(&rig, qos, point, 2400).await;
+            }
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
+    fault_matrix(Fault::Crash, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_crash_matrix_loses_and_duplicates_nothing() {
-    let rig = Rig::start().await;
-    for (name, point) in steps(1) {
-        eprintln!("crash point {name}");
-        crash_and_recover(&rig, 1, point, 1500).await;
-    }
+    fault_matrix(Fault::Crash, 1).await;
 }
 
 /// SIGKILL at random moments under continuous load, restarting each time.
@@ -258,13 +274,7 @@ async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
         bridge = identity.start(None).await;
     }
     publisher.await.expect("publisher");
-    let landed = read_all(
-        &rig.bootstrap,
-        &identity.topic,
-        count as usize,
-        &identity.log(),
-    )
-    .await;
+    let landed = identity.read_landed(count).await;
     bridge.stop();
     // Not checked for order: MQTT orders messages of one QoS only, and with
     // QoS 1 and 2 mixed, one run saw a QoS 2 message land 60 places late
@@ -320,13 +330,7 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
     publish_all(port, &messages(2 * third..count, qos)).await;
     let (status, zombie) = zombie.wait_async(Duration::from_secs(60)).await;
     drop(zombie);
-    let landed = read_all(
-        &rig.bootstrap,
-        &identity.topic,
-        count as usize,
-        &identity.log(),
-    )
-    .await;
+    let landed = identity.read_landed(count).await;
     assert!(
         matches!(status, Some(s) if !s.success()),
         "{point}: the zombie must stop with an error once fenced: {status:?}\n{}",
@@ -339,18 +343,10 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_zombies_are_fenced_and_duplicate_nothing() {
-    let rig = Rig::start().await;
-    for (name, point) in steps(2) {
-        eprintln!("zombie frozen at {name}");
-        zombie_at(&rig, 2, point, 2400).await;
-    }
+    fault_matrix(Fault::Zombie, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_zombies_are_fenced_and_duplicate_nothing() {
-    let rig = Rig::start().await;
-    for (name, point) in steps(1) {
-        eprintln!("zombie frozen at {name}");
-        zombie_at(&rig, 1, point, 2400).await;
-    }
+    fault_matrix(Fault::Zombie, 1).await;
 }

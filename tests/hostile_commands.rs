@@ -9,18 +9,15 @@ mod common;
 
 use bytes::BytesMut;
 use common::kafka::TestKafka;
-use common::mosquitto::{Mosquitto, Options};
+use common::mosquitto::Options;
 use common::*;
 use mqtt_kafka_bridge::telemetry::DEAD_LETTERED;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 const ARRIVE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(2);
@@ -60,40 +57,6 @@ async fn rig_with(options: &Options) -> Rig {
     Rig::start_with_broker(TestKafka::real(), options).await
 }
 
-/// A device subscribed to everything, forwarding (topic, payload).
-async fn device(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, String)>) {
-    let (client, mut events) =
-        AsyncClient::new(MqttOptions::new(unique("device"), "127.0.0.1", port), 64);
-    client.subscribe("#", QoS::ExactlyOnce).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        while let Ok(event) = events.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(s) = subscribed_tx.take() {
-                        let _ = s.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    let payload = String::from_utf8_lossy(&p.payload).into_owned();
-                    if tx.send((topic, payload)).is_err() {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-    });
-    tokio::time::timeout(ARRIVE, subscribed)
-        .await
-        .unwrap()
-        .unwrap();
-    (client, rx)
-}
-
 /// Produces `(key, value)` records, in this order, to partition 0 of
 /// `topic`: the bridge handles them in this order.
 async fn produce(bootstrap: &str, topic: &str, records: &[(Vec<u8>, String)]) {
@@ -116,32 +79,8 @@ async fn produce(bootstrap: &str, topic: &str, records: &[(Vec<u8>, String)]) {
     }
 }
 
-async fn receive(
-    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
-    n: usize,
-) -> Vec<(String, String)> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let next = tokio::time::timeout(ARRIVE, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{} of {n} messages arrived: {got:?}", got.len()));
-        got.push(next.expect("device subscriber"));
-    }
-    got
-}
-
 fn setpoint(seq: u32) -> String {
     format!(r#"{{"site":"s1","setpoint_c":21,"seq":{seq}}}"#)
-}
-
-/// Asserts mosquitto saw the bridge connect exactly once.
-fn assert_connected_once(broker: &Mosquitto, client_id: &str) {
-    let log = broker.log();
-    assert_eq!(
-        log.matches(&format!(" as {client_id} (")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +99,7 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
     .await;
     let modes = rig.topics.named("hvac.modes");
     rig.kafka.create_topics(&[&modes], 1).await;
-    let (_device, mut rx) = device(rig.broker.port).await;
+    let mut device = Device::subscribe(rig.broker.port, "#", QoS::ExactlyOnce).await;
     let client_id = unique("bridge");
     let config = rig
         .bridge_config()
@@ -202,14 +141,14 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
     )
     .await;
 
-    let got = receive(&mut rx, 6).await;
+    let got = device.receive(6).await;
     let dlq = rig.topics.dead_letter();
     let dead = read_committed(&rig.bootstrap, &[&dlq], 6, ARRIVE, SETTLE);
     assert!(!bridge.is_finished(), "the bridge stopped");
     assert!(
-        rx.try_recv().is_err(),
+        device.try_next().is_none(),
         "an extra message: {:?}",
-        rx.try_recv()
+        device.try_next()
     );
     bridge.stop().await;
 
@@ -295,7 +234,7 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
         !log.contains("elsewhere"),
         "a command left its subtree:\n{log}"
     );
-    assert_connected_once(&rig.broker, &client_id);
+    rig.broker.assert_connected_once(&client_id);
 }
 
 /// The peak resident set size of process `pid`, in bytes, after resetting
@@ -431,7 +370,7 @@ async fn a_64_mib_publish_streams_through_in_bounded_memory_and_the_next_one_arr
             size >> 20
         );
     }
-    assert_connected_once(&rig.broker, &client_id);
+    rig.broker.assert_connected_once(&client_id);
 }
 
 /// A dead-letter topic that refuses the full record gets its stub; one that
@@ -463,7 +402,7 @@ commands:
     kafka: { topic: hvac.tiny-cmds, dead_letter_topic: tiny-dlq }
     mqtt: { topic: "site/{/site}/hvac/{key}/cmd/tiny" }
 "#;
-    let (_device, mut rx) = device(rig.broker.port).await;
+    let mut device = Device::subscribe(rig.broker.port, "#", QoS::ExactlyOnce).await;
     let client_id = unique("bridge");
     let config = rig
         .bridge_config()
@@ -478,7 +417,7 @@ commands:
     produce(&rig.bootstrap, &small_cmds, &[bad.clone(), good.clone()]).await;
     produce(&rig.bootstrap, &tiny_cmds, &[bad, good]).await;
 
-    let mut got = receive(&mut rx, 2).await;
+    let mut got = device.receive(2).await;
     got.sort();
     assert_eq!(
         got,
@@ -509,5 +448,5 @@ commands:
         format!("{:x}", Sha256::digest(padded.as_bytes()))
     );
     assert_eq!(stub.header("bridge.source"), small_cmds);
-    assert_connected_once(&rig.broker, &client_id);
+    rig.broker.assert_connected_once(&client_id);
 }

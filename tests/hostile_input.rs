@@ -158,12 +158,7 @@ async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
         big.len().to_string()
     );
     bridge.stop().await;
-    let log = rig.broker.log();
-    assert_eq!(
-        log.matches(&format!("as {client_id}")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
+    rig.broker.assert_connected_once(&client_id);
 }
 
 /// A relay publish the MQTT broker refuses (MQTT 5 PUBACK reason code
@@ -226,10 +221,5 @@ routes:
     assert_eq!(dead[0].value, br#"{"set": 1}"#);
     assert_eq!(landed.iter().filter(|l| l.topic == telemetry).count(), 1);
     bridge.stop().await;
-    let log = rig.broker.log();
-    assert_eq!(
-        log.matches(&format!("as {client_id}")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
+    rig.broker.assert_connected_once(&client_id);
 }

@@ -53,8 +53,9 @@ impl ConfigBuilder {
     }
 
     /// The mapping file's text instead of `mappings/hvac.yaml`. Its Kafka
-    /// topics are renamed into the test's topics, as hvac.yaml's are: write
-    /// `hvac.telemetry`, get `<prefix>hvac.telemetry`.
+    /// topics (`kafka.topic` and `kafka.dead_letter_topic` of routes and
+    /// commands) are renamed into the test's, as hvac.yaml's are: write
+    /// `hvac.telemetry`, get `<prefix>hvac.telemetry` ([`Topics::named`]).
     pub fn mapping_text(mut self, text: &str) -> Self {
         self.mapping = text.to_string();
         self

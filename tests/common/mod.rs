@@ -5,6 +5,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod device;
 pub mod kafka;
 pub mod landed;
 pub mod metrics;
@@ -18,6 +19,7 @@ pub mod topics;
 
 pub use bridge::{await_token, Bridge};
 pub use config::ConfigBuilder;
+pub use device::Device;
 pub use landed::{
     assert_every_seq, distinct_seqs, read_committed, read_committed_distinct,
     read_committed_until_quiet, Landed,

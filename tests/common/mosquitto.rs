@@ -101,6 +101,20 @@ impl Mosquitto {
         panic!("mosquitto did not start; its log:\n{log}");
     }
 
+    /// Asserts the broker saw `client_id` connect exactly once: the
+    /// bridge was never disconnected (for a packet the broker refused, a
+    /// missed keep-alive...) and had to reconnect.
+    pub fn assert_connected_once(&self, client_id: &str) {
+        let log = self.log();
+        // "New client connected from 127.0.0.1:port as <id> (p2, c0, k5)."
+        // The parenthesis keeps `bridge-1-1` from matching `bridge-1-10`.
+        assert_eq!(
+            log.matches(&format!(" as {client_id} (")).count(),
+            1,
+            "{client_id} did not connect exactly once:\n{log}"
+        );
+    }
+
     /// The broker's log, for assertion messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
