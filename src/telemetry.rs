@@ -37,7 +37,7 @@ pub const DEAD_LETTERS_LOST: &str = "bridge_dead_letters_refused_total";
 
 /// Process-wide counters for the demo's live summary.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub received: AtomicU64,
     pub produced: AtomicU64,
     pub dead_lettered: AtomicU64,
@@ -54,7 +54,7 @@ pub struct Stats {
     pub commit_micros: AtomicU64,
 }
 
-pub static STATS: Stats = Stats {
+pub(crate) static STATS: Stats = Stats {
     received: AtomicU64::new(0),
     produced: AtomicU64::new(0),
     dead_lettered: AtomicU64::new(0),

@@ -15,18 +15,12 @@ const SETTLE: Duration = Duration::from_millis(500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
-    let Rig {
-        broker,
-        topics,
-        kafka: _kafka,
-        bootstrap,
-    } = Rig::start().await;
-    let config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
-    let bridge = Bridge::start(config).await;
+    let rig = Rig::start().await;
+    let bridge = Bridge::start(rig.bridge_config().build()).await;
     let (telemetry_topic, diagnostics_topic, dead_topic) = (
-        topics.telemetry(),
-        topics.diagnostics(),
-        topics.dead_letter(),
+        rig.topics.telemetry(),
+        rig.topics.diagnostics(),
+        rig.topics.dead_letter(),
     );
 
     let mut messages = Vec::new();
@@ -75,10 +69,10 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
         "{\"target_c\": 21}",
         1,
     ));
-    publish_all(broker.port, &messages).await;
+    publish_all(rig.broker.port, &messages).await;
 
     let landed = read_committed(
-        &bootstrap,
+        &rig.bootstrap,
         &[&telemetry_topic, &diagnostics_topic, &dead_topic],
         61 + 1 + 4,
         ARRIVE,
@@ -195,19 +189,8 @@ async fn hvac_messages_land_once_with_key_headers_and_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_311_sessions_deliver_too() {
-    let Rig {
-        broker,
-        topics,
-        kafka: _kafka,
-        bootstrap,
-    } = Rig::start().await;
-    let config = bridge_config(
-        broker.port,
-        &bootstrap,
-        &unique("bridge"),
-        "  protocol: v311\n",
-        &topics,
-    );
+    let rig = Rig::start().await;
+    let config = rig.bridge_config().mqtt("protocol", "v311").build();
     let bridge = Bridge::start(config).await;
     // MQTT orders messages per topic and QoS only, so each QoS gets a unit.
     let messages: Vec<_> = (0..50u32)
@@ -220,8 +203,14 @@ async fn mqtt_311_sessions_deliver_too() {
             )
         })
         .collect();
-    publish_all(broker.port, &messages).await;
-    let landed = read_committed(&bootstrap, &[&topics.telemetry()], 50, ARRIVE, SETTLE);
+    publish_all(rig.broker.port, &messages).await;
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        50,
+        ARRIVE,
+        SETTLE,
+    );
     bridge.stop().await;
     for qos in 1..=2u64 {
         let key = format!("a.u{qos}");
@@ -241,27 +230,26 @@ async fn mqtt_311_sessions_deliver_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
-    let Rig {
-        broker,
-        topics,
-        kafka,
-        bootstrap,
-    } = Rig::start_with(TestKafka::mock()).await;
+    let rig = Rig::start_with(TestKafka::mock()).await;
     let client_id = unique("bridge");
     // Short Kafka timeouts: the first bridge's commit, stuck while Kafka is
     // down, gives up quickly, and the mock coordinator expires its open
     // transaction soon after the second bridge fences it.
     let outage_config = || {
-        let mut c = bridge_config(broker.port, &bootstrap, &client_id, "", &topics);
-        c.bridge.delivery.commit_timeout_ms = 2000;
-        c.bridge.delivery.transaction_timeout_ms = 10_000;
-        c
+        rig.bridge_config()
+            .client_id(&client_id)
+            .delivery("commit_timeout_ms", 2000)
+            .delivery("transaction_timeout_ms", 10_000)
+            .build()
     };
     let bridge = Bridge::start(outage_config()).await;
 
-    kafka.mock_cluster().broker_down(1).expect("broker down");
+    rig.kafka
+        .mock_cluster()
+        .broker_down(1)
+        .expect("broker down");
     let messages = telemetry_messages("d", 300, 3, 1);
-    publish_all(broker.port, &messages).await;
+    publish_all(rig.broker.port, &messages).await;
     // Stop the bridge while Kafka is down: the commit cannot finish, so the
     // bridge acknowledges nothing, either stopping cleanly once the failed
     // commit is aborted or giving up at the shutdown bound; the persistent
@@ -271,12 +259,12 @@ async fn messages_wait_on_the_broker_while_kafka_is_down_and_none_is_lost() {
         matches!(stopped, Ok(()) | Err(app::AppError::ShutdownTimeout(_))),
         "{stopped:?}"
     );
-    kafka.mock_cluster().broker_up(1).expect("broker up");
+    rig.kafka.mock_cluster().broker_up(1).expect("broker up");
 
     let bridge = Bridge::start(outage_config()).await;
     let landed = read_committed_distinct(
-        &bootstrap,
-        &[&topics.telemetry()],
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
         300,
         Duration::from_secs(60),
         SETTLE,
@@ -313,25 +301,26 @@ async fn a_flood_with_a_short_keep_alive_loses_nothing() {
 /// and afterwards every message lands once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_stall_longer_than_the_keep_alive_keeps_the_mqtt_connection() {
-    let Rig {
-        broker,
-        topics,
-        kafka,
-        bootstrap,
-    } = Rig::start_with(TestKafka::mock()).await;
+    let rig = Rig::start_with(TestKafka::mock()).await;
     let client_id = unique("bridge");
-    let mut config = bridge_config(broker.port, &bootstrap, &client_id, "", &topics);
-    config.bridge.mqtt.keep_alive_s = 5;
-    config.bridge.mqtt.inflight_window = 50;
+    let config = rig
+        .bridge_config()
+        .client_id(&client_id)
+        .mqtt("keep_alive_s", 5)
+        .mqtt("inflight_window", 50)
+        .build();
     let bridge = Bridge::start(config).await;
-    kafka.mock_cluster().broker_down(1).expect("broker down");
-    publish_all(broker.port, &telemetry_messages("s", 500, 5, 1)).await;
+    rig.kafka
+        .mock_cluster()
+        .broker_down(1)
+        .expect("broker down");
+    publish_all(rig.broker.port, &telemetry_messages("s", 500, 5, 1)).await;
     // The stall itself, not a synchronisation: 3 x keep-alive.
     tokio::time::sleep(Duration::from_secs(15)).await;
-    kafka.mock_cluster().broker_up(1).expect("broker up");
+    rig.kafka.mock_cluster().broker_up(1).expect("broker up");
     let landed = read_committed(
-        &bootstrap,
-        &[&topics.telemetry()],
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
         500,
         Duration::from_secs(60),
         SETTLE,
@@ -339,36 +328,24 @@ async fn a_kafka_stall_longer_than_the_keep_alive_keeps_the_mqtt_connection() {
     bridge.stop().await;
     let (seqs, records) = distinct_seqs(&landed);
     assert_eq!((seqs.len(), records), (500, 500));
-    let log = broker.log();
-    assert_eq!(
-        log.matches(&format!("as {client_id}")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
+    rig.broker.assert_connected_once(&client_id);
 }
 
 async fn flood_through_a_small_window(keep_alive_s: u64) {
-    let Rig {
-        broker,
-        topics,
-        kafka: _kafka,
-        bootstrap,
-    } = Rig::start().await;
-    let mut config = bridge_config(
-        broker.port,
-        &bootstrap,
-        &unique("bridge"),
-        "  protocol: v311\n  inflight_window: 8\n",
-        &topics,
-    );
-    config.bridge.mqtt.keep_alive_s = keep_alive_s;
-    config.bridge.delivery.batch_max_messages = 5;
+    let rig = Rig::start().await;
+    let config = rig
+        .bridge_config()
+        .mqtt("protocol", "v311")
+        .mqtt("inflight_window", 8)
+        .mqtt("keep_alive_s", keep_alive_s)
+        .delivery("batch_max_messages", 5)
+        .build();
     let bridge = Bridge::start(config).await;
     let messages = telemetry_messages("f", 3000, 5, 1);
-    publish_all(broker.port, &messages).await;
+    publish_all(rig.broker.port, &messages).await;
     let landed = read_committed_distinct(
-        &bootstrap,
-        &[&topics.telemetry()],
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
         3000,
         Duration::from_secs(90),
         SETTLE,
@@ -381,21 +358,9 @@ async fn flood_through_a_small_window(keep_alive_s: u64) {
 /// would take everything else in the tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_in_an_m2m_tree_never_reach_kafka() {
-    let Rig {
-        broker,
-        topics,
-        kafka: _kafka,
-        bootstrap,
-    } = Rig::start().await;
+    let rig = Rig::start().await;
     let mapping = "m2m: ['site/+/hvac/+/cmd/#']\nroutes:\n  - name: everything\n    mqtt: { filter: 'site/#' }\n    format: raw\n    kafka: { topic: hvac.telemetry }\n";
-    let config = bridge_config_with_mapping(
-        broker.port,
-        &bootstrap,
-        &unique("bridge"),
-        "",
-        &topics,
-        mapping,
-    );
+    let config = rig.bridge_config().mapping_text(mapping).build();
     let bridge = Bridge::start(config).await;
     let mut messages = Vec::new();
     for qos in 0..=2u8 {
@@ -412,10 +377,10 @@ async fn commands_in_an_m2m_tree_never_reach_kafka() {
             ));
         }
     }
-    publish_all(broker.port, &messages).await;
+    publish_all(rig.broker.port, &messages).await;
     let landed = read_committed(
-        &bootstrap,
-        &[&topics.telemetry()],
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
         30,
         ARRIVE,
         Duration::from_secs(2),
@@ -434,21 +399,14 @@ async fn commands_in_an_m2m_tree_never_reach_kafka() {
 /// Kafka refuses that too, a stub with the reason, size and digest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_kafka_refuses_is_dead_lettered_not_lost() {
-    let Rig {
-        broker,
-        topics,
-        kafka: _kafka,
-        bootstrap,
-    } = Rig::start().await;
-    let mut config = bridge_config(broker.port, &bootstrap, &unique("bridge"), "", &topics);
-    config
-        .bridge
-        .kafka
-        .properties
-        .insert("message.max.bytes".into(), "2000".into());
+    let rig = Rig::start().await;
+    let config = rig
+        .bridge_config()
+        .kafka_property("message.max.bytes", "2000")
+        .build();
     let bridge = Bridge::start(config).await;
     publish_all(
-        broker.port,
+        rig.broker.port,
         &[
             Publish::new("site/k/hvac/u1/diagnostics", vec![7u8; 5000], 1),
             Publish::new("site/k/hvac/u1/diagnostics", vec![8u8; 100], 1),
@@ -456,8 +414,8 @@ async fn a_record_kafka_refuses_is_dead_lettered_not_lost() {
     )
     .await;
     let landed = read_committed(
-        &bootstrap,
-        &[&topics.diagnostics(), &topics.dead_letter()],
+        &rig.bootstrap,
+        &[&rig.topics.diagnostics(), &rig.topics.dead_letter()],
         2,
         ARRIVE,
         SETTLE,
@@ -465,13 +423,13 @@ async fn a_record_kafka_refuses_is_dead_lettered_not_lost() {
     bridge.stop().await;
     let diagnostics: Vec<_> = landed
         .iter()
-        .filter(|r| r.topic == topics.diagnostics())
+        .filter(|r| r.topic == rig.topics.diagnostics())
         .collect();
     assert_eq!(diagnostics.len(), 1);
     assert_eq!(diagnostics[0].value, vec![8u8; 100]);
     let dead: Vec<_> = landed
         .iter()
-        .filter(|r| r.topic == topics.dead_letter())
+        .filter(|r| r.topic == rig.topics.dead_letter())
         .collect();
     assert_eq!(dead.len(), 1, "{landed:?}");
     assert_eq!(dead[0].header("bridge.error.reason"), "kafka_rejected");

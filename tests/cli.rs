@@ -122,7 +122,7 @@ fn translate_shows_record_dead_letter_and_unrouted_with_exit_codes() {
 
 #[test]
 fn demo_runs_with_nothing_installed_and_data_reaches_kafka() {
-    let port = common::mosquitto::free_port();
+    let port = common::ports::free_port();
     let o = bridge(&[
         "demo",
         "--duration-s",

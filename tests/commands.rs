@@ -6,54 +6,13 @@
 
 mod common;
 
-use common::process::BridgeProcess;
 use common::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 const ARRIVE: Duration = Duration::from_secs(60);
-
-/// A device-side subscriber to the command tree, forwarding (topic, payload).
-async fn device(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, String)>) {
-    let (client, mut events) =
-        AsyncClient::new(MqttOptions::new(unique("device"), "127.0.0.1", port), 64);
-    client
-        .subscribe("site/+/hvac/+/cmd/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        while let Ok(event) = events.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(s) = subscribed_tx.take() {
-                        let _ = s.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    let payload = String::from_utf8_lossy(&p.payload).into_owned();
-                    if tx.send((topic, payload)).is_err() {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-    });
-    tokio::time::timeout(ARRIVE, subscribed)
-        .await
-        .unwrap()
-        .unwrap();
-    (client, rx)
-}
 
 async fn produce(bootstrap: &str, topic: &str, commands: &[(&str, String, i64)]) {
     let producer: FutureProducer = ClientConfig::new()
@@ -74,20 +33,6 @@ async fn produce(bootstrap: &str, topic: &str, commands: &[(&str, String, i64)])
     }
 }
 
-async fn receive(
-    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
-    n: usize,
-) -> Vec<(String, String)> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let next = tokio::time::timeout(ARRIVE, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{} of {n} commands arrived: {got:?}", got.len()));
-        got.push(next.expect("device subscriber"));
-    }
-    got
-}
-
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -102,15 +47,9 @@ fn setpoint(seq: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reach_each_device_once_in_order_and_bad_ones_do_not() {
     let rig = Rig::start().await;
-    let (_device, mut rx) = device(rig.broker.port).await;
-    let config = bridge_config(
-        rig.broker.port,
-        &rig.bootstrap,
-        &unique("bridge"),
-        "",
-        &rig.topics,
-    );
-    let bridge = Bridge::start(config).await;
+    let mut device =
+        Device::subscribe(rig.broker.port, "site/+/hvac/+/cmd/#", QoS::AtLeastOnce).await;
+    let bridge = Bridge::start(rig.bridge_config().build()).await;
 
     let mut commands: Vec<(&str, String, i64)> = Vec::new();
     for seq in 0..30u32 {
@@ -124,7 +63,7 @@ async fn commands_reach_each_device_once_in_order_and_bad_ones_do_not() {
         }
     }
     produce(&rig.bootstrap, &rig.topics.commands(), &commands).await;
-    let got = receive(&mut rx, 30).await;
+    let got = device.receive(30).await;
     // The dead-letter record shows the invalid one was handled; a settle
     // read there also gives any stray command time to show up.
     let dead = read_committed(
@@ -135,7 +74,7 @@ async fn commands_reach_each_device_once_in_order_and_bad_ones_do_not() {
         Duration::from_secs(1),
     );
     bridge.stop().await;
-    assert!(rx.try_recv().is_err(), "no extra command");
+    assert!(device.try_next().is_none(), "no extra command");
 
     let mut last: std::collections::HashMap<String, u64> = Default::default();
     for (topic, payload) in &got {
@@ -159,54 +98,25 @@ async fn commands_reach_each_device_once_in_order_and_bad_ones_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_whose_offset_was_not_committed_is_delivered_again() {
     let rig = Rig::start().await;
-    let (_device, mut rx) = device(rig.broker.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let id = unique("bridge");
-    let mapping = std::fs::read_to_string(repo_path("mappings/hvac.yaml"))
-        .unwrap()
-        .replace(
-            "topic: hvac.",
-            &format!("topic: {}hvac.", rig.topics.prefix),
-        )
-        .replace(
-            "schemas/",
-            &format!("{}/", repo_path("mappings/schemas").display()),
-        );
-    std::fs::write(dir.path().join("hvac.yaml"), mapping).unwrap();
-    std::fs::write(
-        dir.path().join("bridge.yaml"),
-        format!(
-            "mqtt: {{ host: 127.0.0.1, port: {}, client_id: {id}, reconnect_delay_ms: 100 }}\n\
-             kafka: {{ bootstrap_servers: '{}', transactional_id: {id}, dead_letter_topic: {} }}\n\
-             mappings: ['hvac.yaml']\n",
-            rig.broker.port,
-            rig.bootstrap,
-            rig.topics.dead_letter()
-        ),
-    )
-    .unwrap();
-    let (config, log) = (
-        dir.path().join("bridge.yaml"),
-        dir.path().join("bridge.log"),
-    );
-    let mut bridge = BridgeProcess::start(&config, &log, Some("command_before_commit:1"));
+    let mut device =
+        Device::subscribe(rig.broker.port, "site/+/hvac/+/cmd/#", QoS::AtLeastOnce).await;
+    let files = BridgeFiles::new(&rig.bridge_config());
+    let bridge = files.start(Some("command_before_commit:1"));
     produce(
         &rig.bootstrap,
         &rig.topics.commands(),
         &[("u7", setpoint(1), now_ms())],
     )
     .await;
-    let first = receive(&mut rx, 1).await;
-    let status = tokio::task::spawn_blocking(move || bridge.wait(ARRIVE))
-        .await
-        .unwrap();
+    let first = device.receive(1).await;
+    let (status, _) = bridge.wait_async(ARRIVE).await;
     assert!(
         matches!(status, Some(s) if !s.success()),
         "crashed at the point: {status:?}"
     );
 
-    let bridge = BridgeProcess::start(&config, &log, None);
-    let again = receive(&mut rx, 1).await;
+    let bridge = files.start(None);
+    let again = device.receive(1).await;
     assert_eq!(again, first, "the same command, delivered again");
     produce(
         &rig.bootstrap,
@@ -214,11 +124,11 @@ async fn a_command_whose_offset_was_not_committed_is_delivered_again() {
         &[("u7", setpoint(2), now_ms())],
     )
     .await;
-    let next = receive(&mut rx, 1).await;
+    let next = device.receive(1).await;
     assert!(next[0].1.contains(r#""seq":2"#), "{next:?}");
     bridge.stop();
     assert!(
-        rx.try_recv().is_err(),
+        device.try_next().is_none(),
         "committed after the restart: no third copy"
     );
 }
@@ -230,9 +140,10 @@ async fn a_command_whose_offset_was_not_committed_is_delivered_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_dial_is_relayed_to_its_unit_reshaped() {
     let rig = Rig::start().await;
-    let (_device, mut rx) = device(rig.broker.port).await;
+    let mut device =
+        Device::subscribe(rig.broker.port, "site/+/hvac/+/cmd/#", QoS::AtLeastOnce).await;
     let id = unique("bridge");
-    let config = || bridge_config(rig.broker.port, &rig.bootstrap, &id, "", &rig.topics);
+    let config = || rig.bridge_config().client_id(&id).build();
     let bridge = Bridge::start(config()).await;
     let dials: Vec<Publish> = (0..20)
         .map(|i| {
@@ -244,7 +155,7 @@ async fn a_wall_dial_is_relayed_to_its_unit_reshaped() {
         })
         .collect();
     publish_all(rig.broker.port, &dials).await;
-    let got = receive(&mut rx, 20).await;
+    let got = device.receive(20).await;
     bridge.stop().await;
     for (i, (topic, payload)) in got.iter().enumerate() {
         assert_eq!(topic, &format!("site/s1/hvac/r{}/cmd/setpoint", i % 4));
@@ -260,7 +171,7 @@ async fn a_wall_dial_is_relayed_to_its_unit_reshaped() {
     let bridge = Bridge::start(config()).await;
     let marker = Publish::new("site/s1/room/r9/thermostat/dial", r#"{"target_c":30}"#, 1);
     publish_all(rig.broker.port, &[marker]).await;
-    let next = receive(&mut rx, 1).await;
+    let next = device.receive(1).await;
     bridge.stop().await;
     assert_eq!(next[0].0, "site/s1/hvac/r9/cmd/setpoint", "{next:?}");
 }

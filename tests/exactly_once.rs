@@ -9,19 +9,21 @@
 
 mod common;
 
-use common::process::{tail, BridgeProcess};
-use common::{publish_all, read_committed, unique, Landed, Publish, Rig, Topics};
+use common::process::{tail, BridgeFiles, BridgeProcess};
+use common::{publish_all, read_committed, unique, ConfigBuilder, Landed, Publish, Rig, Topics};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SUBSCRIBED: &str = "MQTT subscriptions in place";
 const DEVICES: u64 = 20;
+/// How long a started bridge may take to connect to mosquitto.
+const CONNECT: Duration = Duration::from_secs(30);
 
 /// One bridge identity (MQTT client id = transactional id) with its config
-/// files and log in a temporary directory.
+/// files and log, and the topic it writes.
 struct Identity {
-    dir: tempfile::TempDir,
+    files: BridgeFiles,
+    bootstrap: String,
     topic: String,
 }
 
@@ -31,47 +33,53 @@ impl Identity {
     }
 
     fn with_guarantee(rig: &Rig, topics: &Topics, qos: u8, guarantee: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let id = unique("eo");
-        let topic = topics.telemetry();
-        std::fs::write(
-            dir.path().join("bridge.yaml"),
-            format!(
-                "mqtt:\n  host: 127.0.0.1\n  port: {port}\n  client_id: {id}\n  keep_alive_s: 5\n  \
-                 reconnect_delay_ms: 100\n  inflight_window: 100\n\
-                 kafka:\n  bootstrap_servers: '{bootstrap}'\n  transactional_id: {id}\n  \
-                 dead_letter_topic: {dlq}\n\
-                 delivery:\n  guarantee: {guarantee}\n  batch_max_messages: 200\n  \
-                 commit_interval_ms: 50\n  commit_timeout_ms: 5000\n  \
-                 transaction_timeout_ms: 10000\n  shutdown_timeout_ms: 5000\n\
-                 mappings: [mapping.yaml]\n",
-                port = rig.broker.port,
-                bootstrap = rig.bootstrap,
-                dlq = topics.dead_letter(),
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("mapping.yaml"),
-            format!(
-                "routes:\n  - name: eo\n    mqtt: {{ filter: 'eo/{{device}}/data', qos: {qos} }}\n    \
-                 kafka: {{ topic: {topic}, key: '{{device}}' }}\n"
-            ),
-        )
-        .unwrap();
-        Self { dir, topic }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("bridge.yaml")
+        let mapping = format!(
+            "routes:\n  - name: eo\n    mqtt: {{ filter: 'eo/{{device}}/data', qos: {qos} }}\n    \
+             kafka: {{ topic: hvac.telemetry, key: '{{device}}' }}\n"
+        );
+        let config = ConfigBuilder::new(rig.broker.port, &rig.bootstrap, topics)
+            .client_id(&unique("eo"))
+            .mapping_text(&mapping)
+            .mqtt("inflight_window", 100)
+            .delivery("guarantee", guarantee)
+            .delivery("batch_max_messages", 200)
+            .delivery("commit_timeout_ms", 5000)
+            .delivery("transaction_timeout_ms", 10_000)
+            .delivery("shutdown_timeout_ms", 5000);
+        Self {
+            files: BridgeFiles::new(&config),
+            bootstrap: rig.bootstrap.clone(),
+            topic: topics.telemetry(),
+        }
     }
 
     fn log(&self) -> PathBuf {
-        self.dir.path().join("bridge.log")
+        self.files.log()
     }
 
-    fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
-        BridgeProcess::start(&self.config(), &self.log(), crash_at)
+    /// Reads `count` records of this identity's topic (and any extra for a
+    /// few seconds) off the blocking pool; on failure shows the bridges'
+    /// log too.
+    async fn read_landed(&self, count: u64) -> Vec<Landed> {
+        let (bootstrap, topic) = (self.bootstrap.clone(), self.topic.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            read_committed(
+                &bootstrap,
+                &[&topic],
+                count as usize,
+                Duration::from_secs(120),
+                Duration::from_secs(3),
+            )
+        })
+        .await;
+        read.unwrap_or_else(|e| panic!("reader: {e:?}\nbridge log:\n{}", tail(&self.log())))
+    }
+
+    /// Starts a bridge of this identity and waits until it is connected.
+    async fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
+        let mut bridge = self.files.start(crash_at);
+        bridge.await_connected(CONNECT).await;
+        bridge
     }
 }
 
@@ -85,23 +93,6 @@ fn messages(range: std::ops::Range<u64>, qos: u8) -> Vec<Publish> {
             )
         })
         .collect()
-}
-
-/// Reads `count` records (and any extra for a few seconds) off the blocking
-/// pool; on failure shows the bridges' log too.
-async fn read_all(bootstrap: &str, topic: &str, count: usize, log: &Path) -> Vec<Landed> {
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    let read = tokio::task::spawn_blocking(move || {
-        read_committed(
-            &bootstrap,
-            &[&topic],
-            count,
-            Duration::from_secs(120),
-            Duration::from_secs(3),
-        )
-    })
-    .await;
-    read.unwrap_or_else(|e| panic!("reader: {e:?}\nbridge log:\n{}", tail(log)))
 }
 
 /// Every `seq` in `0..count` exactly once and, unless `ordered` is false,
@@ -152,16 +143,10 @@ async fn crash_and_restart(
     let topics = Topics::new();
     rig.kafka.create_test_topics(&topics).await;
     let identity = Identity::with_guarantee(rig, &topics, qos, guarantee);
-    let mut bridge = identity.start(Some(point));
-    bridge.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let bridge = identity.start(Some(point)).await;
     let port = rig.broker.port;
     let publisher = tokio::spawn(async move { publish_all(port, &messages(0..count, qos)).await });
-    let (status, bridge) = tokio::task::spawn_blocking(move || {
-        let status = bridge.wait(Duration::from_secs(60));
-        (status, bridge)
-    })
-    .await
-    .unwrap();
+    let (status, bridge) = bridge.wait_async(Duration::from_secs(60)).await;
     let status = status.unwrap_or_else(|| {
         panic!(
             "{point}: the bridge did not reach its crash point:\n{}",
@@ -172,15 +157,8 @@ async fn crash_and_restart(
     drop(bridge);
     publisher.await.expect("publisher");
 
-    let mut bridge = identity.start(None);
-    bridge.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
-    let landed = read_all(
-        &rig.bootstrap,
-        &identity.topic,
-        count as usize,
-        &identity.log(),
-    )
-    .await;
+    let bridge = identity.start(None).await;
+    let landed = identity.read_landed(count).await;
     bridge.stop();
     (landed, identity)
 }
@@ -218,22 +196,41 @@ fn steps(qos: u8) -> impl Iterator<Item = &'static (&'static str, &'static str)>
     CRASHES.iter().chain(if qos == 2 { PUBREL } else { &[] })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
+/// What a matrix does to the bridge at each step.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// [`crash_and_recover`].
+    Crash,
+    /// [`zombie_at`].
+    Zombie,
+}
+
+/// `fault` at every step of the protocol for `qos`, one after another on
+/// one rig.
+async fn fault_matrix(fault: Fault, qos: u8) {
     let rig = Rig::start().await;
-    for (name, point) in steps(2) {
-        eprintln!("crash point {name}");
-        crash_and_recover(&rig, 2, point, 1500).await;
+    for (name, point) in steps(qos) {
+        match fault {
+            Fault::Crash => {
+                eprintln!("crash point {name}");
+                crash_and_recover(&rig, qos, point, 1500).await;
+            }
+            Fault::Zombie => {
+                eprintln!("zombie frozen at {name}");
+                zombie_at(&rig, qos, point, 2400).await;
+            }
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
+    fault_matrix(Fault::Crash, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_crash_matrix_loses_and_duplicates_nothing() {
-    let rig = Rig::start().await;
-    for (name, point) in steps(1) {
-        eprintln!("crash point {name}");
-        crash_and_recover(&rig, 1, point, 1500).await;
-    }
+    fault_matrix(Fault::Crash, 1).await;
 }
 
 /// SIGKILL at random moments under continuous load, restarting each time.
@@ -250,8 +247,7 @@ async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
     // Paced: about 2 000 messages a second, QoS 2 and 1 mixed, for as long
     // as the kills take.
     let count = (kills as u64 + 2) * 1500;
-    let mut first = identity.start(None);
-    first.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let first = identity.start(None).await;
     let port = rig.broker.port;
     let publisher = tokio::spawn(async move {
         let all: Vec<_> = messages(0..count, 2)
@@ -273,17 +269,12 @@ async fn sigkill_loop_under_load_loses_and_duplicates_nothing() {
         tokio::time::sleep(alive).await;
         bridge.kill();
         eprintln!("kill {} after {alive:?}", kill + 1);
-        bridge = identity.start(None);
-        bridge.await_log(SUBSCRIBED, kill + 2, Duration::from_secs(30));
+        // A new process: its metrics start from nothing, so this waits for
+        // this run's connection, not an earlier one's.
+        bridge = identity.start(None).await;
     }
     publisher.await.expect("publisher");
-    let landed = read_all(
-        &rig.bootstrap,
-        &identity.topic,
-        count as usize,
-        &identity.log(),
-    )
-    .await;
+    let landed = identity.read_landed(count).await;
     bridge.stop();
     // Not checked for order: MQTT orders messages of one QoS only, and with
     // QoS 1 and 2 mixed, one run saw a QoS 2 message land 60 places late
@@ -311,12 +302,11 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
     rig.kafka.create_test_topics(&topics).await;
     let identity = Identity::new(rig, &topics, qos);
     let log = identity.log();
-    let mut zombie = identity.start(Some(&format!("{point}:freeze")));
-    zombie.await_log(SUBSCRIBED, 1, Duration::from_secs(30));
+    let mut zombie = identity.start(Some(&format!("{point}:freeze"))).await;
     let port = rig.broker.port;
     let third = count / 3;
     let publisher = tokio::spawn(async move { publish_all(port, &messages(0..third, qos)).await });
-    let mut zombie = tokio::task::spawn_blocking(move || {
+    let zombie = tokio::task::spawn_blocking(move || {
         zombie.await_frozen(Duration::from_secs(60));
         zombie
     })
@@ -333,26 +323,14 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
         };
     publisher.await.expect("publisher");
 
-    let mut successor = identity.start(None);
-    successor.await_log(SUBSCRIBED, 2, Duration::from_secs(30));
+    let successor = identity.start(None).await;
     publish_all(port, &messages(third..2 * third, qos)).await;
     tokio::time::sleep_until(thaw_at).await;
     zombie.signal(libc::SIGCONT);
     publish_all(port, &messages(2 * third..count, qos)).await;
-    let (status, zombie) = tokio::task::spawn_blocking(move || {
-        let status = zombie.wait(Duration::from_secs(60));
-        (status, zombie)
-    })
-    .await
-    .unwrap();
+    let (status, zombie) = zombie.wait_async(Duration::from_secs(60)).await;
     drop(zombie);
-    let landed = read_all(
-        &rig.bootstrap,
-        &identity.topic,
-        count as usize,
-        &identity.log(),
-    )
-    .await;
+    let landed = identity.read_landed(count).await;
     assert!(
         matches!(status, Some(s) if !s.success()),
         "{point}: the zombie must stop with an error once fenced: {status:?}\n{}",
@@ -365,18 +343,10 @@ async fn zombie_at(rig: &Rig, qos: u8, point: &str, count: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_zombies_are_fenced_and_duplicate_nothing() {
-    let rig = Rig::start().await;
-    for (name, point) in steps(2) {
-        eprintln!("zombie frozen at {name}");
-        zombie_at(&rig, 2, point, 2400).await;
-    }
+    fault_matrix(Fault::Zombie, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_zombies_are_fenced_and_duplicate_nothing() {
-    let rig = Rig::start().await;
-    for (name, point) in steps(1) {
-        eprintln!("zombie frozen at {name}");
-        zombie_at(&rig, 1, point, 2400).await;
-    }
+    fault_matrix(Fault::Zombie, 1).await;
 }

@@ -9,24 +9,18 @@ mod common;
 
 use bytes::BytesMut;
 use common::kafka::TestKafka;
-use common::mosquitto::{Mosquitto, Options};
+use common::mosquitto::Options;
 use common::*;
+use mqtt_kafka_bridge::telemetry::DEAD_LETTERED;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 const ARRIVE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(2);
-
-/// The memory-bound test measures the process's peak RSS; the other tests
-/// of this file wait while it runs, so that their allocations do not count.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Mapping of the command tests: the HVAC setpoint route (QoS 1) and a QoS 2
 /// route, so that refusals at PUBACK and at PUBREC are both seen.
@@ -60,51 +54,7 @@ routes:
 /// A mosquitto started with `options` and this test's topics on the real
 /// Kafka broker (the mock cluster has no per-topic `max.message.bytes`).
 async fn rig_with(options: &Options) -> Rig {
-    let broker = Mosquitto::start_with(options);
-    let topics = Topics::new();
-    let kafka = TestKafka::real();
-    kafka.create_test_topics(&topics).await;
-    let bootstrap = kafka.bootstrap();
-    Rig {
-        broker,
-        topics,
-        kafka,
-        bootstrap,
-    }
-}
-
-/// A device subscribed to everything, forwarding (topic, payload).
-async fn device(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, String)>) {
-    let (client, mut events) =
-        AsyncClient::new(MqttOptions::new(unique("device"), "127.0.0.1", port), 64);
-    client.subscribe("#", QoS::ExactlyOnce).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        while let Ok(event) = events.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(s) = subscribed_tx.take() {
-                        let _ = s.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    let payload = String::from_utf8_lossy(&p.payload).into_owned();
-                    if tx.send((topic, payload)).is_err() {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-    });
-    tokio::time::timeout(ARRIVE, subscribed)
-        .await
-        .unwrap()
-        .unwrap();
-    (client, rx)
+    Rig::start_with_broker(TestKafka::real(), options).await
 }
 
 /// Produces `(key, value)` records, in this order, to partition 0 of
@@ -129,37 +79,12 @@ async fn produce(bootstrap: &str, topic: &str, records: &[(Vec<u8>, String)]) {
     }
 }
 
-async fn receive(
-    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
-    n: usize,
-) -> Vec<(String, String)> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let next = tokio::time::timeout(ARRIVE, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{} of {n} messages arrived: {got:?}", got.len()));
-        got.push(next.expect("device subscriber"));
-    }
-    got
-}
-
 fn setpoint(seq: u32) -> String {
     format!(r#"{{"site":"s1","setpoint_c":21,"seq":{seq}}}"#)
 }
 
-/// Asserts mosquitto saw the bridge connect exactly once.
-fn assert_connected_once(broker: &Mosquitto, client_id: &str) {
-    let log = broker.log();
-    assert_eq!(
-        log.matches(&format!(" as {client_id} (")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() {
-    let _serial = SERIAL.lock().await;
     // mosquitto denies publishing to unit `locked` (MQTT 5: PUBACK or
     // PUBREC 0x87), announces a Maximum Packet Size, and logs every packet,
     // so that refused publishes can be counted.
@@ -172,18 +97,15 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
         extra_config: "max_packet_size 100000\nmax_queued_messages 1000\nlog_type debug\n".into(),
     })
     .await;
-    let modes = format!("{}hvac.modes", rig.topics.prefix);
+    let modes = rig.topics.named("hvac.modes");
     rig.kafka.create_topics(&[&modes], 1).await;
-    let (_device, mut rx) = device(rig.broker.port).await;
+    let mut device = Device::subscribe(rig.broker.port, "#", QoS::ExactlyOnce).await;
     let client_id = unique("bridge");
-    let config = bridge_config_with_mapping(
-        rig.broker.port,
-        &rig.bootstrap,
-        &client_id,
-        "",
-        &rig.topics,
-        COMMANDS,
-    );
+    let config = rig
+        .bridge_config()
+        .client_id(&client_id)
+        .mapping_text(COMMANDS)
+        .build();
     let bridge = Bridge::start(config).await;
 
     let valid = |seq| (b"u2".to_vec(), setpoint(seq));
@@ -219,14 +141,14 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
     )
     .await;
 
-    let got = receive(&mut rx, 6).await;
+    let got = device.receive(6).await;
     let dlq = rig.topics.dead_letter();
     let dead = read_committed(&rig.bootstrap, &[&dlq], 6, ARRIVE, SETTLE);
     assert!(!bridge.is_finished(), "the bridge stopped");
     assert!(
-        rx.try_recv().is_err(),
+        device.try_next().is_none(),
         "an extra message: {:?}",
-        rx.try_recv()
+        device.try_next()
     );
     bridge.stop().await;
 
@@ -312,17 +234,17 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
         !log.contains("elsewhere"),
         "a command left its subtree:\n{log}"
     );
-    assert_connected_once(&rig.broker, &client_id);
+    rig.broker.assert_connected_once(&client_id);
 }
 
-/// The peak resident set size of this process, in bytes, after resetting
+/// The peak resident set size of process `pid`, in bytes, after resetting
 /// it to the current size when `reset` (Linux `clear_refs` 5); `None` where
 /// /proc does not tell.
-fn peak_rss(reset: bool) -> Option<usize> {
+fn peak_rss(pid: i32, reset: bool) -> Option<usize> {
     if reset {
-        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").ok()?;
     }
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
@@ -380,53 +302,38 @@ async fn publish_streamed(port: u16, topic: &str, size: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_publish_streams_through_in_bounded_memory_and_the_next_one_arrives() {
-    let _serial = SERIAL.lock().await;
     let rig = rig_with(&Options::default()).await;
     let client_id = unique("bridge");
-    let mut config = bridge_config_with_mapping(
-        rig.broker.port,
-        &rig.bootstrap,
-        &client_id,
-        "",
-        &rig.topics,
-        DIAGNOSTICS,
+    // The real binary: its memory is measured apart from this process's,
+    // and its metrics show when each message was dead-lettered.
+    let files = BridgeFiles::new(
+        &rig.bridge_config()
+            .client_id(&client_id)
+            .mapping_text(DIAGNOSTICS)
+            .limits("max_packet_bytes", 1024 * 1024),
     );
-    config.bridge.limits.max_packet_bytes = 1024 * 1024;
-    let bridge = Bridge::start(config).await;
+    let mut bridge = files.start(None);
+    bridge.await_connected(ARRIVE).await;
 
     let size = 64 * 1024 * 1024;
     let topic = "site/s1/hvac/u1/diagnostics";
-    let stats = &mqtt_kafka_bridge::telemetry::STATS;
-    let counted = || {
-        use std::sync::atomic::Ordering::Relaxed;
-        stats.dead_lettered.load(Relaxed) + stats.produced.load(Relaxed)
-    };
-    // Waits until the bridge's commit counters reach `n` (this process's
-    // counters: the other tests of this file wait meanwhile).
-    let committed = |n| async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while counted() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the bridge did not commit in time"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let too_large = [("reason", "too_large")];
+    let commit_wait = Duration::from_secs(120);
     // A first oversized message takes what the bridge allocates once (its
     // first dead letter, first transaction...), so the peak measured below
     // is what a large packet costs.
     let warm_up = 3 * 1024 * 1024;
-    let start = counted();
     let warm_up_sha256 = publish_streamed(rig.broker.port, topic, warm_up).await;
-    committed(start + 1).await;
+    bridge
+        .await_metric(DEAD_LETTERED, &too_large, |n| n >= 1.0, commit_wait)
+        .await;
 
-    let before = peak_rss(true);
+    let before = peak_rss(bridge.pid(), true);
     let sha256 = publish_streamed(rig.broker.port, topic, size).await;
-    committed(start + 2).await;
-    // Before the test's own MQTT client and Kafka reader below allocate
-    // their buffers (some 14 MiB).
-    let after = peak_rss(false);
+    bridge
+        .await_metric(DEAD_LETTERED, &too_large, |n| n >= 2.0, commit_wait)
+        .await;
+    let after = peak_rss(bridge.pid(), false);
     publish_all(rig.broker.port, &[Publish::new(topic, "after", 1)]).await;
     let diagnostics = rig.topics.diagnostics();
     let dlq = rig.topics.dead_letter();
@@ -437,8 +344,8 @@ async fn a_64_mib_publish_streams_through_in_bounded_memory_and_the_next_one_arr
         Duration::from_secs(120),
         SETTLE,
     );
-    assert!(!bridge.is_finished(), "the bridge stopped");
-    bridge.stop().await;
+    assert!(bridge.is_running(), "the bridge stopped");
+    bridge.stop();
 
     let next: Vec<_> = landed.iter().filter(|l| l.topic == diagnostics).collect();
     assert_eq!(next.len(), 1, "{landed:#?}");
@@ -463,7 +370,7 @@ async fn a_64_mib_publish_streams_through_in_bounded_memory_and_the_next_one_arr
             size >> 20
         );
     }
-    assert_connected_once(&rig.broker, &client_id);
+    rig.broker.assert_connected_once(&client_id);
 }
 
 /// A dead-letter topic that refuses the full record gets its stub; one that
@@ -471,43 +378,37 @@ async fn a_64_mib_publish_streams_through_in_bounded_memory_and_the_next_one_arr
 /// cases the offset is committed and the next command is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_kafka_refuses_falls_back_to_a_stub_and_never_stalls_commands() {
-    let _serial = SERIAL.lock().await;
     let rig = rig_with(&Options::default()).await;
-    let prefix = rig.topics.prefix.clone();
-    let (small_dlq, tiny_dlq) = (format!("{prefix}small-dlq"), format!("{prefix}tiny-dlq"));
+    let (small_dlq, tiny_dlq) = (rig.topics.named("small-dlq"), rig.topics.named("tiny-dlq"));
     kafka::create_topic_with_max_bytes(&rig.bootstrap, &small_dlq, 2000).await;
     kafka::create_topic_with_max_bytes(&rig.bootstrap, &tiny_dlq, 100).await;
     let (small_cmds, tiny_cmds) = (
-        format!("{prefix}hvac.small-cmds"),
-        format!("{prefix}hvac.tiny-cmds"),
+        rig.topics.named("hvac.small-cmds"),
+        rig.topics.named("hvac.tiny-cmds"),
     );
     rig.kafka.create_topics(&[&small_cmds, &tiny_cmds], 1).await;
-    let mapping = format!(
-        r#"
+    // Kafka topics, dead-letter ones too, are renamed into the test's.
+    let mapping = r#"
 routes:
   - name: hvac-diagnostics
-    mqtt: {{ filter: "site/{{site}}/hvac/{{unit}}/diagnostics", qos: 1 }}
+    mqtt: { filter: "site/{site}/hvac/{unit}/diagnostics", qos: 1 }
     format: raw
-    kafka: {{ topic: hvac.diagnostics }}
+    kafka: { topic: hvac.diagnostics }
 commands:
   - name: small
-    kafka: {{ topic: hvac.small-cmds, dead_letter_topic: {small_dlq} }}
-    mqtt: {{ topic: "site/{{/site}}/hvac/{{key}}/cmd/small" }}
+    kafka: { topic: hvac.small-cmds, dead_letter_topic: small-dlq }
+    mqtt: { topic: "site/{/site}/hvac/{key}/cmd/small" }
   - name: tiny
-    kafka: {{ topic: hvac.tiny-cmds, dead_letter_topic: {tiny_dlq} }}
-    mqtt: {{ topic: "site/{{/site}}/hvac/{{key}}/cmd/tiny" }}
-"#
-    );
-    let (_device, mut rx) = device(rig.broker.port).await;
+    kafka: { topic: hvac.tiny-cmds, dead_letter_topic: tiny-dlq }
+    mqtt: { topic: "site/{/site}/hvac/{key}/cmd/tiny" }
+"#;
+    let mut device = Device::subscribe(rig.broker.port, "#", QoS::ExactlyOnce).await;
     let client_id = unique("bridge");
-    let config = bridge_config_with_mapping(
-        rig.broker.port,
-        &rig.bootstrap,
-        &client_id,
-        "",
-        &rig.topics,
-        &mapping,
-    );
+    let config = rig
+        .bridge_config()
+        .client_id(&client_id)
+        .mapping_text(mapping)
+        .build();
     let bridge = Bridge::start(config).await;
 
     let padded = format!(r#"{{"site":"s1","pad":"{}"}}"#, "p".repeat(10_000));
@@ -516,7 +417,7 @@ commands:
     produce(&rig.bootstrap, &small_cmds, &[bad.clone(), good.clone()]).await;
     produce(&rig.bootstrap, &tiny_cmds, &[bad, good]).await;
 
-    let mut got = receive(&mut rx, 2).await;
+    let mut got = device.receive(2).await;
     got.sort();
     assert_eq!(
         got,
@@ -547,5 +448,5 @@ commands:
         format!("{:x}", Sha256::digest(padded.as_bytes()))
     );
     assert_eq!(stub.header("bridge.source"), small_cmds);
-    assert_connected_once(&rig.broker, &client_id);
+    rig.broker.assert_connected_once(&client_id);
 }

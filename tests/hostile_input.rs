@@ -11,27 +11,26 @@
 mod common;
 
 use common::kafka::TestKafka;
+use common::mosquitto::Options;
 use common::*;
 use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(2);
 
-fn mapping(prefix: &str) -> String {
-    format!(
-        r#"
+/// Kafka topics are renamed into the test's (`small` is `<prefix>small`,
+/// the template `{x}` is `<prefix>{x}`).
+const MAPPING: &str = r#"
 routes:
   - name: stamped
-    mqtt: {{ filter: "hostile/ts/{{dev}}" }}
-    kafka: {{ topic: hvac.telemetry, key: "{{dev}}", timestamp: /ts }}
+    mqtt: { filter: "hostile/ts/{dev}" }
+    kafka: { topic: hvac.telemetry, key: "{dev}", timestamp: /ts }
   - name: small
-    mqtt: {{ filter: "hostile/small/{{dev}}" }}
-    kafka: {{ topic: {prefix}small, key: "{{dev}}" }}
+    mqtt: { filter: "hostile/small/{dev}" }
+    kafka: { topic: small, key: "{dev}" }
   - name: templated
-    mqtt: {{ filter: "hostile/tpl/{{x}}" }}
-    kafka: {{ topic: "{prefix}{{x}}" }}
-"#
-    )
-}
+    mqtt: { filter: "hostile/tpl/{x}" }
+    kafka: { topic: "{x}" }
+"#;
 
 fn json(seq: u32, ts: i64) -> String {
     format!(r#"{{"seq": {seq}, "ts": {ts}}}"#)
@@ -40,21 +39,17 @@ fn json(seq: u32, ts: i64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
     let rig = Rig::start_with(TestKafka::real()).await;
-    let prefix = rig.topics.prefix.clone();
-    let small = format!("{prefix}small");
+    let small = rig.topics.named("small");
     kafka::create_topic_with_max_bytes(&rig.bootstrap, &small, 1000).await;
     let client_id = unique("hostile");
-    let mut config = bridge_config_with_mapping(
-        rig.broker.port,
-        &rig.bootstrap,
-        &client_id,
-        "",
-        &rig.topics,
-        &mapping(&prefix),
-    );
-    // Wider than Kafka's own 1 h window, so that the broker, not the
-    // bridge, refuses the 2 h-ahead record.
-    config.bridge.limits.timestamp_max_ahead_ms = 3 * 3_600_000;
+    let config = rig
+        .bridge_config()
+        .client_id(&client_id)
+        .mapping_text(MAPPING)
+        // Wider than Kafka's own 1 h window, so that the broker, not the
+        // bridge, refuses the 2 h-ahead record.
+        .limits("timestamp_max_ahead_ms", 3 * 3_600_000)
+        .build();
     let bridge = Bridge::start(config).await;
     let now = chrono::Utc::now().timestamp_millis();
     let hour = 3_600_000;
@@ -163,12 +158,7 @@ async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
         big.len().to_string()
     );
     bridge.stop().await;
-    let log = rig.broker.log();
-    assert_eq!(
-        log.matches(&format!("as {client_id}")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
+    rig.broker.assert_connected_once(&client_id);
 }
 
 /// A relay publish the MQTT broker refuses (MQTT 5 PUBACK reason code
@@ -176,17 +166,13 @@ async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
 /// dead-lettered with reason `mqtt_refused`, and the flow goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_relay_dead_letters_its_source() {
-    use common::mosquitto::{Mosquitto, Options};
-    let broker = Mosquitto::start_with(&Options {
+    let options = Options {
         acl: Some("topic readwrite #\ntopic deny relay/out/locked/#\n".into()),
         // mosquitto 2.0 disconnects a client after a refusing PUBACK when
         // max_queued_messages is 0 (no limit), the rig's default.
         extra_config: "max_queued_messages 1000\n".into(),
-    });
-    let kafka = common::kafka::TestKafka::real();
-    let topics = Topics::new();
-    kafka.create_test_topics(&topics).await;
-    let bootstrap = kafka.bootstrap();
+    };
+    let rig = Rig::start_with_broker(TestKafka::real(), &options).await;
     let client_id = unique("relay");
     let mapping = r#"
 routes:
@@ -197,12 +183,15 @@ routes:
     mqtt: { filter: "relay/in/{room}" }
     publish: { topic: "relay/out/{room}/set", qos: 1 }
 "#;
-    let config =
-        bridge_config_with_mapping(broker.port, &bootstrap, &client_id, "", &topics, mapping);
+    let config = rig
+        .bridge_config()
+        .client_id(&client_id)
+        .mapping_text(mapping)
+        .build();
     let bridge = Bridge::start(config).await;
     let now = chrono::Utc::now().timestamp_millis();
     publish_all(
-        broker.port,
+        rig.broker.port,
         &[
             Publish::new("relay/in/locked", r#"{"set": 1}"#, 1),
             Publish::new("relay/in/open", r#"{"set": 2}"#, 1),
@@ -210,10 +199,10 @@ routes:
         ],
     )
     .await;
-    let telemetry = topics.telemetry();
-    let dlq = topics.dead_letter();
+    let telemetry = rig.topics.telemetry();
+    let dlq = rig.topics.dead_letter();
     let landed = read_committed(
-        &bootstrap,
+        &rig.bootstrap,
         &[&telemetry, &dlq],
         2,
         Duration::from_secs(60),
@@ -232,10 +221,5 @@ routes:
     assert_eq!(dead[0].value, br#"{"set": 1}"#);
     assert_eq!(landed.iter().filter(|l| l.topic == telemetry).count(), 1);
     bridge.stop().await;
-    let log = broker.log();
-    assert_eq!(
-        log.matches(&format!("as {client_id}")).count(),
-        1,
-        "the bridge connected more than once:\n{log}"
-    );
+    rig.broker.assert_connected_once(&client_id);
 }

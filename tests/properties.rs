@@ -5,7 +5,7 @@
 //! The MQTT wire decoder has its own properties beside it
 //! (`src/mqtt/wire.rs`), since it is not public.
 
-use mqtt_kafka_bridge::config::{BridgeConfig, Config, MappingSource};
+use mqtt_kafka_bridge::config::{Config, MappingSource};
 use mqtt_kafka_bridge::mqtt::MqttMessage;
 use mqtt_kafka_bridge::route::{Context, Outcome, RouteTable, Template};
 use proptest::prelude::*;
@@ -48,14 +48,13 @@ routes:
 static TABLE: std::sync::LazyLock<RouteTable> = std::sync::LazyLock::new(compile);
 
 fn compile() -> RouteTable {
-    let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
     let source = MappingSource::parse(Path::new("m.yaml"), MAPPING).unwrap();
-    RouteTable::compile(&Config {
-        bridge,
-        path: "bridge.yaml".into(),
-        mappings: vec![source],
-    })
-    .unwrap()
+    RouteTable::compile(&config(source)).unwrap()
+}
+
+/// [`BRIDGE`] with `mapping`, checked as a loaded file would be.
+fn config(mapping: MappingSource) -> Config {
+    Config::from_parts(Path::new("bridge.yaml"), BRIDGE, vec![mapping]).expect("BRIDGE is valid")
 }
 
 /// Topics that hit every route, with arbitrary levels.
@@ -197,8 +196,7 @@ proptest! {
     #[test]
     fn mapping_files_never_panic_the_loader(text in any::<String>()) {
         if let Ok(source) = MappingSource::parse(Path::new("m.yaml"), &text) {
-            let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
-            let _ = RouteTable::compile(&Config { bridge, path: "b.yaml".into(), mappings: vec![source] });
+            let _ = RouteTable::compile(&config(source));
         }
     }
 
@@ -214,8 +212,7 @@ proptest! {
         let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
         text.replace_range(at..end, &insert);
         if let Ok(source) = MappingSource::parse(Path::new("m.yaml"), &text) {
-            let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
-            let _ = RouteTable::compile(&Config { bridge, path: "b.yaml".into(), mappings: vec![source] });
+            let _ = RouteTable::compile(&config(source));
         }
     }
 

@@ -292,7 +292,7 @@ impl KafkaCluster {
         ));
         std::fs::create_dir_all(&dir).expect("kafka dir");
         let ports: Vec<(u16, u16)> = (0..count)
-            .map(|_| (super::mosquitto::free_port(), super::mosquitto::free_port()))
+            .map(|_| (super::ports::free_port(), super::ports::free_port()))
             .collect();
         let voters: Vec<String> = ports
             .iter()

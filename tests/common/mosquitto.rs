@@ -1,6 +1,6 @@
 //! A real mosquitto broker on a free loopback port, stopped on drop.
 
-use std::net::{TcpListener, TcpStream};
+use super::ports::{free_port, listens_on};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,24 +35,6 @@ fn binary() -> PathBuf {
         }
     }
     "mosquitto".into()
-}
-
-/// A loopback port nothing listens on, never the same twice in this
-/// process: the kernel may hand a just-closed port out again, and two
-/// Kafka nodes once got the same controller port that way.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port");
-        if given.insert(port) {
-            return port;
-        }
-    }
 }
 
 impl Mosquitto {
@@ -102,7 +84,9 @@ impl Mosquitto {
             });
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Its own socket, not just any answer: another process may
+                // have taken the port, and then mosquitto exits.
+                if listens_on(child.id(), port) {
                     return Self { child, port, dir };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
@@ -115,6 +99,20 @@ impl Mosquitto {
         }
         let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
         panic!("mosquitto did not start; its log:\n{log}");
+    }
+
+    /// Asserts the broker saw `client_id` connect exactly once: the
+    /// bridge was never disconnected (for a packet the broker refused, a
+    /// missed keep-alive...) and had to reconnect.
+    pub fn assert_connected_once(&self, client_id: &str) {
+        let log = self.log();
+        // "New client connected from 127.0.0.1:port as <id> (p2, c0, k5)."
+        // The parenthesis keeps `bridge-1-1` from matching `bridge-1-10`.
+        assert_eq!(
+            log.matches(&format!(" as {client_id} (")).count(),
+            1,
+            "{client_id} did not connect exactly once:\n{log}"
+        );
     }
 
     /// The broker's log, for assertion messages.

@@ -1,45 +1,109 @@
-//! The bridge as a separate process: the real binary, killed for real.
+//! Child processes of tests: the bridge as the real binary, killed for
+//! real and watched through its own metrics endpoint, and the rule that no
+//! child outlives its test.
 
-use std::io::Read;
+use super::config::{ConfigBuilder, METRICS_PORT_ENV};
+use super::metrics::MetricsEndpoint;
+use super::ports::{free_port, listens_on};
+use mqtt_kafka_bridge::telemetry;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `mqtt-kafka-bridge run`. Killed (SIGKILL) when dropped, and by
-/// the kernel if the test process dies.
+/// How often waits look again.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a start may take until the metrics endpoint answers.
+const SERVING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One bridge identity's files for the binary, in a temporary directory:
+/// its config and its log. The log is appended by every run, so one file
+/// tells the story of all of a test's runs (for failure messages).
+pub struct BridgeFiles {
+    dir: tempfile::TempDir,
+}
+
+impl BridgeFiles {
+    pub fn new(config: &ConfigBuilder) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        config.write(dir.path());
+        Self { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("bridge.yaml")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("bridge.log")
+    }
+
+    /// Starts the binary on these files (see [`BridgeProcess::start`]).
+    pub fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
+        BridgeProcess::start(&self.config(), &self.log(), crash_at)
+    }
+}
+
+/// A running `mqtt-kafka-bridge run` with its metrics endpoint. Killed
+/// (SIGKILL) when dropped, and by the kernel if the test process dies.
 pub struct BridgeProcess {
     child: Child,
     log: PathBuf,
+    metrics: MetricsEndpoint,
 }
 
 impl BridgeProcess {
-    /// Starts the binary on `config`, logging to `log` (appended, so one
-    /// file tells the story of every run of a test). `crash_at` sets the
-    /// crash point (see `mqtt_kafka_bridge::fault`).
+    /// Starts the binary on `config` (a file from [`ConfigBuilder::write`],
+    /// which takes its metrics port from the environment), logging to
+    /// `log`, and returns once it serves its metrics endpoint. `crash_at` sets
+    /// the crash point (see `mqtt_kafka_bridge::fault`).
+    ///
+    /// The port is free when picked but may be taken before the bridge
+    /// binds it; the bridge then exits at once ("cannot serve metrics"),
+    /// and this starts it again on another port.
     pub fn start(config: &Path, log: &Path, crash_at: Option<&str>) -> Self {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("bridge log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"));
-        command
-            .args(["run", "--config"])
-            .arg(config)
-            .env("BRIDGE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove(mqtt_kafka_bridge::fault::ENV)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        if let Some(point) = crash_at {
-            command.env(mqtt_kafka_bridge::fault::ENV, point);
+        for _attempt in 0..5 {
+            let logged_before = std::fs::metadata(log).map_or(0, |m| m.len());
+            let port = free_port();
+            let mut process = Self {
+                child: spawn(config, log, crash_at, port),
+                log: log.to_path_buf(),
+                metrics: MetricsEndpoint { port },
+            };
+            match process.await_serving() {
+                Ok(()) => return process,
+                Err(status) => {
+                    let this_run = log_since(log, logged_before);
+                    assert!(
+                        this_run.contains("cannot serve metrics"),
+                        "bridge exited ({status}) before serving metrics:\n{}",
+                        tail(log)
+                    );
+                }
+            }
         }
-        super::die_with_parent(&mut command);
-        let child = command.spawn().expect("start the bridge binary");
-        Self {
-            child,
-            log: log.to_path_buf(),
+        panic!(
+            "no free port for the bridge's metrics in 5 tries:\n{}",
+            tail(log)
+        );
+    }
+
+    /// Until this process listens on its metrics port; the exit status if
+    /// it ended first.
+    fn await_serving(&mut self) -> Result<(), std::process::ExitStatus> {
+        let deadline = Instant::now() + SERVING_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Err(status);
+            }
+            if listens_on(self.child.id(), self.metrics.port) {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bridge did not serve metrics within {SERVING_TIMEOUT:?}:\n{}",
+                tail(&self.log)
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -47,26 +111,69 @@ impl BridgeProcess {
         self.child.id() as i32
     }
 
-    /// Waits until the log shows `needle` `count` times in all, or panics at
-    /// `timeout` (also if the process exits first).
-    pub fn await_log(&mut self, needle: &str, count: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+    /// This process's metrics endpoint, e.g. for a sampler task.
+    pub fn metrics(&self) -> MetricsEndpoint {
+        self.metrics
+    }
+
+    /// The log file, shared by every run of the same [`BridgeFiles`].
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits until this process is connected to the MQTT broker and so
+    /// about to subscribe, or panics at `timeout` (also if it exits first).
+    ///
+    /// No metric marks "subscribed": `bridge_mqtt_connected` is set to 1
+    /// on CONNACK, and the SUBSCRIBE is written right after it with no
+    /// await in between (`MqttSession::serve`). By the time a scrape has
+    /// seen the gauge and a test's publisher has connected to mosquitto,
+    /// mosquitto has the SUBSCRIBE in hand, and it handles one client's
+    /// packets in order. A resumed session keeps its subscriptions anyway.
+    /// Each process starts with no gauge at all, so this waits for this
+    /// process, not an earlier run of the same identity.
+    pub async fn await_connected(&mut self, timeout: Duration) {
+        self.await_metric(telemetry::MQTT_CONNECTED, &[], |v| v == 1.0, timeout)
+            .await;
+    }
+
+    /// Waits until metric `name`, summed over its samples carrying
+    /// `labels`, satisfies `ok`, and returns that value; panics at
+    /// `timeout` with the last scrape and the log, or if the process exits
+    /// first.
+    pub async fn await_metric(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        ok: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) -> f64 {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if log_count(&self.log, needle) >= count {
-                return;
-            }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!(
-                    "bridge exited ({status}) before logging {needle:?}:\n{}",
+                    "bridge exited ({status}) while waiting for {name}{labels:?}:\n{}",
                     tail(&self.log)
                 );
             }
+            let last = self.metrics.scrape_async().await;
+            if let Some(value) = last.as_ref().ok().and_then(|s| s.value(name, labels)) {
+                if ok(value) {
+                    return value;
+                }
+            }
             assert!(
-                Instant::now() < deadline,
-                "bridge did not log {needle:?} within {timeout:?}:\n{}",
+                tokio::time::Instant::now() < deadline,
+                "{name}{labels:?} not as expected within {timeout:?}; last scrape: {}\nbridge log:\n{}",
+                last.map_or_else(|e| e.to_string(), |s| s.text),
                 tail(&self.log)
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -82,6 +189,16 @@ impl BridgeProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// [`Self::wait`] on the blocking pool, handing the process back.
+    pub async fn wait_async(
+        mut self,
+        timeout: Duration,
+    ) -> (Option<std::process::ExitStatus>, Self) {
+        tokio::task::spawn_blocking(move || (self.wait(timeout), self))
+            .await
+            .expect("wait task")
     }
 
     /// Waits until the process has stopped itself (a `:freeze` crash
@@ -141,12 +258,50 @@ impl Drop for BridgeProcess {
     }
 }
 
-pub fn log_count(log: &Path, needle: &str) -> usize {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(log) {
-        let _ = f.read_to_string(&mut text);
+/// The bridge binary: `BRIDGE_TEST_BINARY` if set, else the one cargo built
+/// for this test. (The target directory may be shared with other
+/// checkouts, whose builds replace `target/debug/mqtt-kafka-bridge`; a
+/// copy named here is the one tested.)
+fn binary() -> PathBuf {
+    std::env::var_os("BRIDGE_TEST_BINARY")
+        .filter(|path| !path.is_empty())
+        .map_or_else(
+            || env!("CARGO_BIN_EXE_mqtt-kafka-bridge").into(),
+            PathBuf::from,
+        )
+}
+
+fn spawn(config: &Path, log: &Path, crash_at: Option<&str>, metrics_port: u16) -> Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("bridge log");
+    let mut command = Command::new(binary());
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("BRIDGE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env(METRICS_PORT_ENV, metrics_port.to_string())
+        .env_remove(mqtt_kafka_bridge::fault::ENV)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("bridge log"))
+        .stderr(file);
+    if let Some(point) = crash_at {
+        command.env(mqtt_kafka_bridge::fault::ENV, point);
     }
-    text.matches(needle).count()
+    die_with_parent(&mut command);
+    command.spawn().expect("start the bridge binary")
+}
+
+/// What `log` gained after its first `offset` bytes.
+fn log_since(log: &Path, offset: u64) -> String {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 /// The end of a log, for failure messages.
@@ -154,4 +309,16 @@ pub fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<_> = text.lines().collect();
     lines[lines.len().saturating_sub(80)..].join("\n")
+}
+
+/// Ends a child process when the test process dies, even by SIGKILL, so no
+/// broker outlives its test.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
