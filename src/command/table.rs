@@ -10,7 +10,7 @@ use crate::config::{locate_all, Config, ConfigError, ConfigErrors};
 use crate::kafka;
 use crate::mqtt::{MqttMessage, OutgoingPublish, Qos};
 use crate::route::reject::DeadLetterLimits;
-use crate::route::schema::Schema;
+use crate::route::schema::{Schema, Schemas};
 use crate::route::{Context, Template};
 use crate::route::{RejectReason, Rejection};
 use bytes::Bytes;
@@ -68,6 +68,7 @@ impl CommandTable {
             ..Self::default()
         };
         let mut errors = Vec::new();
+        let mut schemas = Schemas::default();
         for source in &config.mappings {
             let base = source.path.parent().unwrap_or(Path::new("."));
             let mut file_errors = Vec::new();
@@ -101,7 +102,8 @@ impl CommandTable {
                     .map_err(|e| error("mqtt.topic", e))
                     .ok();
                 let schema = match &command.schema {
-                    Some(path) => Schema::load(&base.join(path))
+                    Some(path) => schemas
+                        .load(&base.join(path))
                         .map_err(|e| error("schema", e))
                         .ok()
                         .map(Some),

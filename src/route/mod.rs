@@ -8,9 +8,11 @@
 //! Precedence: the first route whose filter (and regex, if any) matches wins,
 //! in mapping-file order (files sorted by path) then route order in the file.
 
+mod compile;
 mod filter;
 mod format;
 mod index;
+mod record;
 pub mod reject;
 pub mod schema;
 pub(crate) mod strict_json;
@@ -18,9 +20,10 @@ mod table;
 mod template;
 mod transform;
 
+pub use compile::RouteSummary;
 pub use filter::TopicFilter;
 pub use reject::{headers, RejectReason, Rejection};
-pub use table::{RouteSummary, RouteTable};
+pub use table::RouteTable;
 pub use template::{topic_level_problem, Context, Template, TemplateError, MQTT_TOPIC_MAX_BYTES};
 
 use crate::kafka;
@@ -48,3 +51,6 @@ pub enum Outcome {
     /// route would match it.
     KeptOnMqtt,
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,11 +2,34 @@
 
 use crate::route::{RejectReason, Rejection};
 use serde_json::Value;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// A compiled schema.
+/// A compiled schema. Cheap to clone: routes that name the same file share
+/// one compiled validator.
+#[derive(Clone)]
 pub struct Schema {
-    validator: jsonschema::Validator,
+    validator: Arc<jsonschema::Validator>,
+}
+
+/// Schemas already compiled while loading one configuration, by absolute
+/// path, so a file many routes name is read and compiled once (and a broken
+/// one is reported once per route that names it, with the same text).
+#[derive(Debug, Default)]
+pub struct Schemas {
+    by_path: HashMap<PathBuf, Result<Schema, String>>,
+}
+
+impl Schemas {
+    /// The schema at `path`, compiled on first use.
+    pub fn load(&mut self, path: &Path) -> Result<Schema, String> {
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        self.by_path
+            .entry(key)
+            .or_insert_with(|| Schema::load(path))
+            .clone()
+    }
 }
 
 impl std::fmt::Debug for Schema {
@@ -35,7 +58,9 @@ impl Schema {
             .with_base_uri(file_uri(&absolute))
             .build(&schema)
             .map_err(|e| format!("schema {} does not compile: {e}", path.display()))?;
-        Ok(Self { validator })
+        Ok(Self {
+            validator: Arc::new(validator),
+        })
     }
 
     /// Validates a payload; the rejection names the first failing instance
@@ -132,6 +157,18 @@ fn file_uri(path: &Path) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_file_named_twice_is_compiled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.json"), r#"{"type": "object"}"#).unwrap();
+        let mut schemas = Schemas::default();
+        let a = schemas.load(&dir.path().join("s.json")).unwrap();
+        let b = schemas.load(&dir.path().join("./s.json")).unwrap();
+        assert!(Arc::ptr_eq(&a.validator, &b.validator));
+        let missing = schemas.load(&dir.path().join("nope.json")).unwrap_err();
+        assert!(missing.contains("nope.json"), "{missing}");
+    }
 
     #[test]
     fn validates_with_relative_refs_and_reports_paths() {

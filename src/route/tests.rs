@@ -1,8 +1,11 @@
-//! Routing of whole messages through compiled mapping files.
+//! Routing of whole messages through compiled mapping files: compile,
+//! look up and make the record, as the bridge and `translate` do.
 
 use super::*;
-use crate::config::{BridgeConfig, Config, MappingSource};
+use crate::config::{BridgeConfig, Config, ConfigErrors, MappingSource};
+use crate::mqtt::{Defect, MqttMessage, Qos, Subscription};
 use serde_json::{json, Value};
+use table::LINEAR_SCAN_MAX;
 
 const BRIDGE: &str = "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t, dead_letter_topic: dlq }\nmappings: [x]\n";
 
