@@ -64,6 +64,7 @@ pub enum Command {
     },
     /// Run everything in-process: MQTT broker, Kafka mock cluster, a fleet
     /// of simulated HVAC units and the bridge with `mappings/hvac.yaml`.
+    #[cfg(feature = "demo")]
     Demo(crate::demo::DemoArgs),
 }
 
@@ -109,6 +110,7 @@ pub fn execute(cli: Cli) -> ExitCode {
                 }
             })
         }
+        #[cfg(feature = "demo")]
         Command::Demo(args) => runtime().block_on(async {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod delivery;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod fault;
 pub mod kafka;
