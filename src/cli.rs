@@ -1,10 +1,8 @@
 //! The command line: `run`, `check`, `translate`, `demo`.
 
 use crate::app::{self, AppError};
-use crate::command::CommandTable;
 use crate::config::{Config, ConfigErrors};
-use crate::route::RouteTable;
-use crate::translate;
+use crate::{check, translate};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,33 +121,13 @@ pub fn execute(cli: Cli) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let compiled = Config::load(path).and_then(|c| {
-        let routes = RouteTable::compile(&c);
-        let commands = CommandTable::compile(&c);
-        match (routes, commands) {
-            (Ok(r), Ok(k)) => Ok((r, k)),
-            (Err(mut a), Err(b)) => {
-                a.0.extend(b.0);
-                Err(a)
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
+    match check::run(path) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
         }
-    });
-    let (table, commands) = match compiled {
-        Ok(t) => t,
-        Err(e) => return config_error(&e),
-    };
-    println!("{}", translate::route_table_text(&table));
-    for topic in commands.topics() {
-        println!(
-            "command route `{}`: Kafka {topic} -> MQTT",
-            commands.route_name(topic)
-        );
+        Err(e) => config_error(&e),
     }
-    for warning in &table.warnings {
-        println!("warning: {warning}");
-    }
-    ExitCode::SUCCESS
 }
 
 fn config_error(errors: &ConfigErrors) -> ExitCode {

@@ -22,6 +22,7 @@
 //! in-process, and [`cli`] is the command line.
 
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod command;
 pub mod config;

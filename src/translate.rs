@@ -1,4 +1,5 @@
-//! Human-readable output for `check` and `translate`.
+//! `translate`: the dry run of one message through the mapping files,
+//! printed as the record (or relay, or dead letter) the bridge would make.
 
 use crate::config::Config;
 use crate::kafka;
@@ -133,58 +134,4 @@ fn record_text(out: &mut String, record: &kafka::Record) {
             let _ = writeln!(out, "  {}", record.value.escape_ascii());
         }
     }
-}
-
-/// What `check` prints: every route in precedence order.
-pub fn route_table_text(table: &RouteTable) -> String {
-    let mut rows = vec![[
-        "#".to_string(),
-        "route".into(),
-        "mqtt filter".into(),
-        "format".into(),
-        "schema".into(),
-        "kafka topic".into(),
-        "key".into(),
-        "defined at".into(),
-    ]];
-    for (i, r) in table.routes().iter().enumerate() {
-        rows.push([
-            (i + 1).to_string(),
-            r.name.clone(),
-            r.filter.clone(),
-            r.format.to_string(),
-            if r.schema { "yes" } else { "-" }.into(),
-            r.topic.clone(),
-            r.key.clone().unwrap_or_else(|| "-".into()),
-            r.origin.clone(),
-        ]);
-    }
-    let mut widths = [0usize; 8];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-    let trees: Vec<_> = table.m2m_trees().collect();
-    if !trees.is_empty() {
-        out.push_str("\nM2M trees (kept on MQTT, never produced):");
-        for (tree, origin) in trees {
-            let _ = write!(out, "\n  {tree}  ({origin})");
-        }
-        out.push('\n');
-    }
-    out.push_str("\nsubscriptions:");
-    for sub in table.subscriptions() {
-        let _ = write!(out, "\n  {} (QoS {})", sub.filter, sub.qos);
-    }
-    out
 }

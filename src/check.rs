@@ -1,0 +1,91 @@
+//! `check`: compiles every route and command route of a configuration
+//! without connecting to anything, and reports what the bridge would do
+//! (routes in precedence order, M2M trees, subscriptions, command routes)
+//! or every problem with its file, line and field.
+
+use crate::command::CommandTable;
+use crate::config::{Config, ConfigErrors};
+use crate::route::RouteTable;
+use std::fmt::Write;
+use std::path::Path;
+
+/// The report `check` prints, or every configuration error at once (route
+/// and command errors together).
+pub fn run(path: &Path) -> Result<String, ConfigErrors> {
+    let config = Config::load(path)?;
+    let (table, commands) = match (RouteTable::compile(&config), CommandTable::compile(&config)) {
+        (Ok(r), Ok(k)) => (r, k),
+        (Err(mut a), Err(b)) => {
+            a.0.extend(b.0);
+            return Err(a);
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(e),
+    };
+    let mut out = route_table_text(&table);
+    out.push('\n');
+    for topic in commands.topics() {
+        let _ = writeln!(
+            out,
+            "command route `{}`: Kafka {topic} -> MQTT",
+            commands.route_name(topic)
+        );
+    }
+    for warning in &table.warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    Ok(out)
+}
+
+/// What `check` prints: every route in precedence order.
+pub fn route_table_text(table: &RouteTable) -> String {
+    let mut rows = vec![[
+        "#".to_string(),
+        "route".into(),
+        "mqtt filter".into(),
+        "format".into(),
+        "schema".into(),
+        "kafka topic".into(),
+        "key".into(),
+        "defined at".into(),
+    ]];
+    for (i, r) in table.routes().iter().enumerate() {
+        rows.push([
+            (i + 1).to_string(),
+            r.name.clone(),
+            r.filter.clone(),
+            r.format.to_string(),
+            if r.schema { "yes" } else { "-" }.into(),
+            r.topic.clone(),
+            r.key.clone().unwrap_or_else(|| "-".into()),
+            r.origin.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let trees: Vec<_> = table.m2m_trees().collect();
+    if !trees.is_empty() {
+        out.push_str("\nM2M trees (kept on MQTT, never produced):");
+        for (tree, origin) in trees {
+            let _ = write!(out, "\n  {tree}  ({origin})");
+        }
+        out.push('\n');
+    }
+    out.push_str("\nsubscriptions:");
+    for sub in table.subscriptions() {
+        let _ = write!(out, "\n  {} (QoS {})", sub.filter, sub.qos);
+    }
+    out
+}
