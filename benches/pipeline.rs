@@ -4,7 +4,7 @@
 //! `cargo bench --bench pipeline`; figures go to docs/performance.md.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mqtt_kafka_bridge::config::{BridgeConfig, Config, MappingSource};
+use mqtt_kafka_bridge::config::{Config, MappingSource};
 use mqtt_kafka_bridge::mqtt::MqttMessage;
 use mqtt_kafka_bridge::route::{Outcome, RouteTable};
 use std::hint::black_box;
@@ -13,13 +13,8 @@ use std::path::Path;
 const BRIDGE: &str = "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t }\nmappings: [x]\n";
 
 fn table(mappings: Vec<MappingSource>) -> RouteTable {
-    let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
-    RouteTable::compile(&Config {
-        bridge,
-        path: "bench.yaml".into(),
-        mappings,
-    })
-    .unwrap()
+    RouteTable::compile(&Config::from_parts(Path::new("bench.yaml"), BRIDGE, mappings).unwrap())
+        .unwrap()
 }
 
 fn hvac() -> RouteTable {

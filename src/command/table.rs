@@ -243,7 +243,7 @@ impl CommandTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BridgeConfig, MappingSource};
+    use crate::config::MappingSource;
 
     const BRIDGE: &str = "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t, dead_letter_topic: dlq }\nmappings: [x]\nlimits: { dead_letter_max_payload_bytes: 1000 }\n";
 
@@ -263,14 +263,10 @@ commands:
 
     fn table() -> CommandTable {
         let dir = tempfile::tempdir().unwrap();
-        let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
         let source = MappingSource::parse(&dir.path().join("m.yaml"), MAPPING).unwrap();
-        CommandTable::compile(&Config {
-            bridge,
-            path: dir.path().join("bridge.yaml"),
-            mappings: vec![source],
-        })
-        .unwrap()
+        let config =
+            Config::from_parts(&dir.path().join("bridge.yaml"), BRIDGE, vec![source]).unwrap();
+        CommandTable::compile(&config).unwrap()
     }
 
     fn prepare(key: &[u8], value: &str) -> Prepared {

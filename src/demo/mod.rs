@@ -10,7 +10,7 @@ mod broker;
 mod fleet;
 
 use crate::app;
-use crate::config::{BridgeConfig, Config, MappingSource};
+use crate::config::{Config, MappingSource};
 use crate::telemetry::STATS;
 use anyhow::{bail, Context as _};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -233,7 +233,6 @@ fn demo_config(
          metrics: {{ listen: '{metrics}' }}\n\
          mappings: ['*.yaml']\n"
     );
-    let bridge: BridgeConfig = serde_yaml_ng::from_str(&text)?;
     let mut sources = Vec::new();
     let mut paths: Vec<_> = glob::glob(&format!("{}/*.yaml", mappings.display()))?
         .filter_map(Result::ok)
@@ -245,11 +244,12 @@ fn demo_config(
     for path in paths {
         sources.push(MappingSource::load(&path)?);
     }
-    Ok(Config {
-        bridge,
-        path: mappings.join("demo-bridge.yaml"),
-        mappings: sources,
-    })
+    // Through the same checks as a bridge file a user writes.
+    Ok(Config::from_parts(
+        &mappings.join("demo-bridge.yaml"),
+        &text,
+        sources,
+    )?)
 }
 
 /// The built-in mapping files, written to a temporary directory so that

@@ -2,7 +2,7 @@
 //! look up and make the record, as the bridge and `translate` do.
 
 use super::*;
-use crate::config::{BridgeConfig, Config, ConfigErrors, MappingSource};
+use crate::config::{Config, ConfigErrors, MappingSource};
 use crate::mqtt::{Defect, MqttMessage, Qos, Subscription};
 use serde_json::{json, Value};
 use table::LINEAR_SCAN_MAX;
@@ -19,13 +19,12 @@ fn table_with_files(mapping: &str, files: &[(&str, &str)]) -> Result<RouteTable,
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     let path = dir.path().join("m.yaml");
-    let bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
     let source = MappingSource::parse(&path, mapping)?;
-    RouteTable::compile(&Config {
-        bridge,
-        path: dir.path().join("bridge.yaml"),
-        mappings: vec![source],
-    })
+    RouteTable::compile(&Config::from_parts(
+        &dir.path().join("bridge.yaml"),
+        BRIDGE,
+        vec![source],
+    )?)
 }
 
 fn error_text(mapping: &str) -> String {
@@ -394,15 +393,11 @@ fn exactly_once_refuses_a_route_at_qos_0_and_at_least_once_takes_it() {
     let e = error_text(mapping);
     assert!(e.contains("m.yaml:3:29: routes[0].mqtt.qos: is 0"), "{e}");
     let dir = tempfile::tempdir().unwrap();
-    let mut bridge: BridgeConfig = serde_yaml_ng::from_str(BRIDGE).unwrap();
-    bridge.delivery.guarantee = crate::config::Guarantee::AtLeastOnce;
+    let bridge = format!("{BRIDGE}delivery: {{ guarantee: at_least_once }}\n");
     let source = MappingSource::parse(&dir.path().join("m.yaml"), mapping).unwrap();
-    RouteTable::compile(&Config {
-        bridge,
-        path: dir.path().join("bridge.yaml"),
-        mappings: vec![source],
-    })
-    .unwrap();
+    let config =
+        Config::from_parts(&dir.path().join("bridge.yaml"), &bridge, vec![source]).unwrap();
+    RouteTable::compile(&config).unwrap();
 }
 
 #[test]
