@@ -3,7 +3,7 @@
 use crate::command::{self, CommandError, CommandTable};
 use crate::config::{Config, ConfigErrors, Guarantee};
 use crate::delivery::{
-    session_state, CommitLoop, DeliveryError, ExactlyOnce, SessionState, StateError,
+    exactly_once, CommitLoop, DeliveryError, ExactlyOnce, ProducedIds, StateError,
 };
 use crate::kafka::{state_store, SinkError, StateStoreError, TransactionalSink};
 use crate::mqtt::{MqttError, MqttSession};
@@ -220,15 +220,15 @@ async fn load_state(config: &Config) -> Result<ExactlyOnce, AppError> {
         bridge.delivery.transaction_timeout_ms + bridge.delivery.commit_timeout_ms,
     );
     let stored =
-        state_store::load(&bridge.kafka, topic, key, session_state::BUCKETS, timeout).await?;
-    let mut state = SessionState::default();
+        state_store::load(&bridge.kafka, topic, key, exactly_once::BUCKETS, timeout).await?;
+    let mut state = ProducedIds::default();
     for bytes in stored.buckets.values() {
         state.merge_bucket(bytes)?;
     }
     let last_token = stored
         .head
         .as_deref()
-        .map(session_state::decode_head)
+        .map(exactly_once::decode_head)
         .transpose()?;
     tracing::info!(%topic, entries = state.len(), "exactly-once state loaded");
     Ok(ExactlyOnce {

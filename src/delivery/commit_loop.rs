@@ -1,7 +1,7 @@
 //! The batch → commit → ack loop.
 
-use super::session_state::{
-    decode_head, encode_head, fingerprint, SessionState, StateError, Verdict, BUCKETS,
+use super::exactly_once::{
+    decode_head, encode_head, fingerprint, ProducedIds, StateError, Verdict, BUCKETS,
 };
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::fault;
@@ -184,7 +184,7 @@ async fn front_relay_done(waiting: &mut VecDeque<WaitingAcks>) -> RelayOutcome {
 
 /// The state of exactly-once delivery and where it is written.
 pub struct ExactlyOnce {
-    pub state: SessionState,
+    pub state: ProducedIds,
     pub topic: String,
     /// The bridge's identity (`kafka.transactional_id`).
     pub key: String,

@@ -6,11 +6,11 @@
 //! broker, in arrival order. A crash before the commit loses nothing (the
 //! broker redelivers what was not acknowledged). With exactly-once
 //! delivery, every transaction also records the packet ids it produced
-//! ([`SessionState`]), so that a message the broker resends after a crash
+//! ([`ProducedIds`]), so that a message the broker resends after a crash
 //! between commit and ack is recognised and not produced again.
 
 mod commit_loop;
-pub mod session_state;
+pub mod exactly_once;
 
 pub use commit_loop::{CommitLoop, DeliveryError, ExactlyOnce};
-pub use session_state::{SessionState, StateError};
+pub use exactly_once::{ProducedIds, StateError};
