@@ -2,10 +2,8 @@
 
 use crate::command::{self, CommandError, CommandTable};
 use crate::config::{Config, ConfigErrors, Guarantee};
-use crate::delivery::{
-    session_state, CommitLoop, DeliveryError, ExactlyOnce, SessionState, StateError,
-};
-use crate::kafka::{state_store, SinkError, StateStoreError, TransactionalSink};
+use crate::delivery::{CommitLoop, DeliveryError, ExactlyOnce, LoadError};
+use crate::kafka::{SinkError, TransactionalSink};
 use crate::mqtt::{MqttError, MqttSession};
 use crate::route::RouteTable;
 use crate::telemetry;
@@ -26,12 +24,11 @@ pub enum AppError {
     Mqtt(#[from] MqttError),
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
+    /// The exactly-once state could not be read at start-up.
     #[error(transparent)]
-    StateStore(#[from] StateStoreError),
+    ExactlyOnce(#[from] LoadError),
     #[error(transparent)]
     Command(#[from] CommandError),
-    #[error("the exactly-once state in Kafka is unreadable: {0}")]
-    State(#[from] StateError),
     #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
     ShutdownTimeout(Duration),
     /// A task that runs for the bridge's whole life ended on its own (a
@@ -105,13 +102,13 @@ pub async fn run_with_readiness(
     let exactly_once = match bridge.delivery.guarantee {
         Guarantee::AtLeastOnce => None,
         Guarantee::ExactlyOnce => tokio::select! {
-            state = load_state(&config) => Some(state?),
+            state = ExactlyOnce::load(bridge) => Some(state?),
             _ = shutdown.cancelled() => return Ok(()),
         },
     };
     if let Some(eo) = &exactly_once {
         tokio::select! {
-            ready = sink.await_topic(&eo.topic) => ready?,
+            ready = sink.await_topic(eo.topic()) => ready?,
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -206,37 +203,4 @@ pub async fn run_with_readiness(
     }
     tracing::info!("bridge stopped");
     result
-}
-
-/// Reads this bridge's exactly-once state from the state topic.
-async fn load_state(config: &Config) -> Result<ExactlyOnce, AppError> {
-    let bridge = &config.bridge;
-    let topic = &bridge.delivery.state_topic;
-    let key = &bridge.kafka.transactional_id;
-    // Another bridge's transaction left open on the state topic (one that
-    // crashed) holds the read back until the broker aborts it: allow for
-    // the transaction timeout.
-    let timeout = Duration::from_millis(
-        bridge.delivery.transaction_timeout_ms + bridge.delivery.commit_timeout_ms,
-    );
-    let stored =
-        state_store::load(&bridge.kafka, topic, key, session_state::BUCKETS, timeout).await?;
-    let mut state = SessionState::default();
-    for bytes in stored.buckets.values() {
-        state.merge_bucket(bytes)?;
-    }
-    let last_token = stored
-        .head
-        .as_deref()
-        .map(session_state::decode_head)
-        .transpose()?;
-    tracing::info!(%topic, entries = state.len(), "exactly-once state loaded");
-    Ok(ExactlyOnce {
-        state,
-        topic: topic.clone(),
-        key: key.clone(),
-        last_token,
-        kafka: bridge.kafka.clone(),
-        read_timeout: timeout,
-    })
 }

@@ -27,7 +27,7 @@ use crate::mqtt::Qos;
 use std::collections::HashMap;
 use std::hash::Hasher;
 
-/// Format of [`SessionState::encode_bucket`]; bumped on any change.
+/// Format of [`ProducedIds::encode_bucket`]; bumped on any change.
 const FORMAT_VERSION: u8 = 1;
 /// Packet id (2), QoS (1), fingerprint (8).
 const ENTRY_BYTES: usize = 11;
@@ -42,7 +42,7 @@ fn bucket(packet_id: u16) -> usize {
 /// The head record: a version byte and the token (u64, big endian) of the
 /// last committed transaction. Every exactly-once transaction writes a new
 /// random token, so reading the head back says which transaction committed
-/// last, and whether it was one of ours (see `CommitLoop::settle`).
+/// last, and whether it was one of ours (see `delivery::settle`).
 pub fn encode_head(token: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(9);
     out.push(FORMAT_VERSION);
@@ -93,13 +93,13 @@ pub enum Verdict {
 
 /// Packet ids produced to Kafka and not yet known to be done with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionState {
+pub struct ProducedIds {
     buckets: Vec<HashMap<u16, Entry>>,
     /// Bit `b`: bucket `b` changed since it was last encoded.
     dirty: u64,
 }
 
-impl Default for SessionState {
+impl Default for ProducedIds {
     fn default() -> Self {
         Self {
             buckets: vec![HashMap::new(); BUCKETS],
@@ -119,7 +119,7 @@ pub fn fingerprint(topic: &str, payload: &[u8]) -> u64 {
     hasher.finish()
 }
 
-impl SessionState {
+impl ProducedIds {
     pub fn len(&self) -> usize {
         self.buckets.iter().map(HashMap::len).sum()
     }
@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn qos2_resend_is_a_duplicate_until_released() {
-        let mut s = SessionState::default();
+        let mut s = ProducedIds::default();
         assert_eq!(s.check(7, Q2, false, 1), Verdict::New);
         s.record(7, Q2, 1);
         // Resent with or without DUP, any content: the id is ours.
@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn qos1_duplicate_needs_dup_flag_and_same_fingerprint() {
-        let mut s = SessionState::default();
+        let mut s = ProducedIds::default();
         s.record(3, Q1, 42);
         assert_eq!(
             s.check(3, Q1, true, 42),
@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn confirmed_acks_forget_qos1_entries() {
-        let mut s = SessionState::default();
+        let mut s = ProducedIds::default();
         s.record(1, Q1, 10);
         s.record(2, Q1, 20);
         s.record(3, Q1, 30);
@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_resend_keeps_its_entry_until_its_new_ack_is_confirmed() {
-        let mut s = SessionState::default();
+        let mut s = ProducedIds::default();
         s.record(4, Q1, 40);
         // Acked as the 5th ack, but the connection was lost and the broker
         // resends it: the old ack did not count.
@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn encoding_round_trips_and_rejects_garbage() {
-        let mut s = SessionState::default();
+        let mut s = ProducedIds::default();
         s.record(1, Q1, 0x0102_0304_0506_0708);
         assert_eq!(
             s.encode_bucket(0),
@@ -360,7 +360,7 @@ mod tests {
             "ids 1 and 1023 share bucket 0"
         );
         assert!(s.take_dirty().is_empty(), "written: clean until changed");
-        let mut back = SessionState::default();
+        let mut back = ProducedIds::default();
         for (_, bytes) in &dirty {
             back.merge_bucket(bytes).unwrap();
         }
@@ -369,7 +369,7 @@ mod tests {
         // A release dirties its bucket and writes it smaller.
         assert!(s.release(65535));
         assert_eq!(s.take_dirty(), vec![(63, vec![FORMAT_VERSION])]);
-        let mut empty = SessionState::default();
+        let mut empty = ProducedIds::default();
         assert_eq!(empty.merge_bucket(&[]), Err(StateError::Truncated(0)));
         assert_eq!(empty.merge_bucket(&[9]), Err(StateError::Version(9)));
         assert_eq!(
