@@ -201,10 +201,20 @@ fn read_last(
         timeout,
         waiting,
     };
+    // The watermark query answers with the isolation level of the client
+    // that asks: on the read_committed reader it is the last stable
+    // offset, which stops before any transaction still open, ours too when
+    // `settle` reads the head back while the coordinator is still writing
+    // the commit markers of the transaction being settled (the head then
+    // looked unchanged, the transaction was judged aborted, and its batch
+    // produced a second time). Ask a read_uncommitted client instead.
+    let mut uncommitted = config.clone();
+    uncommitted.set("isolation.level", "read_uncommitted");
+    let watermarks: BaseConsumer = uncommitted.create().map_err(kafka)?;
     let mut targets = HashMap::new();
     for p in 0..partitions as i32 {
         let high = loop {
-            match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+            match watermarks.fetch_watermarks(topic, p, Duration::from_secs(5)) {
                 Ok((_, high)) => break high,
                 Err(error) if Instant::now() < deadline => {
                     tracing::debug!(topic, partition = p, %error, "state topic not readable yet; retrying");
