@@ -15,17 +15,23 @@
 //! the broker or refused with a reason ([`PublishRefused`]), never resent
 //! in a loop.
 
+mod client;
 mod config;
+mod error;
 mod message;
 mod qos;
 mod session;
+mod state;
+mod transport;
 mod wire;
 
 pub use config::{MqttConfig, MqttProtocol};
 pub use qos::Qos;
 
+pub use client::{Ack, AckKind, Acker, PublishRefused};
+pub use error::MqttError;
 pub use message::{Defect, MqttMessage};
-pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession, PublishRefused};
+pub use session::{Delivery, Intake, MqttSession};
 pub use wire::{OutgoingPublish, DEFAULT_MAX_PACKET_BYTES, MAX_KEPT_USER_PROPERTIES};
 
 /// A broker subscription the routes need.
