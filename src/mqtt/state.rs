@@ -345,3 +345,264 @@ impl KeepAlive {
         !holding && now.saturating_duration_since(waiting) > self.interval
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::client::AckKind;
+    use crate::mqtt::wire::{Decoder, Inbound};
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    fn publish(topic: &str, qos: Qos) -> OutgoingPublish {
+        OutgoingPublish {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+        }
+    }
+
+    type Outcome = oneshot::Receiver<Result<(), PublishRefused>>;
+
+    /// Queues a publish whose outcome the test can read.
+    fn queue(state: &mut PacketState, topic: &str, qos: Qos) -> Outcome {
+        let (done, outcome) = oneshot::channel();
+        state.queue_publish(publish(topic, qos), Completion::Checked(done));
+        outcome
+    }
+
+    /// What `out` holds, as (packet, packet id) pairs; consumes it.
+    fn sent(out: &mut BytesMut) -> Vec<(&'static str, u16)> {
+        let mut decoder = Decoder::new(MqttProtocol::V5, usize::MAX);
+        let mut packets = Vec::new();
+        while let Some(packet) = decoder.decode(out).expect("well formed") {
+            packets.push(match packet {
+                Inbound::Publish { packet_id, .. } => ("PUBLISH", packet_id),
+                Inbound::PubAck { packet_id, .. } => ("PUBACK", packet_id),
+                Inbound::PubRec { packet_id, .. } => ("PUBREC", packet_id),
+                Inbound::PubRel(id) => ("PUBREL", id),
+                Inbound::PubComp(id) => ("PUBCOMP", id),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        assert!(out.is_empty(), "a partial packet");
+        packets
+    }
+
+    fn connected(window: Option<u16>, max_packet: Option<u32>) -> PacketState {
+        let mut state = PacketState::new(MqttProtocol::V5);
+        state.connected(window, max_packet);
+        state
+    }
+
+    #[test]
+    fn packet_ids_wrap_past_zero_and_skip_ids_in_flight() {
+        let mut state = connected(None, None);
+        state.next_packet_id = u16::MAX - 1;
+        let _a = queue(&mut state, "a", Qos::AtLeastOnce);
+        let _b = queue(&mut state, "b", Qos::ExactlyOnce);
+        let mut out = BytesMut::new();
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", u16::MAX), ("PUBLISH", 1)]);
+        // Both ids are taken: the next round skips them, and never hands
+        // out 0.
+        state.next_packet_id = u16::MAX - 1;
+        assert_eq!(state.packet_id(), 2);
+        // Once completed, an id is free again.
+        state.pub_ack(u16::MAX, 0);
+        state.next_packet_id = u16::MAX - 1;
+        assert_eq!(state.packet_id(), u16::MAX);
+    }
+
+    #[test]
+    fn publishes_wait_while_the_brokers_window_is_full() {
+        let mut state = connected(Some(2), None);
+        let mut out = BytesMut::new();
+        // Nothing waiting: nothing sent.
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty());
+
+        let mut outcomes: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|t| queue(&mut state, t, Qos::AtLeastOnce))
+            .collect();
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 1), ("PUBLISH", 2)]);
+        // Full: the third waits, however often the loop comes round.
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty());
+
+        state.pub_ack(1, 0);
+        assert_eq!(outcomes[0].try_recv(), Ok(Ok(())));
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 3)]);
+        assert!(outcomes[2].try_recv().is_err(), "not acked yet");
+
+        // QoS 0 takes no room and completes once encoded.
+        let mut fire_and_forget = queue(&mut state, "d", Qos::AtMostOnce);
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty(), "window full: QoS 0 keeps its place in line");
+        state.pub_ack(2, 0);
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 0)]);
+        assert_eq!(fire_and_forget.try_recv(), Ok(Ok(())));
+    }
+
+    #[test]
+    fn acks_go_out_in_arrival_order_and_stale_ones_are_only_counted() {
+        let mut state = PacketState::new(MqttProtocol::V5);
+        let first = state.connected(None, None);
+        let old = Ack::for_message(9, Qos::AtLeastOnce, first).unwrap();
+        let current = state.connected(None, None);
+        let acks = [
+            Ack::for_message(5, Qos::ExactlyOnce, current).unwrap(),
+            old,
+            Ack::for_message(3, Qos::AtLeastOnce, current).unwrap(),
+            Ack {
+                kind: AckKind::PubComp,
+                packet_id: 4,
+                connection: current,
+            },
+        ];
+        let mut out = BytesMut::new();
+        state.write_acks(&acks, &mut out).unwrap();
+        assert_eq!(
+            sent(&mut out),
+            [("PUBREC", 5), ("PUBACK", 3), ("PUBCOMP", 4)]
+        );
+        assert_eq!(state.acks_written(), 4);
+        // Without a connection none is written, all are counted.
+        state.drop_acks(&acks[..2]);
+        assert_eq!(state.acks_written(), 6);
+        // QoS 0 needs no ack.
+        assert_eq!(Ack::for_message(1, Qos::AtMostOnce, current), None);
+    }
+
+    #[test]
+    fn refused_publishes_complete_with_their_reason() {
+        let mut state = connected(None, Some(40));
+        let mut out = BytesMut::new();
+        let mut invalid = queue(&mut state, "a/#", Qos::AtLeastOnce);
+        let mut too_large = queue(&mut state, &"t".repeat(40), Qos::AtLeastOnce);
+        let mut by_puback = queue(&mut state, "a", Qos::AtLeastOnce);
+        let mut by_pubrec = queue(&mut state, "b", Qos::ExactlyOnce);
+        let mut taken = queue(&mut state, "c", Qos::ExactlyOnce);
+        state.send_waiting(&mut out).unwrap();
+        // Refused here are never sent.
+        assert!(matches!(
+            invalid.try_recv(),
+            Ok(Err(PublishRefused::Invalid(_)))
+        ));
+        assert!(matches!(
+            too_large.try_recv(),
+            Ok(Err(PublishRefused::TooLarge { max: 40, .. }))
+        ));
+        assert_eq!(
+            sent(&mut out),
+            [("PUBLISH", 1), ("PUBLISH", 2), ("PUBLISH", 3)]
+        );
+
+        state.pub_ack(1, 0x87);
+        assert_eq!(
+            by_puback.try_recv(),
+            Ok(Err(PublishRefused::Broker { code: 0x87 }))
+        );
+        // A refusing PUBREC ends the flow: no PUBREL.
+        state.pub_rec(2, 0x97, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(
+            by_pubrec.try_recv(),
+            Ok(Err(PublishRefused::Broker { code: 0x97 }))
+        );
+        // An accepting one is answered, and PUBCOMP ends it.
+        state.pub_rec(3, 0, &mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBREL", 3)]);
+        assert!(taken.try_recv().is_err(), "not complete yet");
+        state.pub_comp(3);
+        assert_eq!(taken.try_recv(), Ok(Ok(())));
+        // Acks for ids not in flight are ignored.
+        state.pub_ack(77, 0);
+        state.pub_comp(78);
+        assert!(state.in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_resends_unfinished_publishes_in_order_or_refuses_them() {
+        let mut state = connected(None, None);
+        let mut out = BytesMut::new();
+        let _released = queue(&mut state, "a", Qos::ExactlyOnce);
+        let mut big = queue(&mut state, &"b".repeat(100), Qos::AtLeastOnce);
+        let _small = queue(&mut state, "c", Qos::AtLeastOnce);
+        state.send_waiting(&mut out).unwrap();
+        state.pub_rec(1, 0, &mut out).unwrap();
+        out.clear();
+
+        // The new connection's broker takes smaller packets.
+        state.connected(None, Some(50));
+        state.resend_unfinished(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBREL", 1), ("PUBLISH", 3)]);
+        assert!(matches!(
+            big.try_recv(),
+            Ok(Err(PublishRefused::TooLarge { max: 50, .. }))
+        ));
+    }
+
+    const KEEP_ALIVE: Duration = Duration::from_secs(4);
+
+    #[test]
+    fn a_ping_is_due_after_half_the_keep_alive_without_writing() {
+        let t0 = Instant::now();
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        assert_eq!(keep_alive.check_period(), Duration::from_secs(1));
+        assert!(!keep_alive.ping_due(t0 + Duration::from_millis(1999)));
+        assert!(keep_alive.ping_due(t0 + Duration::from_secs(2)));
+        // Any write restarts the count.
+        keep_alive.wrote(t0 + Duration::from_secs(2));
+        assert!(!keep_alive.ping_due(t0 + Duration::from_secs(3)));
+        assert!(keep_alive.ping_due(t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn a_missing_pingresp_is_overdue_only_after_a_keep_alive_of_reading() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        // No ping out: silence alone is not overdue.
+        assert!(!keep_alive.overdue(false, at(100)));
+
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        keep_alive.ping_sent(0, at(2));
+        assert!(!keep_alive.overdue(false, at(6)));
+        assert!(keep_alive.overdue(false, at(6) + Duration::from_millis(1)));
+        // Holding a packet for a busy delivery task: nothing is read, so
+        // nothing is missing.
+        assert!(!keep_alive.overdue(true, at(60)));
+        // Reading again restarts the wait, as do bytes arriving.
+        keep_alive.resumed_reading(at(60));
+        assert!(!keep_alive.overdue(false, at(64)));
+        assert!(keep_alive.overdue(false, at(65)));
+        keep_alive.read(at(65));
+        assert!(!keep_alive.overdue(false, at(69)));
+        // Answered: nothing overdue.
+        keep_alive.pong();
+        assert!(!keep_alive.overdue(false, at(1000)));
+    }
+
+    #[test]
+    fn a_pingresp_confirms_the_acks_written_before_its_pingreq() {
+        let t0 = Instant::now();
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 2, t0);
+        keep_alive.ping_sent(2, t0);
+        keep_alive.ping_sent(5, t0);
+        keep_alive.ping_sent(5, t0);
+        keep_alive.ping_sent(7, t0);
+        // Known before the connection: not news.
+        assert_eq!(keep_alive.pong(), None);
+        assert_eq!(keep_alive.pong(), Some(5));
+        assert_eq!(keep_alive.pong(), None);
+        assert_eq!(keep_alive.pong(), Some(7));
+        // A PINGRESP nobody asked for confirms nothing.
+        assert_eq!(keep_alive.pong(), None);
+    }
+}
