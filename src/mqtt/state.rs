@@ -567,7 +567,7 @@ mod tests {
     fn a_missing_pingresp_is_overdue_only_after_a_keep_alive_of_reading() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        let keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
         // No ping out: silence alone is not overdue.
         assert!(!keep_alive.overdue(false, at(100)));
 
