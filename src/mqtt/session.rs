@@ -487,26 +487,48 @@ async fn read_connack(
 
 #[cfg(test)]
 mod tests {
-    //! The session against a scripted broker on a loopback socket: what it
+    //! The session against a scripted broker, on a loopback socket (through
+    //! `run_intake`) or an in-memory pipe (through `serve_stream`): what it
     //! writes is read back with rumqttc's codec, what it is sent is written
     //! byte by byte.
+    //!
+    //! The keep-alive tests run on the real clock with a one-second
+    //! keep-alive: the crate's tokio has no `test-util`, so time cannot be
+    //! paused. They wait for events (a PINGREQ, the session ending), never
+    //! for a fixed time, and check only lower bounds on the clock, which a
+    //! timer cannot undercut; the exact deadlines are tested on
+    //! `KeepAlive` with synthetic instants.
 
     use super::*;
     use crate::mqtt::{Defect, OutgoingPublish, PublishRefused, Qos};
     use bytes::Bytes;
     use rumqttc::mqttbytes::v4;
     use rumqttc::v5::mqttbytes::v5;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
 
     const WAIT: Duration = Duration::from_secs(10);
 
     struct Broker {
-        stream: TcpStream,
+        reader: Box<dyn AsyncRead + Unpin + Send>,
+        writer: Box<dyn AsyncWrite + Unpin + Send>,
         buf: BytesMut,
         protocol: MqttProtocol,
     }
 
     use crate::mqtt::MqttProtocol;
+
+    fn config(protocol: MqttProtocol, port: u16, keep_alive_s: u64) -> MqttConfig {
+        let protocol_name = match protocol {
+            MqttProtocol::V5 => "v5",
+            MqttProtocol::V311 => "v311",
+        };
+        serde_yaml_ng::from_str(&format!(
+            "{{ host: 127.0.0.1, port: {port}, client_id: c, protocol: {protocol_name}, keep_alive_s: {keep_alive_s} }}"
+        ))
+        .unwrap()
+    }
 
     /// A session connected to a scripted broker that answered CONNECT with
     /// `connack`, and the session's intake.
@@ -517,15 +539,7 @@ mod tests {
     ) -> (Broker, Acker, mpsc::Receiver<Intake>, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let protocol_name = match protocol {
-            MqttProtocol::V5 => "v5",
-            MqttProtocol::V311 => "v311",
-        };
-        let config: MqttConfig = serde_yaml_ng::from_str(&format!(
-            "{{ host: 127.0.0.1, port: {port}, client_id: c, protocol: {protocol_name}, keep_alive_s: 60 }}"
-        ))
-        .unwrap();
-        let session = configure(MqttSession::new(&config, Vec::new()).unwrap());
+        let session = configure(MqttSession::new(&config(protocol, port, 60), Vec::new()).unwrap());
         let acker = session.acker();
         let (tx, rx) = mpsc::channel(16);
         let finished = CancellationToken::new();
@@ -539,11 +553,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let mut broker = Broker {
-            stream,
-            buf: BytesMut::new(),
-            protocol,
-        };
+        let mut broker = Broker::new(stream, protocol);
         broker.expect(|p| matches!(p, Packet::Connect)).await;
         broker.send(connack).await;
         (broker, acker, rx, finished)
@@ -562,6 +572,16 @@ mod tests {
     }
 
     impl Broker {
+        fn new(stream: impl Stream + 'static, protocol: MqttProtocol) -> Self {
+            let (reader, writer) = tokio::io::split(stream);
+            Self {
+                reader: Box::new(reader),
+                writer: Box::new(writer),
+                buf: BytesMut::new(),
+                protocol,
+            }
+        }
+
         async fn read(&mut self) -> Packet {
             loop {
                 let packet = match self.protocol {
@@ -597,7 +617,7 @@ mod tests {
                 if let Some(packet) = packet {
                     return packet;
                 }
-                let read = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                let read = tokio::time::timeout(WAIT, self.reader.read_buf(&mut self.buf))
                     .await
                     .expect("the session wrote nothing")
                     .unwrap();
@@ -629,7 +649,7 @@ mod tests {
         }
 
         async fn send(&mut self, bytes: &[u8]) {
-            self.stream.write_all(bytes).await.unwrap();
+            self.writer.write_all(bytes).await.unwrap();
         }
     }
 
@@ -805,5 +825,155 @@ mod tests {
         );
         let _broker = writer.await.unwrap();
         finished.cancel();
+    }
+
+    /// A session serving one connection over an in-memory pipe of
+    /// `pipe_bytes` (a full pipe blocks the writer, as a socket would), with
+    /// an intake of `intake_capacity`, already past CONNACK (MQTT 3.1.1).
+    struct InMemory {
+        broker: Broker,
+        acker: Acker,
+        intake: mpsc::Receiver<Intake>,
+        session: JoinHandle<Result<(), MqttError>>,
+    }
+
+    async fn serve_in_memory(
+        keep_alive_s: u64,
+        intake_capacity: usize,
+        pipe_bytes: usize,
+    ) -> InMemory {
+        let config = config(MqttProtocol::V311, 1883, keep_alive_s);
+        let mut session = MqttSession::new(&config, Vec::new()).unwrap();
+        let acker = session.acker();
+        let (client, server) = tokio::io::duplex(pipe_bytes);
+        let (tx, intake) = mpsc::channel(intake_capacity);
+        let session = tokio::spawn(async move {
+            let (stop_intake, subscribed) = (CancellationToken::new(), CancellationToken::new());
+            let mut connected = false;
+            session
+                .serve_stream(
+                    Box::new(client),
+                    &tx,
+                    &stop_intake,
+                    &subscribed,
+                    &mut connected,
+                )
+                .await
+        });
+        let mut broker = Broker::new(server, MqttProtocol::V311);
+        assert_eq!(broker.read().await, Packet::Connect);
+        broker.send(CONNACK_V4).await;
+        InMemory {
+            broker,
+            acker,
+            intake,
+            session,
+        }
+    }
+
+    /// QoS 1 PUBLISH, MQTT 3.1.1, topic "t", two payload bytes.
+    fn qos1_publish(packet_id: u16) -> [u8; 9] {
+        let [high, low] = packet_id.to_be_bytes();
+        [0x32, 7, 0, 1, b't', high, low, b'o', b'k']
+    }
+
+    const PINGRESP: &[u8] = &[0xd0, 0];
+    const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_silent_session_pings_after_half_the_keep_alive() {
+        let start = Instant::now();
+        let InMemory {
+            mut broker,
+            session,
+            ..
+        } = serve_in_memory(1, 16, 64 * 1024).await;
+        for _ in 0..3 {
+            assert_eq!(broker.read().await, Packet::PingReq);
+            broker.send(PINGRESP).await;
+        }
+        // Three pings, each after half a keep-alive of silence, all
+        // answered: the connection outlived its keep-alive.
+        assert!(
+            start.elapsed() >= KEEP_ALIVE * 3 / 2,
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(!session.is_finished());
+        session.abort();
+    }
+
+    #[tokio::test]
+    async fn a_missing_pingresp_ends_the_connection() {
+        let start = Instant::now();
+        let InMemory {
+            mut broker,
+            session,
+            ..
+        } = serve_in_memory(1, 16, 64 * 1024).await;
+        assert_eq!(broker.read().await, Packet::PingReq);
+        // No answer: within the keep-alive after the ping, the session
+        // gives the connection up (run_intake then reconnects).
+        let ended = tokio::time::timeout(WAIT, session)
+            .await
+            .expect("the session gave up on the connection")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(MqttError::Timeout("PINGRESP"))),
+            "{ended:?}"
+        );
+        // Half a keep-alive to the ping, a whole one for its answer.
+        assert!(
+            start.elapsed() >= KEEP_ALIVE * 3 / 2,
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_intake_stops_reading_but_keeps_the_connection_alive() {
+        const MESSAGES: u16 = 40;
+        let InMemory {
+            mut broker,
+            acker,
+            mut intake,
+            session,
+        } = serve_in_memory(1, 1, 64).await;
+        // 360 bytes into a 64-byte pipe: the broker's writes complete only
+        // as far as the session reads.
+        let mut writer = std::mem::replace(&mut broker.writer, Box::new(tokio::io::sink()));
+        let writer = tokio::spawn(async move {
+            for id in 1..=MESSAGES {
+                writer.write_all(&qos1_publish(id)).await.unwrap();
+            }
+            writer
+        });
+        // Nobody takes from the intake. The session holds one message and
+        // reads no more, but still pings; and the PINGRESPs it does not
+        // read while it waits are not missing: three pings, a keep-alive
+        // and a half without an answer, and the connection stands.
+        for _ in 0..3 {
+            assert_eq!(broker.read().await, Packet::PingReq);
+        }
+        assert!(!writer.is_finished(), "the session kept reading");
+        assert!(!session.is_finished());
+
+        // Taking from the intake frees it: every message, in order.
+        let mut acks = Vec::new();
+        for id in 1..=MESSAGES {
+            match tokio::time::timeout(WAIT, intake.recv()).await.unwrap() {
+                Some(Intake::Message(delivery)) => {
+                    assert_eq!(delivery.packet_id, id);
+                    acks.extend(delivery.ack);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        broker.writer = tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
+        acker.ack_all(acks).await.unwrap();
+        for id in 1..=MESSAGES {
+            assert_eq!(broker.expect(|_| true).await, Packet::PubAck(id));
+        }
+        session.abort();
     }
 }
