@@ -14,6 +14,13 @@
 //! dead-lettered. And what the bridge publishes itself is either taken by
 //! the broker or refused with a reason ([`PublishRefused`]), never resent
 //! in a loop.
+//!
+//! Layout: `client` is the handle ([`Acker`]) the rest of the bridge
+//! holds; `session` is the one task that owns the connection, waiting on
+//! the socket, the handle's queue and the clock; `state` is its bookkeeping
+//! (packet ids, publishes in flight, keep-alive deadlines), kept free of
+//! I/O so it is tested directly; `transport` opens TCP or TLS; `wire` is
+//! the packet codec.
 
 mod client;
 mod config;

@@ -72,7 +72,7 @@ pub enum Intake {
     /// The broker has processed the first `n` acks the session was given
     /// (counted over the session's life, all connections; acks dropped for
     /// being from an earlier connection count too, see
-    /// `SessionState::check`).
+    /// `crate::delivery`'s `SessionState::check`).
     AcksConfirmed(u64),
     /// The connection was lost. Before it takes the session back, the
     /// session waits for the answer: the delivery task proves with a
