@@ -14,18 +14,31 @@
 //! dead-lettered. And what the bridge publishes itself is either taken by
 //! the broker or refused with a reason ([`PublishRefused`]), never resent
 //! in a loop.
+//!
+//! Layout: `client` is the handle ([`Acker`]) the rest of the bridge
+//! holds; `session` is the one task that owns the connection, waiting on
+//! the socket, the handle's queue and the clock; `state` is its bookkeeping
+//! (packet ids, publishes in flight, keep-alive deadlines), kept free of
+//! I/O so it is tested directly; `transport` opens TCP or TLS; `wire` is
+//! the packet codec.
 
+mod client;
 mod config;
+mod error;
 mod message;
 mod qos;
 mod session;
+mod state;
+mod transport;
 mod wire;
 
 pub use config::{MqttConfig, MqttProtocol};
 pub use qos::Qos;
 
+pub use client::{Ack, AckKind, Acker, PublishRefused};
+pub use error::MqttError;
 pub use message::{Defect, MqttMessage};
-pub use session::{Ack, AckKind, Acker, Delivery, Intake, MqttError, MqttSession, PublishRefused};
+pub use session::{Delivery, Intake, MqttSession};
 pub use wire::{OutgoingPublish, DEFAULT_MAX_PACKET_BYTES, MAX_KEPT_USER_PROPERTIES};
 
 /// A broker subscription the routes need.

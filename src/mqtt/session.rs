@@ -31,19 +31,18 @@
 //!   handed on as a defective message, acknowledged in order like any
 //!   other.
 
-use super::wire::{
-    self, Decoder, Inbound, Outbound, OutgoingPublish, Wire, WireError, DEFAULT_MAX_PACKET_BYTES,
-    MAX_PACKET_BYTES,
-};
+use super::client::{Ack, AckKind, Acker, Command};
+use super::state::{KeepAlive, PacketState};
+use super::transport::{self, write, Stream};
+use super::wire::{Decoder, Inbound, Outbound, Wire, DEFAULT_MAX_PACKET_BYTES};
 use super::MqttConfig;
+use super::MqttError;
 use super::MqttMessage;
-use super::{Qos, Subscription};
+use super::Subscription;
 use crate::telemetry;
 use bytes::BytesMut;
-use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -51,106 +50,8 @@ use tokio_util::sync::CancellationToken;
 /// How long to wait for TCP, TLS and CONNACK before trying again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Our own QoS 1/2 publishes in flight when the broker does not say how
-/// many it takes (MQTT 3.1.1 has no Receive Maximum).
-const DEFAULT_OUTGOING_WINDOW: usize = 100;
-
-#[derive(Debug, thiserror::Error)]
-pub enum MqttError {
-    #[error("MQTT session has ended")]
-    Closed,
-    #[error("MQTT connection failed: {0}")]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    #[error("MQTT broker refused the connection: {0}")]
-    Refused(String),
-    #[error("MQTT broker disconnected: {0}")]
-    BrokerDisconnect(String),
-    #[error("MQTT broker closed the connection")]
-    ConnectionClosed,
-    #[error("no {0} from the MQTT broker in time")]
-    Timeout(&'static str),
-    #[error("TLS: {0}")]
-    Tls(String),
-}
-
-/// Why one of our own publishes did not reach the broker's subscribers.
-/// Final: sending the same publish again would be refused again.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PublishRefused {
-    /// The broker answered with a failure reason code (MQTT 5 PUBACK or
-    /// PUBREC, 0x80 or more), e.g. 0x87 when its ACL denies the topic.
-    #[error("broker refused the publish: {} (0x{code:02x})", wire::reason_code_name(*code))]
-    Broker { code: u8 },
-    /// Not sent: the packet is larger than the broker's Maximum Packet Size
-    /// (MQTT 5 CONNACK), and a broker disconnects a client that sends one.
-    #[error(
-        "the publish is {size} bytes, over the broker's Maximum Packet Size of {max}; not sent"
-    )]
-    TooLarge { size: usize, max: usize },
-    /// Not sent: it would be a malformed PUBLISH.
-    #[error("not sent: {0}")]
-    Invalid(&'static str),
-}
-
-impl PublishRefused {
-    /// The broker's reason code, when the broker refused.
-    pub fn code(&self) -> Option<u8> {
-        match self {
-            Self::Broker { code } => Some(*code),
-            _ => None,
-        }
-    }
-}
-
-/// An acknowledgement the delivery task sends once it may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Ack {
-    pub kind: AckKind,
-    pub packet_id: u16,
-    /// The connection the acknowledged packet came in on. An ack is
-    /// written on that connection only: after a reconnect the broker
-    /// resends whatever it had not had acked, and an ack from before,
-    /// written late, may hit a packet id the broker has given to another
-    /// message since (one of ours, or, after a successor took the session
-    /// over, one of its).
-    connection: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AckKind {
-    /// QoS 1: the message is done.
-    PubAck,
-    /// QoS 2, first half: the message is taken; the broker answers PUBREL.
-    PubRec,
-    /// QoS 2, second half: the packet id is free again.
-    PubComp,
-}
-
-impl Ack {
-    /// The ack a message received on `connection` needs, by its QoS.
-    fn for_message(packet_id: u16, qos: Qos, connection: u64) -> Option<Self> {
-        let kind = match qos {
-            Qos::AtMostOnce => return None,
-            Qos::AtLeastOnce => AckKind::PubAck,
-            Qos::ExactlyOnce => AckKind::PubRec,
-        };
-        Some(Self {
-            kind,
-            packet_id,
-            connection,
-        })
-    }
-
-    fn outbound(self) -> Outbound {
-        match self.kind {
-            AckKind::PubAck => Outbound::PubAck(self.packet_id),
-            AckKind::PubRec => Outbound::PubRec(self.packet_id),
-            AckKind::PubComp => Outbound::PubComp(self.packet_id),
-        }
-    }
-}
+/// Encoded acks held before they are written, when many are queued at once.
+const ACK_BATCH_BYTES: usize = 64 * 1024;
 
 /// One received message and, for QoS 1 and 2, how to acknowledge it.
 #[derive(Debug)]
@@ -171,7 +72,7 @@ pub enum Intake {
     /// The broker has processed the first `n` acks the session was given
     /// (counted over the session's life, all connections; acks dropped for
     /// being from an earlier connection count too, see
-    /// `SessionState::check`).
+    /// `crate::delivery`'s `SessionState::check`).
     AcksConfirmed(u64),
     /// The connection was lost. Before it takes the session back, the
     /// session waits for the answer: the delivery task proves with a
@@ -183,121 +84,6 @@ pub enum Intake {
     Reconnecting(oneshot::Sender<()>),
 }
 
-enum Command {
-    /// Acks in the order they must go out.
-    Acks(Vec<Ack>),
-    /// One of our own messages; `done` fires when the broker has it
-    /// (PUBACK, PUBCOMP; QoS 0: written) or refused it.
-    Publish(OutgoingPublish, Completion),
-    Disconnect,
-}
-
-/// Who waits for one of our own publishes.
-enum Completion {
-    /// [`Acker::publish`]: told that the publish is over, refused or not
-    /// (a refusal is logged).
-    Done(oneshot::Sender<()>),
-    /// [`Acker::publish_checked`]: told how it ended.
-    Checked(oneshot::Sender<Result<(), PublishRefused>>),
-}
-
-impl Completion {
-    fn finish(self, result: Result<(), PublishRefused>) {
-        match self {
-            Self::Done(done) => {
-                if let Err(refused) = result {
-                    tracing::warn!(%refused, "an MQTT publish was refused");
-                }
-                let _ = done.send(());
-            }
-            Self::Checked(done) => {
-                let _ = done.send(result);
-            }
-        }
-    }
-}
-
-/// One of our own QoS 1/2 publishes the broker has not completed.
-struct InFlight {
-    packet_id: u16,
-    publish: OutgoingPublish,
-    /// QoS 2: PUBREC received, PUBREL sent.
-    released: bool,
-    done: Completion,
-}
-
-/// Cloneable handle that acknowledges messages and ends the session.
-#[derive(Clone)]
-pub struct Acker {
-    commands: mpsc::Sender<Command>,
-}
-
-impl Acker {
-    /// Queues acks, to be written in this order. Acks must go out in the
-    /// order messages arrived (MQTT 3.1.1 §4.6); callers ack in order.
-    ///
-    /// Waiting for room cannot deadlock with the intake: the session takes
-    /// commands also while it waits for room in the delivery channel.
-    pub async fn ack_all(&self, acks: Vec<Ack>) -> Result<(), MqttError> {
-        self.commands
-            .send(Command::Acks(acks))
-            .await
-            .map_err(|_| MqttError::Closed)
-    }
-
-    /// Publishes one of our own messages. The receiver fires once the broker
-    /// has it (PUBACK or PUBCOMP; QoS 0: once written), also across
-    /// reconnects, where unfinished publishes are resent in order. It fails
-    /// if the session ends first.
-    ///
-    /// It also fires when the publish was refused (see
-    /// [`Self::publish_checked`], which tells which).
-    pub async fn publish(
-        &self,
-        publish: OutgoingPublish,
-    ) -> Result<oneshot::Receiver<()>, MqttError> {
-        let (done, receiver) = oneshot::channel();
-        self.send_publish(publish, Completion::Done(done)).await?;
-        Ok(receiver)
-    }
-
-    /// [`Self::publish`], telling how it ended: `Ok(())` once the broker has
-    /// it, or why it was refused: by the broker (an MQTT 5 failure reason
-    /// code in PUBACK or PUBREC; for QoS 2 the flow ends there), or here,
-    /// unsent, because the broker could only take it for a protocol error.
-    /// A refusal is final; the publish is not retried.
-    pub async fn publish_checked(
-        &self,
-        publish: OutgoingPublish,
-    ) -> Result<oneshot::Receiver<Result<(), PublishRefused>>, MqttError> {
-        let (done, receiver) = oneshot::channel();
-        self.send_publish(publish, Completion::Checked(done))
-            .await?;
-        Ok(receiver)
-    }
-
-    async fn send_publish(
-        &self,
-        publish: OutgoingPublish,
-        done: Completion,
-    ) -> Result<(), MqttError> {
-        self.commands
-            .send(Command::Publish(publish, done))
-            .await
-            .map_err(|_| MqttError::Closed)
-    }
-
-    /// Sends DISCONNECT after the acks queued before it. The broker keeps the
-    /// session (when not clean), so unacknowledged messages are redelivered
-    /// to the next connection.
-    pub async fn disconnect(&self) -> Result<(), MqttError> {
-        self.commands
-            .send(Command::Disconnect)
-            .await
-            .map_err(|_| MqttError::Closed)
-    }
-}
-
 /// The MQTT session: an acker for the delivery task and an intake loop that
 /// forwards what the broker sends into a bounded channel.
 pub struct MqttSession {
@@ -306,21 +92,10 @@ pub struct MqttSession {
     /// PUBLISH packets over this are not held in memory (see
     /// `wire::Decoder`).
     max_packet_bytes: usize,
-    /// The broker's Maximum Packet Size on the current connection.
-    broker_max_packet: usize,
     commands: mpsc::Receiver<Command>,
     acker: Acker,
     subscriptions: Vec<Subscription>,
-    /// Acks taken from `commands` so far, over all connections (written or
-    /// dropped as stale).
-    acks_written: u64,
-    /// Connections made so far; the current one's number.
-    connection: u64,
-    next_packet_id: u16,
-    /// Our own publishes sent and not completed, in the order sent.
-    in_flight: VecDeque<InFlight>,
-    /// Our own publishes waiting for room in the broker's window.
-    waiting: VecDeque<(OutgoingPublish, Completion)>,
+    state: PacketState,
 }
 
 /// What the broker's CONNACK said.
@@ -330,32 +105,18 @@ struct Accepted {
     max_packet_size: Option<u32>,
 }
 
-/// Why serving a connection ended without an error.
-enum Ended {
-    Disconnected,
-}
-
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
 impl MqttSession {
     /// Prepares the session; nothing connects until [`Self::run_intake`].
     pub fn new(config: &MqttConfig, subscriptions: Vec<Subscription>) -> Result<Self, MqttError> {
-        // Batches of acks, one per transaction: a handful is plenty.
-        let (tx, commands) = mpsc::channel(64);
+        let (acker, commands) = Acker::new();
         Ok(Self {
             config: config.clone(),
             wire: Wire::new(config.protocol),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
-            broker_max_packet: MAX_PACKET_BYTES as usize,
             commands,
-            acker: Acker { commands: tx },
+            acker,
             subscriptions,
-            acks_written: 0,
-            connection: 0,
-            next_packet_id: 0,
-            in_flight: VecDeque::new(),
-            waiting: VecDeque::new(),
+            state: PacketState::new(config.protocol),
         })
     }
 
@@ -413,7 +174,7 @@ impl MqttSession {
                 served = self.serve(&intake, &stop_intake, &subscribed, &mut connected) => served,
             };
             match served {
-                Ok(Ended::Disconnected) => return Ok(()),
+                Ok(()) => return Ok(()),
                 Err(error) if connected => {
                     telemetry::mqtt_disconnected(&error);
                     lost = true;
@@ -458,30 +219,44 @@ impl MqttSession {
                     return result.map(|()| true).map_err(|_| MqttError::Closed);
                 }
                 command = self.commands.recv() => match command {
-                    Some(Command::Acks(acks)) => {
-                        // All of a lost connection: none is written.
-                        self.acks_written += acks.len() as u64;
-                        log_dropped(acks.len());
-                    }
-                    Some(Command::Publish(publish, done)) => self.waiting.push_back((publish, done)),
+                    Some(Command::Acks(acks)) => self.state.drop_acks(&acks),
+                    Some(Command::Publish(publish, done)) => self.state.queue_publish(publish, done),
                     Some(Command::Disconnect) | None => return Ok(false),
                 },
             }
         }
     }
 
-    /// One connection: CONNECT, SUBSCRIBE, then read, ack and ping until it
-    /// ends.
+    /// One connection: opens it, then serves it until it ends. `Ok` once
+    /// DISCONNECT has gone out.
     async fn serve(
         &mut self,
         intake: &mpsc::Sender<Intake>,
         stop_intake: &CancellationToken,
         subscribed: &CancellationToken,
         connected: &mut bool,
-    ) -> Result<Ended, MqttError> {
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, open(&self.config))
+    ) -> Result<(), MqttError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, transport::open(&self.config))
             .await
             .map_err(|_| MqttError::Timeout("TCP/TLS connection"))??;
+        self.serve_stream(stream, intake, stop_intake, subscribed, connected)
+            .await
+    }
+
+    /// CONNECT, SUBSCRIBE, then read, ack and ping until the connection
+    /// ends. `connected` is set once the broker has accepted the session.
+    ///
+    /// One packet read and not yet taken by the delivery task is held;
+    /// while it is, nothing more is read (backpressure: the broker holds
+    /// the backlog), but commands, acks and pings still go out.
+    async fn serve_stream(
+        &mut self,
+        mut stream: Box<dyn Stream>,
+        intake: &mpsc::Sender<Intake>,
+        stop_intake: &CancellationToken,
+        subscribed: &CancellationToken,
+        connected: &mut bool,
+    ) -> Result<(), MqttError> {
         let mut out = BytesMut::new();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut decoder = Decoder::new(self.config.protocol, self.max_packet_bytes);
@@ -494,40 +269,18 @@ impl MqttSession {
         .await
         .map_err(|_| MqttError::Timeout("CONNACK"))??;
         *connected = true;
-        self.connection += 1;
-        let connection = self.connection;
         telemetry::mqtt_connected(accepted.session_present);
-        let window = accepted
-            .receive_maximum
-            .map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
-        self.broker_max_packet = accepted
-            .max_packet_size
-            .map_or(MAX_PACKET_BYTES as usize, |m| m as usize);
-        // Our unfinished publishes first, in their order, as MQTT requires
-        // of a resumed session (MQTT 3.1.1 §4.4). One the broker's limit
-        // (which may differ on this connection) no longer allows ends here.
-        let mut i = 0;
-        while i < self.in_flight.len() {
-            let f = &self.in_flight[i];
-            if f.released {
-                self.wire.encode(Outbound::PubRel(f.packet_id), &mut out)?;
-            } else if let Err(refused) = self.check_outgoing(&f.publish) {
-                let f = self.in_flight.remove(i).expect("in range");
-                f.done.finish(Err(refused));
-                continue;
-            } else {
-                self.wire
-                    .encode_publish(f.packet_id, &f.publish, true, &mut out)?;
-            }
-            i += 1;
-        }
+        let connection = self
+            .state
+            .connected(accepted.receive_maximum, accepted.max_packet_size);
+        self.state.resend_unfinished(&mut out)?;
 
         // Subscribe on every connect, also to a resumed session: routes may
         // have changed since the session was made. (MQTT 3.1.1 brokers
         // resend retained messages then; MQTT 5 ones do not, see
         // `Wire::encode_subscribe`.)
         if !self.subscriptions.is_empty() {
-            let packet_id = self.packet_id();
+            let packet_id = self.state.packet_id();
             self.wire
                 .encode_subscribe(packet_id, &self.subscriptions, &mut out)?;
             write(&mut stream, &mut out).await?;
@@ -535,135 +288,41 @@ impl MqttSession {
             subscribed.cancel();
         }
 
-        let keep_alive = Duration::from_secs(self.config.keep_alive_s.max(1));
-        let mut ticker = tokio::time::interval(keep_alive / 4);
+        let interval = Duration::from_secs(self.config.keep_alive_s.max(1));
+        let mut keep_alive = KeepAlive::new(interval, self.state.acks_written(), Instant::now());
+        let mut ticker = tokio::time::interval(keep_alive.check_period());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_write = Instant::now();
-        // PINGREQs in flight, each with the number of acks written before
-        // it: its PINGRESP confirms them.
-        let mut pings: VecDeque<(Instant, u64)> = VecDeque::new();
-        let mut confirmed = self.acks_written;
-        // A packet read but not yet taken by the delivery task. While it
-        // waits, nothing more is read (backpressure), but acks and pings
-        // still go out.
-        let mut pending: Option<Intake> = None;
-        let mut reading_since = Instant::now();
-        // Bytes arriving show the connection is alive even when a PINGRESP
-        // is queued behind a long PUBLISH.
-        let mut last_read = Instant::now();
+        let mut held: Option<Intake> = None;
 
         loop {
-            while pending.is_none() {
+            while held.is_none() {
                 let Some(packet) = decoder.decode(&mut buf)? else {
                     break;
                 };
-                match packet {
-                    Inbound::Publish { packet_id, message } => {
-                        if !stop_intake.is_cancelled() {
-                            let ack = Ack::for_message(packet_id, message.qos, connection);
-                            pending = Some(Intake::Message(Delivery {
-                                message,
-                                packet_id,
-                                ack,
-                            }));
-                        }
-                    }
-                    Inbound::PubRel(id) => {
-                        if !stop_intake.is_cancelled() {
-                            pending = Some(Intake::Released(Ack {
-                                kind: AckKind::PubComp,
-                                packet_id: id,
-                                connection,
-                            }));
-                        }
-                    }
-                    Inbound::PingResp => {
-                        if let Some((_, acks)) = pings.pop_front() {
-                            if acks > confirmed {
-                                confirmed = acks;
-                                pending = Some(Intake::AcksConfirmed(acks));
-                            }
-                        }
-                    }
-                    Inbound::SubAck { refused } => {
-                        if refused > 0 {
-                            tracing::error!(refused, "the MQTT broker refused subscriptions");
-                        } else {
-                            tracing::info!("MQTT subscriptions in place");
-                        }
-                        subscribed.cancel();
-                    }
-                    Inbound::PubAck { packet_id, reason } => {
-                        self.completed(packet_id, refusal(reason));
-                    }
-                    // A PUBCOMP's only failure code (0x92, packet id not
-                    // found) means the broker had already released it: the
-                    // message was taken at PUBREC.
-                    Inbound::PubComp(id) => self.completed(id, Ok(())),
-                    Inbound::PubRec { packet_id, reason } if reason >= wire::FIRST_FAILURE_CODE => {
-                        // Refused: the flow ends here, the packet id is
-                        // free, no PUBREL (MQTT 5 §4.3.3).
-                        self.completed(packet_id, refusal(reason));
-                    }
-                    Inbound::PubRec { packet_id, .. } => {
-                        if let Some(f) =
-                            self.in_flight.iter_mut().find(|f| f.packet_id == packet_id)
-                        {
-                            f.released = true;
-                        }
-                        self.wire.encode(Outbound::PubRel(packet_id), &mut out)?;
-                    }
-                    Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
-                    Inbound::ConnAck { .. } | Inbound::Other => {}
-                }
-                if pending.is_some() {
-                    // Waiting for the delivery task from now on.
-                    break;
-                }
+                held = self.received(
+                    packet,
+                    connection,
+                    &mut keep_alive,
+                    stop_intake,
+                    subscribed,
+                    &mut out,
+                )?;
             }
 
-            self.send_waiting(window, &mut out)?;
+            self.state.send_waiting(&mut out)?;
             if !out.is_empty() {
                 write(&mut stream, &mut out).await?;
-                last_write = Instant::now();
+                keep_alive.wrote(Instant::now());
             }
 
             tokio::select! {
                 biased;
                 command = self.commands.recv() => {
-                    let mut next = command;
-                    // Take every queued command: one write for many acks.
-                    loop {
-                        match next {
-                            Some(Command::Acks(acks)) => {
-                                let mut stale = 0;
-                                for ack in &acks {
-                                    if ack.connection == connection {
-                                        self.wire.encode(ack.outbound(), &mut out)?;
-                                    } else {
-                                        stale += 1;
-                                    }
-                                }
-                                self.acks_written += acks.len() as u64;
-                                log_dropped(stale);
-                            }
-                            Some(Command::Publish(publish, done)) => {
-                                self.waiting.push_back((publish, done));
-                            }
-                            Some(Command::Disconnect) | None => {
-                                self.wire.encode(Outbound::Disconnect, &mut out)?;
-                                write(&mut stream, &mut out).await?;
-                                let _ = stream.shutdown().await;
-                                return Ok(Ended::Disconnected);
-                            }
-                        }
-                        if out.len() > 64 * 1024 {
-                            break;
-                        }
-                        match self.commands.try_recv() {
-                            Ok(command) => next = Some(command),
-                            Err(_) => break,
-                        }
+                    if !self.take_commands(command, &mut out)? {
+                        self.wire.encode(Outbound::Disconnect, &mut out)?;
+                        write(&mut stream, &mut out).await?;
+                        let _ = stream.shutdown().await;
+                        return Ok(());
                     }
                     // A barrier after every write of acks: its PINGRESP says
                     // these acks arrived. One per write, not one at a time:
@@ -671,121 +330,124 @@ impl MqttSession {
                     // and waiting for it before the next barrier doubled how
                     // long the delivery task must remember acked messages.
                     self.wire.encode(Outbound::PingReq, &mut out)?;
-                    pings.push_back((Instant::now(), self.acks_written));
+                    keep_alive.ping_sent(self.state.acks_written(), Instant::now());
                     write(&mut stream, &mut out).await?;
-                    last_write = Instant::now();
+                    keep_alive.wrote(Instant::now());
                     crate::fault::point("after_ack");
                 }
-                permit = intake.reserve(), if pending.is_some() => {
+                permit = intake.reserve(), if held.is_some() => {
+                    let packet = held.take();
                     match permit {
-                        Ok(permit) => permit.send(pending.take().expect("guarded")),
+                        Ok(permit) => {
+                            if let Some(packet) = packet {
+                                permit.send(packet);
+                            }
+                        }
                         // The delivery task is gone: keep the connection for
                         // the DISCONNECT, forward nothing.
-                        Err(_) => {
-                            stop_intake.cancel();
-                            pending = None;
-                        }
+                        Err(_) => stop_intake.cancel(),
                     }
-                    reading_since = Instant::now();
+                    keep_alive.resumed_reading(Instant::now());
                 }
-                read = stream.read_buf(&mut buf), if pending.is_none() => {
+                read = stream.read_buf(&mut buf), if held.is_none() => {
                     if read? == 0 {
                         return Err(MqttError::ConnectionClosed);
                     }
-                    last_read = Instant::now();
+                    keep_alive.read(Instant::now());
                 }
                 _ = ticker.tick() => {
-                    // The broker must hear from us within the keep-alive.
-                    if last_write.elapsed() >= keep_alive / 2 {
+                    if keep_alive.ping_due(Instant::now()) {
                         self.wire.encode(Outbound::PingReq, &mut out)?;
-                        pings.push_back((Instant::now(), self.acks_written));
+                        keep_alive.ping_sent(self.state.acks_written(), Instant::now());
                         write(&mut stream, &mut out).await?;
-                        last_write = Instant::now();
+                        keep_alive.wrote(Instant::now());
                     }
-                    // A PINGRESP not read because the delivery task is busy
-                    // is not a dead connection: count only reading time.
-                    if let Some((sent, _)) = pings.front() {
-                        let waiting = (*sent).max(reading_since).max(last_read);
-                        if pending.is_none() && waiting.elapsed() > keep_alive {
-                            return Err(MqttError::Timeout("PINGRESP"));
-                        }
+                    if keep_alive.overdue(held.is_some(), Instant::now()) {
+                        return Err(MqttError::Timeout("PINGRESP"));
                     }
                 }
             }
         }
     }
 
-    /// Packet ids of our own packets (SUBSCRIBE, PUBLISH); never 0, never
-    /// one still in flight.
-    fn packet_id(&mut self) -> u16 {
-        loop {
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            let id = self.next_packet_id;
-            if !self.in_flight.iter().any(|f| f.packet_id == id) {
-                return id;
-            }
-        }
-    }
-
-    /// Why `publish` cannot go out on this connection, if it cannot.
-    fn check_outgoing(&self, publish: &OutgoingPublish) -> Result<(), PublishRefused> {
-        if let Some(problem) = wire::outgoing_problem(publish) {
-            return Err(PublishRefused::Invalid(problem));
-        }
-        let size = wire::publish_size(self.config.protocol, publish);
-        let max = self.broker_max_packet.min(MAX_PACKET_BYTES as usize);
-        if size > max {
-            return Err(PublishRefused::TooLarge { size, max });
-        }
-        Ok(())
-    }
-
-    /// Sends waiting publishes while the broker's window has room.
-    fn send_waiting(&mut self, window: usize, out: &mut BytesMut) -> Result<(), MqttError> {
-        while self.in_flight.len() < window {
-            let Some((publish, done)) = self.waiting.pop_front() else {
-                break;
-            };
-            if let Err(refused) = self.check_outgoing(&publish) {
-                tracing::debug!(%refused, "publish refused before sending");
-                done.finish(Err(refused));
-                continue;
-            }
-            // QoS 0 has no packet id and nothing to wait for; it queues
-            // here too, so our publishes go out in the order asked.
-            if publish.qos == Qos::AtMostOnce {
-                self.wire.encode_publish(0, &publish, false, out)?;
-                done.finish(Ok(()));
-                continue;
-            }
-            let packet_id = self.packet_id();
-            self.wire.encode_publish(packet_id, &publish, false, out)?;
-            self.in_flight.push_back(InFlight {
+    /// Takes a packet from the broker: what the delivery task must be
+    /// handed, if anything, or the connection's end.
+    fn received(
+        &mut self,
+        packet: Inbound,
+        connection: u64,
+        keep_alive: &mut KeepAlive,
+        stop_intake: &CancellationToken,
+        subscribed: &CancellationToken,
+        out: &mut BytesMut,
+    ) -> Result<Option<Intake>, MqttError> {
+        // After the intake stopped, what arrives is not acknowledged and
+        // the broker redelivers it.
+        let forwarding = !stop_intake.is_cancelled();
+        Ok(match packet {
+            Inbound::Publish { packet_id, message } => forwarding.then(|| {
+                let ack = Ack::for_message(packet_id, message.qos, connection);
+                Intake::Message(Delivery {
+                    message,
+                    packet_id,
+                    ack,
+                })
+            }),
+            Inbound::PubRel(packet_id) => forwarding.then_some(Intake::Released(Ack {
+                kind: AckKind::PubComp,
                 packet_id,
-                publish,
-                released: false,
-                done,
-            });
-        }
-        Ok(())
+                connection,
+            })),
+            Inbound::PingResp => keep_alive.pong().map(Intake::AcksConfirmed),
+            Inbound::SubAck { refused } => {
+                if refused > 0 {
+                    tracing::error!(refused, "the MQTT broker refused subscriptions");
+                } else {
+                    tracing::info!("MQTT subscriptions in place");
+                }
+                subscribed.cancel();
+                None
+            }
+            Inbound::PubAck { packet_id, reason } => {
+                self.state.pub_ack(packet_id, reason);
+                None
+            }
+            Inbound::PubRec { packet_id, reason } => {
+                self.state.pub_rec(packet_id, reason, out)?;
+                None
+            }
+            Inbound::PubComp(packet_id) => {
+                self.state.pub_comp(packet_id);
+                None
+            }
+            Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
+            Inbound::ConnAck { .. } | Inbound::Other => None,
+        })
     }
 
-    /// PUBACK or PUBCOMP of our own publish, or a refusing PUBREC: it is
-    /// done, and its packet id free.
-    fn completed(&mut self, packet_id: u16, result: Result<(), PublishRefused>) {
-        if let Some(i) = self.in_flight.iter().position(|f| f.packet_id == packet_id) {
-            let f = self.in_flight.remove(i).expect("found");
-            f.done.finish(result);
+    /// Takes `first` and every command queued behind it, so many acks go
+    /// out in one write. False when the session must disconnect; the acks
+    /// taken before that are encoded in `out`.
+    fn take_commands(
+        &mut self,
+        first: Option<Command>,
+        out: &mut BytesMut,
+    ) -> Result<bool, MqttError> {
+        let mut next = first;
+        loop {
+            match next {
+                Some(Command::Acks(acks)) => self.state.write_acks(&acks, out)?,
+                Some(Command::Publish(publish, done)) => self.state.queue_publish(publish, done),
+                Some(Command::Disconnect) | None => return Ok(false),
+            }
+            if out.len() > ACK_BATCH_BYTES {
+                return Ok(true);
+            }
+            match self.commands.try_recv() {
+                Ok(command) => next = Some(command),
+                Err(_) => return Ok(true),
+            }
         }
-    }
-}
-
-/// A PUBACK or PUBREC reason code as the publish's outcome.
-fn refusal(reason: u8) -> Result<(), PublishRefused> {
-    if reason >= wire::FIRST_FAILURE_CODE {
-        Err(PublishRefused::Broker { code: reason })
-    } else {
-        Ok(())
     }
 }
 
@@ -823,71 +485,50 @@ async fn read_connack(
     }
 }
 
-/// Acks counted (they keep the numbering of `Intake::AcksConfirmed`) but
-/// not written: they belong to a connection that is gone, and the broker
-/// resends their messages.
-fn log_dropped(count: usize) {
-    if count > 0 {
-        tracing::debug!(
-            count,
-            "acks of a lost connection dropped; the broker resends their messages"
-        );
-    }
-}
-
-async fn write(stream: &mut Box<dyn Stream>, out: &mut BytesMut) -> Result<(), MqttError> {
-    stream.write_all(out).await?;
-    stream.flush().await?;
-    out.clear();
-    Ok(())
-}
-
-async fn open(config: &MqttConfig) -> Result<Box<dyn Stream>, MqttError> {
-    let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port)).await?;
-    tcp.set_nodelay(true)?;
-    if !config.tls {
-        return Ok(Box::new(tcp));
-    }
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A certificate the store cannot use is skipped, as browsers do.
-        let _ = roots.add(cert);
-    }
-    let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(config.host.clone())
-        .map_err(|e| MqttError::Tls(e.to_string()))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await?;
-    Ok(Box::new(stream))
-}
-
 #[cfg(test)]
 mod tests {
-    //! The session against a scripted broker on a loopback socket: what it
+    //! The session against a scripted broker, on a loopback socket (through
+    //! `run_intake`) or an in-memory pipe (through `serve_stream`): what it
     //! writes is read back with rumqttc's codec, what it is sent is written
     //! byte by byte.
+    //!
+    //! The keep-alive tests run on the real clock with a one-second
+    //! keep-alive: the crate's tokio has no `test-util`, so time cannot be
+    //! paused. They wait for events (a PINGREQ, the session ending), never
+    //! for a fixed time, and check only lower bounds on the clock, which a
+    //! timer cannot undercut; the exact deadlines are tested on
+    //! `KeepAlive` with synthetic instants.
 
     use super::*;
-    use crate::mqtt::Defect;
+    use crate::mqtt::{Defect, OutgoingPublish, PublishRefused, Qos};
     use bytes::Bytes;
     use rumqttc::mqttbytes::v4;
     use rumqttc::v5::mqttbytes::v5;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
 
     const WAIT: Duration = Duration::from_secs(10);
 
     struct Broker {
-        stream: TcpStream,
+        reader: Box<dyn AsyncRead + Unpin + Send>,
+        writer: Box<dyn AsyncWrite + Unpin + Send>,
         buf: BytesMut,
         protocol: MqttProtocol,
     }
 
     use crate::mqtt::MqttProtocol;
+
+    fn config(protocol: MqttProtocol, port: u16, keep_alive_s: u64) -> MqttConfig {
+        let protocol_name = match protocol {
+            MqttProtocol::V5 => "v5",
+            MqttProtocol::V311 => "v311",
+        };
+        serde_yaml_ng::from_str(&format!(
+            "{{ host: 127.0.0.1, port: {port}, client_id: c, protocol: {protocol_name}, keep_alive_s: {keep_alive_s} }}"
+        ))
+        .unwrap()
+    }
 
     /// A session connected to a scripted broker that answered CONNECT with
     /// `connack`, and the session's intake.
@@ -898,15 +539,7 @@ mod tests {
     ) -> (Broker, Acker, mpsc::Receiver<Intake>, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let protocol_name = match protocol {
-            MqttProtocol::V5 => "v5",
-            MqttProtocol::V311 => "v311",
-        };
-        let config: MqttConfig = serde_yaml_ng::from_str(&format!(
-            "{{ host: 127.0.0.1, port: {port}, client_id: c, protocol: {protocol_name}, keep_alive_s: 60 }}"
-        ))
-        .unwrap();
-        let session = configure(MqttSession::new(&config, Vec::new()).unwrap());
+        let session = configure(MqttSession::new(&config(protocol, port, 60), Vec::new()).unwrap());
         let acker = session.acker();
         let (tx, rx) = mpsc::channel(16);
         let finished = CancellationToken::new();
@@ -920,11 +553,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let mut broker = Broker {
-            stream,
-            buf: BytesMut::new(),
-            protocol,
-        };
+        let mut broker = Broker::new(stream, protocol);
         broker.expect(|p| matches!(p, Packet::Connect)).await;
         broker.send(connack).await;
         (broker, acker, rx, finished)
@@ -943,6 +572,16 @@ mod tests {
     }
 
     impl Broker {
+        fn new(stream: impl Stream + 'static, protocol: MqttProtocol) -> Self {
+            let (reader, writer) = tokio::io::split(stream);
+            Self {
+                reader: Box::new(reader),
+                writer: Box::new(writer),
+                buf: BytesMut::new(),
+                protocol,
+            }
+        }
+
         async fn read(&mut self) -> Packet {
             loop {
                 let packet = match self.protocol {
@@ -978,7 +617,7 @@ mod tests {
                 if let Some(packet) = packet {
                     return packet;
                 }
-                let read = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                let read = tokio::time::timeout(WAIT, self.reader.read_buf(&mut self.buf))
                     .await
                     .expect("the session wrote nothing")
                     .unwrap();
@@ -1010,7 +649,7 @@ mod tests {
         }
 
         async fn send(&mut self, bytes: &[u8]) {
-            self.stream.write_all(bytes).await.unwrap();
+            self.writer.write_all(bytes).await.unwrap();
         }
     }
 
@@ -1186,5 +825,155 @@ mod tests {
         );
         let _broker = writer.await.unwrap();
         finished.cancel();
+    }
+
+    /// A session serving one connection over an in-memory pipe of
+    /// `pipe_bytes` (a full pipe blocks the writer, as a socket would), with
+    /// an intake of `intake_capacity`, already past CONNACK (MQTT 3.1.1).
+    struct InMemory {
+        broker: Broker,
+        acker: Acker,
+        intake: mpsc::Receiver<Intake>,
+        session: JoinHandle<Result<(), MqttError>>,
+    }
+
+    async fn serve_in_memory(
+        keep_alive_s: u64,
+        intake_capacity: usize,
+        pipe_bytes: usize,
+    ) -> InMemory {
+        let config = config(MqttProtocol::V311, 1883, keep_alive_s);
+        let mut session = MqttSession::new(&config, Vec::new()).unwrap();
+        let acker = session.acker();
+        let (client, server) = tokio::io::duplex(pipe_bytes);
+        let (tx, intake) = mpsc::channel(intake_capacity);
+        let session = tokio::spawn(async move {
+            let (stop_intake, subscribed) = (CancellationToken::new(), CancellationToken::new());
+            let mut connected = false;
+            session
+                .serve_stream(
+                    Box::new(client),
+                    &tx,
+                    &stop_intake,
+                    &subscribed,
+                    &mut connected,
+                )
+                .await
+        });
+        let mut broker = Broker::new(server, MqttProtocol::V311);
+        assert_eq!(broker.read().await, Packet::Connect);
+        broker.send(CONNACK_V4).await;
+        InMemory {
+            broker,
+            acker,
+            intake,
+            session,
+        }
+    }
+
+    /// QoS 1 PUBLISH, MQTT 3.1.1, topic "t", two payload bytes.
+    fn qos1_publish(packet_id: u16) -> [u8; 9] {
+        let [high, low] = packet_id.to_be_bytes();
+        [0x32, 7, 0, 1, b't', high, low, b'o', b'k']
+    }
+
+    const PINGRESP: &[u8] = &[0xd0, 0];
+    const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_silent_session_pings_after_half_the_keep_alive() {
+        let start = Instant::now();
+        let InMemory {
+            mut broker,
+            session,
+            ..
+        } = serve_in_memory(1, 16, 64 * 1024).await;
+        for _ in 0..3 {
+            assert_eq!(broker.read().await, Packet::PingReq);
+            broker.send(PINGRESP).await;
+        }
+        // Three pings, each after half a keep-alive of silence, all
+        // answered: the connection outlived its keep-alive.
+        assert!(
+            start.elapsed() >= KEEP_ALIVE * 3 / 2,
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(!session.is_finished());
+        session.abort();
+    }
+
+    #[tokio::test]
+    async fn a_missing_pingresp_ends_the_connection() {
+        let start = Instant::now();
+        let InMemory {
+            mut broker,
+            session,
+            ..
+        } = serve_in_memory(1, 16, 64 * 1024).await;
+        assert_eq!(broker.read().await, Packet::PingReq);
+        // No answer: within the keep-alive after the ping, the session
+        // gives the connection up (run_intake then reconnects).
+        let ended = tokio::time::timeout(WAIT, session)
+            .await
+            .expect("the session gave up on the connection")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(MqttError::Timeout("PINGRESP"))),
+            "{ended:?}"
+        );
+        // Half a keep-alive to the ping, a whole one for its answer.
+        assert!(
+            start.elapsed() >= KEEP_ALIVE * 3 / 2,
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_intake_stops_reading_but_keeps_the_connection_alive() {
+        const MESSAGES: u16 = 40;
+        let InMemory {
+            mut broker,
+            acker,
+            mut intake,
+            session,
+        } = serve_in_memory(1, 1, 64).await;
+        // 360 bytes into a 64-byte pipe: the broker's writes complete only
+        // as far as the session reads.
+        let mut writer = std::mem::replace(&mut broker.writer, Box::new(tokio::io::sink()));
+        let writer = tokio::spawn(async move {
+            for id in 1..=MESSAGES {
+                writer.write_all(&qos1_publish(id)).await.unwrap();
+            }
+            writer
+        });
+        // Nobody takes from the intake. The session holds one message and
+        // reads no more, but still pings; and the PINGRESPs it does not
+        // read while it waits are not missing: three pings, a keep-alive
+        // and a half without an answer, and the connection stands.
+        for _ in 0..3 {
+            assert_eq!(broker.read().await, Packet::PingReq);
+        }
+        assert!(!writer.is_finished(), "the session kept reading");
+        assert!(!session.is_finished());
+
+        // Taking from the intake frees it: every message, in order.
+        let mut acks = Vec::new();
+        for id in 1..=MESSAGES {
+            match tokio::time::timeout(WAIT, intake.recv()).await.unwrap() {
+                Some(Intake::Message(delivery)) => {
+                    assert_eq!(delivery.packet_id, id);
+                    acks.extend(delivery.ack);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        broker.writer = tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
+        acker.ack_all(acks).await.unwrap();
+        for id in 1..=MESSAGES {
+            assert_eq!(broker.expect(|_| true).await, Packet::PubAck(id));
+        }
+        session.abort();
     }
 }

@@ -1,0 +1,608 @@
+//! The session's bookkeeping, with no I/O: packet ids, our own publishes in
+//! flight and waiting for room, the count of acks handed out, and the
+//! keep-alive deadlines.
+//!
+//! Kept apart from the session loop so the loop is only about waiting (on
+//! the socket, the delivery task and the clock), and so these rules, where
+//! the protocol's subtleties are, can be tested directly without a broker.
+//! Methods that must answer the broker encode into the caller's buffer; the
+//! caller writes it.
+
+use super::client::{Ack, Completion};
+use super::wire::{self, Outbound, OutgoingPublish, Wire, WireError, MAX_PACKET_BYTES};
+use super::{MqttProtocol, PublishRefused, Qos};
+use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Our own QoS 1/2 publishes in flight when the broker does not say how
+/// many it takes (MQTT 3.1.1 has no Receive Maximum).
+const DEFAULT_OUTGOING_WINDOW: usize = 100;
+
+/// One of our own QoS 1/2 publishes the broker has not completed.
+struct InFlight {
+    packet_id: u16,
+    publish: OutgoingPublish,
+    /// QoS 2: PUBREC received, PUBREL sent.
+    released: bool,
+    done: Completion,
+}
+
+/// What the session must remember across connections: which packet ids are
+/// taken, which of our publishes are unfinished (resent after a reconnect),
+/// and how many acks it was given (the numbering of
+/// `Intake::AcksConfirmed`).
+pub(super) struct PacketState {
+    wire: Wire,
+    protocol: MqttProtocol,
+    /// Acks taken so far, over all connections (written or dropped as
+    /// stale).
+    acks_written: u64,
+    /// Connections made so far; the current one's number.
+    connection: u64,
+    next_packet_id: u16,
+    /// Our own publishes sent and not completed, in the order sent.
+    in_flight: VecDeque<InFlight>,
+    /// Our own publishes waiting for room in the broker's window.
+    waiting: VecDeque<(OutgoingPublish, Completion)>,
+    /// How many of our publishes the broker takes in flight on the current
+    /// connection.
+    window: usize,
+    /// The broker's Maximum Packet Size on the current connection.
+    broker_max_packet: usize,
+}
+
+impl PacketState {
+    pub(super) fn new(protocol: MqttProtocol) -> Self {
+        Self {
+            wire: Wire::new(protocol),
+            protocol,
+            acks_written: 0,
+            connection: 0,
+            next_packet_id: 0,
+            in_flight: VecDeque::new(),
+            waiting: VecDeque::new(),
+            window: DEFAULT_OUTGOING_WINDOW,
+            broker_max_packet: MAX_PACKET_BYTES as usize,
+        }
+    }
+
+    /// A new connection was accepted with these CONNACK limits; its number,
+    /// which the acks of messages received on it carry.
+    pub(super) fn connected(
+        &mut self,
+        receive_maximum: Option<u16>,
+        max_packet_size: Option<u32>,
+    ) -> u64 {
+        self.connection += 1;
+        self.window = receive_maximum.map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
+        self.broker_max_packet = max_packet_size.map_or(MAX_PACKET_BYTES as usize, |m| m as usize);
+        self.connection
+    }
+
+    /// Acks taken so far (see `Intake::AcksConfirmed`).
+    pub(super) fn acks_written(&self) -> u64 {
+        self.acks_written
+    }
+
+    /// Encodes our unfinished publishes first, in their order, as MQTT
+    /// requires of a resumed session (MQTT 3.1.1 §4.4). One the broker's
+    /// limit (which may differ on this connection) no longer allows ends
+    /// here, refused.
+    pub(super) fn resend_unfinished(&mut self, out: &mut BytesMut) -> Result<(), WireError> {
+        let mut i = 0;
+        while i < self.in_flight.len() {
+            let f = &self.in_flight[i];
+            if f.released {
+                self.wire.encode(Outbound::PubRel(f.packet_id), out)?;
+            } else if let Err(refused) = self.check_outgoing(&f.publish) {
+                if let Some(f) = self.in_flight.remove(i) {
+                    f.done.finish(Err(refused));
+                }
+                continue;
+            } else {
+                self.wire
+                    .encode_publish(f.packet_id, &f.publish, true, out)?;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Packet ids of our own packets (SUBSCRIBE, PUBLISH); never 0, never
+    /// one still in flight.
+    pub(super) fn packet_id(&mut self) -> u16 {
+        loop {
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            let id = self.next_packet_id;
+            if !self.in_flight.iter().any(|f| f.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Queues one of our publishes; [`Self::send_waiting`] sends it when
+    /// the window has room.
+    pub(super) fn queue_publish(&mut self, publish: OutgoingPublish, done: Completion) {
+        self.waiting.push_back((publish, done));
+    }
+
+    /// Encodes waiting publishes while the broker's window has room.
+    pub(super) fn send_waiting(&mut self, out: &mut BytesMut) -> Result<(), WireError> {
+        while self.in_flight.len() < self.window {
+            let Some((publish, done)) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Err(refused) = self.check_outgoing(&publish) {
+                tracing::debug!(%refused, "publish refused before sending");
+                done.finish(Err(refused));
+                continue;
+            }
+            // QoS 0 has no packet id and nothing to wait for; it queues
+            // here too, so our publishes go out in the order asked.
+            if publish.qos == Qos::AtMostOnce {
+                self.wire.encode_publish(0, &publish, false, out)?;
+                done.finish(Ok(()));
+                continue;
+            }
+            let packet_id = self.packet_id();
+            self.wire.encode_publish(packet_id, &publish, false, out)?;
+            self.in_flight.push_back(InFlight {
+                packet_id,
+                publish,
+                released: false,
+                done,
+            });
+        }
+        Ok(())
+    }
+
+    /// Why `publish` cannot go out on this connection, if it cannot.
+    fn check_outgoing(&self, publish: &OutgoingPublish) -> Result<(), PublishRefused> {
+        if let Some(problem) = wire::outgoing_problem(publish) {
+            return Err(PublishRefused::Invalid(problem));
+        }
+        let size = wire::publish_size(self.protocol, publish);
+        let max = self.broker_max_packet.min(MAX_PACKET_BYTES as usize);
+        if size > max {
+            return Err(PublishRefused::TooLarge { size, max });
+        }
+        Ok(())
+    }
+
+    /// PUBACK of our own publish: done, refused or not.
+    pub(super) fn pub_ack(&mut self, packet_id: u16, reason: u8) {
+        self.completed(packet_id, refusal(reason));
+    }
+
+    /// PUBREC of our own QoS 2 publish: a refusal ends the flow, the packet
+    /// id is free and no PUBREL follows (MQTT 5 §4.3.3); otherwise PUBREL.
+    pub(super) fn pub_rec(
+        &mut self,
+        packet_id: u16,
+        reason: u8,
+        out: &mut BytesMut,
+    ) -> Result<(), WireError> {
+        if reason >= wire::FIRST_FAILURE_CODE {
+            self.completed(packet_id, refusal(reason));
+            return Ok(());
+        }
+        if let Some(f) = self.in_flight.iter_mut().find(|f| f.packet_id == packet_id) {
+            f.released = true;
+        }
+        self.wire.encode(Outbound::PubRel(packet_id), out)
+    }
+
+    /// PUBCOMP of our own QoS 2 publish. Its only failure code (0x92,
+    /// packet id not found) means the broker had already released it: the
+    /// message was taken at PUBREC.
+    pub(super) fn pub_comp(&mut self, packet_id: u16) {
+        self.completed(packet_id, Ok(()));
+    }
+
+    /// Our publish is done, and its packet id free.
+    fn completed(&mut self, packet_id: u16, result: Result<(), PublishRefused>) {
+        if let Some(i) = self.in_flight.iter().position(|f| f.packet_id == packet_id) {
+            if let Some(f) = self.in_flight.remove(i) {
+                f.done.finish(result);
+            }
+        }
+    }
+
+    /// Encodes the acks of the current connection in the order given (the
+    /// order messages arrived) and counts them all. Acks of an earlier
+    /// connection are dropped: the broker resends their messages, and may
+    /// have given their packet ids to others since.
+    pub(super) fn write_acks(&mut self, acks: &[Ack], out: &mut BytesMut) -> Result<(), WireError> {
+        let mut stale = 0;
+        for ack in acks {
+            if ack.connection == self.connection {
+                self.wire.encode(ack.outbound(), out)?;
+            } else {
+                stale += 1;
+            }
+        }
+        self.acks_written += acks.len() as u64;
+        log_dropped(stale);
+        Ok(())
+    }
+
+    /// Counts acks that arrived while no connection was up: all of them
+    /// belong to a lost one, so none is written.
+    pub(super) fn drop_acks(&mut self, acks: &[Ack]) {
+        self.acks_written += acks.len() as u64;
+        log_dropped(acks.len());
+    }
+}
+
+/// A PUBACK or PUBREC reason code as the publish's outcome.
+fn refusal(reason: u8) -> Result<(), PublishRefused> {
+    if reason >= wire::FIRST_FAILURE_CODE {
+        Err(PublishRefused::Broker { code: reason })
+    } else {
+        Ok(())
+    }
+}
+
+/// Acks counted (they keep the numbering of `Intake::AcksConfirmed`) but
+/// not written: they belong to a connection that is gone, and the broker
+/// resends their messages.
+fn log_dropped(count: usize) {
+    if count > 0 {
+        tracing::debug!(
+            count,
+            "acks of a lost connection dropped; the broker resends their messages"
+        );
+    }
+}
+
+/// One connection's keep-alive: when to ping, when silence means the
+/// connection is dead, and which acks a PINGRESP confirms.
+///
+/// Times are passed in, so the rules are tested without a clock.
+pub(super) struct KeepAlive {
+    interval: Duration,
+    /// PINGREQs in flight, each with the number of acks written before it:
+    /// its PINGRESP confirms them.
+    pings: VecDeque<(Instant, u64)>,
+    /// Acks confirmed so far.
+    confirmed: u64,
+    last_write: Instant,
+    /// Bytes arriving show the connection is alive even when a PINGRESP is
+    /// queued behind a long PUBLISH.
+    last_read: Instant,
+    /// When the session last resumed reading after waiting for the delivery
+    /// task; a PINGRESP it did not read meanwhile is not overdue.
+    reading_since: Instant,
+}
+
+impl KeepAlive {
+    /// A connection that has just written CONNECT (at `now`), with
+    /// `acks_written` acks counted before it.
+    pub(super) fn new(interval: Duration, acks_written: u64, now: Instant) -> Self {
+        Self {
+            interval,
+            pings: VecDeque::new(),
+            confirmed: acks_written,
+            last_write: now,
+            last_read: now,
+            reading_since: now,
+        }
+    }
+
+    /// How often to check: often enough that a ping goes out well within
+    /// the keep-alive the broker enforces.
+    pub(super) fn check_period(&self) -> Duration {
+        self.interval / 4
+    }
+
+    pub(super) fn wrote(&mut self, now: Instant) {
+        self.last_write = now;
+    }
+
+    pub(super) fn read(&mut self, now: Instant) {
+        self.last_read = now;
+    }
+
+    /// The delivery task took the packet the session was holding; reading
+    /// starts again.
+    pub(super) fn resumed_reading(&mut self, now: Instant) {
+        self.reading_since = now;
+    }
+
+    /// The broker must hear from us within the keep-alive: ping after half
+    /// of it without writing.
+    pub(super) fn ping_due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_write) >= self.interval / 2
+    }
+
+    /// A PINGREQ is going out after `acks_written` acks.
+    pub(super) fn ping_sent(&mut self, acks_written: u64, now: Instant) {
+        self.pings.push_back((now, acks_written));
+    }
+
+    /// A PINGRESP arrived: the number of acks it newly confirms, if any.
+    pub(super) fn pong(&mut self) -> Option<u64> {
+        let (_, acks) = self.pings.pop_front()?;
+        if acks > self.confirmed {
+            self.confirmed = acks;
+            Some(acks)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the oldest PINGRESP is overdue, so the connection is dead.
+    /// Only reading time counts: while the session holds a packet for a
+    /// busy delivery task (`holding`), it reads nothing, so a PINGRESP it
+    /// has not read is not missing.
+    pub(super) fn overdue(&self, holding: bool, now: Instant) -> bool {
+        let Some((sent, _)) = self.pings.front() else {
+            return false;
+        };
+        let waiting = (*sent).max(self.reading_since).max(self.last_read);
+        !holding && now.saturating_duration_since(waiting) > self.interval
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::client::AckKind;
+    use crate::mqtt::wire::{Decoder, Inbound};
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    fn publish(topic: &str, qos: Qos) -> OutgoingPublish {
+        OutgoingPublish {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+        }
+    }
+
+    type Outcome = oneshot::Receiver<Result<(), PublishRefused>>;
+
+    /// Queues a publish whose outcome the test can read.
+    fn queue(state: &mut PacketState, topic: &str, qos: Qos) -> Outcome {
+        let (done, outcome) = oneshot::channel();
+        state.queue_publish(publish(topic, qos), Completion::Checked(done));
+        outcome
+    }
+
+    /// What `out` holds, as (packet, packet id) pairs; consumes it.
+    fn sent(out: &mut BytesMut) -> Vec<(&'static str, u16)> {
+        let mut decoder = Decoder::new(MqttProtocol::V5, usize::MAX);
+        let mut packets = Vec::new();
+        while let Some(packet) = decoder.decode(out).expect("well formed") {
+            packets.push(match packet {
+                Inbound::Publish { packet_id, .. } => ("PUBLISH", packet_id),
+                Inbound::PubAck { packet_id, .. } => ("PUBACK", packet_id),
+                Inbound::PubRec { packet_id, .. } => ("PUBREC", packet_id),
+                Inbound::PubRel(id) => ("PUBREL", id),
+                Inbound::PubComp(id) => ("PUBCOMP", id),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        assert!(out.is_empty(), "a partial packet");
+        packets
+    }
+
+    fn connected(window: Option<u16>, max_packet: Option<u32>) -> PacketState {
+        let mut state = PacketState::new(MqttProtocol::V5);
+        state.connected(window, max_packet);
+        state
+    }
+
+    #[test]
+    fn packet_ids_wrap_past_zero_and_skip_ids_in_flight() {
+        let mut state = connected(None, None);
+        state.next_packet_id = u16::MAX - 1;
+        let _a = queue(&mut state, "a", Qos::AtLeastOnce);
+        let _b = queue(&mut state, "b", Qos::ExactlyOnce);
+        let mut out = BytesMut::new();
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", u16::MAX), ("PUBLISH", 1)]);
+        // Both ids are taken: the next round skips them, and never hands
+        // out 0.
+        state.next_packet_id = u16::MAX - 1;
+        assert_eq!(state.packet_id(), 2);
+        // Once completed, an id is free again.
+        state.pub_ack(u16::MAX, 0);
+        state.next_packet_id = u16::MAX - 1;
+        assert_eq!(state.packet_id(), u16::MAX);
+    }
+
+    #[test]
+    fn publishes_wait_while_the_brokers_window_is_full() {
+        let mut state = connected(Some(2), None);
+        let mut out = BytesMut::new();
+        // Nothing waiting: nothing sent.
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty());
+
+        let mut outcomes: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|t| queue(&mut state, t, Qos::AtLeastOnce))
+            .collect();
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 1), ("PUBLISH", 2)]);
+        // Full: the third waits, however often the loop comes round.
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty());
+
+        state.pub_ack(1, 0);
+        assert_eq!(outcomes[0].try_recv(), Ok(Ok(())));
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 3)]);
+        assert!(outcomes[2].try_recv().is_err(), "not acked yet");
+
+        // QoS 0 takes no room and completes once encoded.
+        let mut fire_and_forget = queue(&mut state, "d", Qos::AtMostOnce);
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty(), "window full: QoS 0 keeps its place in line");
+        state.pub_ack(2, 0);
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 0)]);
+        assert_eq!(fire_and_forget.try_recv(), Ok(Ok(())));
+    }
+
+    #[test]
+    fn acks_go_out_in_arrival_order_and_stale_ones_are_only_counted() {
+        let mut state = PacketState::new(MqttProtocol::V5);
+        let first = state.connected(None, None);
+        let old = Ack::for_message(9, Qos::AtLeastOnce, first).unwrap();
+        let current = state.connected(None, None);
+        let acks = [
+            Ack::for_message(5, Qos::ExactlyOnce, current).unwrap(),
+            old,
+            Ack::for_message(3, Qos::AtLeastOnce, current).unwrap(),
+            Ack {
+                kind: AckKind::PubComp,
+                packet_id: 4,
+                connection: current,
+            },
+        ];
+        let mut out = BytesMut::new();
+        state.write_acks(&acks, &mut out).unwrap();
+        assert_eq!(
+            sent(&mut out),
+            [("PUBREC", 5), ("PUBACK", 3), ("PUBCOMP", 4)]
+        );
+        assert_eq!(state.acks_written(), 4);
+        // Without a connection none is written, all are counted.
+        state.drop_acks(&acks[..2]);
+        assert_eq!(state.acks_written(), 6);
+        // QoS 0 needs no ack.
+        assert_eq!(Ack::for_message(1, Qos::AtMostOnce, current), None);
+    }
+
+    #[test]
+    fn refused_publishes_complete_with_their_reason() {
+        let mut state = connected(None, Some(40));
+        let mut out = BytesMut::new();
+        let mut invalid = queue(&mut state, "a/#", Qos::AtLeastOnce);
+        let mut too_large = queue(&mut state, &"t".repeat(40), Qos::AtLeastOnce);
+        let mut by_puback = queue(&mut state, "a", Qos::AtLeastOnce);
+        let mut by_pubrec = queue(&mut state, "b", Qos::ExactlyOnce);
+        let mut taken = queue(&mut state, "c", Qos::ExactlyOnce);
+        state.send_waiting(&mut out).unwrap();
+        // Refused here are never sent.
+        assert!(matches!(
+            invalid.try_recv(),
+            Ok(Err(PublishRefused::Invalid(_)))
+        ));
+        assert!(matches!(
+            too_large.try_recv(),
+            Ok(Err(PublishRefused::TooLarge { max: 40, .. }))
+        ));
+        assert_eq!(
+            sent(&mut out),
+            [("PUBLISH", 1), ("PUBLISH", 2), ("PUBLISH", 3)]
+        );
+
+        state.pub_ack(1, 0x87);
+        assert_eq!(
+            by_puback.try_recv(),
+            Ok(Err(PublishRefused::Broker { code: 0x87 }))
+        );
+        // A refusing PUBREC ends the flow: no PUBREL.
+        state.pub_rec(2, 0x97, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(
+            by_pubrec.try_recv(),
+            Ok(Err(PublishRefused::Broker { code: 0x97 }))
+        );
+        // An accepting one is answered, and PUBCOMP ends it.
+        state.pub_rec(3, 0, &mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBREL", 3)]);
+        assert!(taken.try_recv().is_err(), "not complete yet");
+        state.pub_comp(3);
+        assert_eq!(taken.try_recv(), Ok(Ok(())));
+        // Acks for ids not in flight are ignored.
+        state.pub_ack(77, 0);
+        state.pub_comp(78);
+        assert!(state.in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_resends_unfinished_publishes_in_order_or_refuses_them() {
+        let mut state = connected(None, None);
+        let mut out = BytesMut::new();
+        let _released = queue(&mut state, "a", Qos::ExactlyOnce);
+        let mut big = queue(&mut state, &"b".repeat(100), Qos::AtLeastOnce);
+        let _small = queue(&mut state, "c", Qos::AtLeastOnce);
+        state.send_waiting(&mut out).unwrap();
+        state.pub_rec(1, 0, &mut out).unwrap();
+        out.clear();
+
+        // The new connection's broker takes smaller packets.
+        state.connected(None, Some(50));
+        state.resend_unfinished(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBREL", 1), ("PUBLISH", 3)]);
+        assert!(matches!(
+            big.try_recv(),
+            Ok(Err(PublishRefused::TooLarge { max: 50, .. }))
+        ));
+    }
+
+    const KEEP_ALIVE: Duration = Duration::from_secs(4);
+
+    #[test]
+    fn a_ping_is_due_after_half_the_keep_alive_without_writing() {
+        let t0 = Instant::now();
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        assert_eq!(keep_alive.check_period(), Duration::from_secs(1));
+        assert!(!keep_alive.ping_due(t0 + Duration::from_millis(1999)));
+        assert!(keep_alive.ping_due(t0 + Duration::from_secs(2)));
+        // Any write restarts the count.
+        keep_alive.wrote(t0 + Duration::from_secs(2));
+        assert!(!keep_alive.ping_due(t0 + Duration::from_secs(3)));
+        assert!(keep_alive.ping_due(t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn a_missing_pingresp_is_overdue_only_after_a_keep_alive_of_reading() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        // No ping out: silence alone is not overdue.
+        assert!(!keep_alive.overdue(false, at(100)));
+
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        keep_alive.ping_sent(0, at(2));
+        assert!(!keep_alive.overdue(false, at(6)));
+        assert!(keep_alive.overdue(false, at(6) + Duration::from_millis(1)));
+        // Holding a packet for a busy delivery task: nothing is read, so
+        // nothing is missing.
+        assert!(!keep_alive.overdue(true, at(60)));
+        // Reading again restarts the wait, as do bytes arriving.
+        keep_alive.resumed_reading(at(60));
+        assert!(!keep_alive.overdue(false, at(64)));
+        assert!(keep_alive.overdue(false, at(65)));
+        keep_alive.read(at(65));
+        assert!(!keep_alive.overdue(false, at(69)));
+        // Answered: nothing overdue.
+        keep_alive.pong();
+        assert!(!keep_alive.overdue(false, at(1000)));
+    }
+
+    #[test]
+    fn a_pingresp_confirms_the_acks_written_before_its_pingreq() {
+        let t0 = Instant::now();
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 2, t0);
+        keep_alive.ping_sent(2, t0);
+        keep_alive.ping_sent(5, t0);
+        keep_alive.ping_sent(5, t0);
+        keep_alive.ping_sent(7, t0);
+        // Known before the connection: not news.
+        assert_eq!(keep_alive.pong(), None);
+        assert_eq!(keep_alive.pong(), Some(5));
+        assert_eq!(keep_alive.pong(), None);
+        assert_eq!(keep_alive.pong(), Some(7));
+        // A PINGRESP nobody asked for confirms nothing.
+        assert_eq!(keep_alive.pong(), None);
+    }
+}
