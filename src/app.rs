@@ -117,9 +117,9 @@ pub async fn run_with_readiness(
     for sub in &subscriptions {
         tracing::info!(filter = %sub.filter, qos = sub.qos.as_u8(), "subscribing");
     }
-    let session = MqttSession::new(&bridge.mqtt, subscriptions)?
+    let session = MqttSession::new(&bridge.mqtt, subscriptions)
         .with_max_packet_bytes(bridge.limits.max_packet_bytes);
-    let acker = session.acker();
+    let client = session.client();
     let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
     // Intake stops forwarding as soon as shutdown is requested, and keeps
     // polling so the last acks and the DISCONNECT go out.
@@ -130,10 +130,10 @@ pub async fn run_with_readiness(
     let mut intake =
         tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));
     let command_runner = (!commands.is_empty()).then(|| {
-        let (kafka, acker, stop) = (bridge.kafka.clone(), acker.clone(), stop.clone());
+        let (kafka, client, stop) = (bridge.kafka.clone(), client.clone(), stop.clone());
         let runner = {
             let stop = stop.clone();
-            tokio::spawn(async move { command::run(commands, &kafka, acker, stop).await })
+            tokio::spawn(async move { command::run(commands, &kafka, client, stop).await })
         };
         // Supervises the runner: an error or a panic stops the bridge.
         tokio::spawn(async move {
@@ -155,7 +155,7 @@ pub async fn run_with_readiness(
         })
     });
 
-    let commit_loop = CommitLoop::new(table, sink, acker.clone(), &bridge.delivery, exactly_once);
+    let commit_loop = CommitLoop::new(table, sink, client.clone(), &bridge.delivery, exactly_once);
     let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);
     let run = commit_loop.run(rx, stop.clone());
     let deadline = async {
@@ -192,7 +192,7 @@ pub async fn run_with_readiness(
     if let Err(e) = &result {
         tracing::error!(error = %e, "bridge stopping");
     }
-    let _ = tokio::time::timeout(DISCONNECT_GRACE, acker.disconnect()).await;
+    let _ = tokio::time::timeout(DISCONNECT_GRACE, client.disconnect()).await;
     if !intake.is_finished()
         && tokio::time::timeout(DISCONNECT_GRACE, &mut intake)
             .await

@@ -5,7 +5,7 @@
 //! dashboards have one place to look. Labels are bounded: route names and
 //! rejection reasons, never device ids or raw topics.
 //!
-//! The same events also update [`Stats`], plain atomics the `demo` reads for
+//! The same events also update `Stats`, plain atomics the `demo` reads for
 //! its one-line summary without scraping its own endpoint.
 
 use metrics::{counter, gauge, histogram};

@@ -11,10 +11,10 @@
 
 use super::{CommandTable, Prepared};
 use crate::config::KafkaConfig;
-use crate::fault;
+use crate::fault::{self, Point};
 use crate::kafka;
 use crate::kafka::{client_config, refusal_kind};
-use crate::mqtt::{Acker, MqttError};
+use crate::mqtt::{MqttClient, MqttError};
 use crate::route::reject::{self, Evidence, Form};
 use crate::route::{RejectReason, Rejection};
 use crate::telemetry;
@@ -64,7 +64,7 @@ pub enum CommandError {
 pub async fn run(
     table: Arc<CommandTable>,
     kafka: &KafkaConfig,
-    acker: Acker,
+    client: MqttClient,
     shutdown: CancellationToken,
 ) -> Result<(), CommandError> {
     let group = kafka
@@ -118,7 +118,7 @@ pub async fn run(
         let invalid = match prepared {
             None => None,
             Some(Prepared::Publish(publish)) => {
-                let done = acker.publish_checked(publish).await?;
+                let done = client.publish_checked(publish).await?;
                 let outcome = tokio::select! {
                     // Not acknowledged yet: not committed; delivered again.
                     _ = shutdown.cancelled() => return Ok(()),
@@ -128,7 +128,7 @@ pub async fn run(
                     Ok(()) => {
                         tracing::debug!(%route, "command delivered");
                         telemetry::command_delivered(&route);
-                        fault::point("command_before_commit");
+                        fault::point(Point::CommandBeforeCommit);
                         None
                     }
                     // Final: publishing it again would be refused again.

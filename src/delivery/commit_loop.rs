@@ -14,9 +14,9 @@ use super::exactly_once::{fingerprint, ExactlyOnce, Verdict};
 use super::settle::{settle, Backoff, Call, Fate};
 use super::DeliveryError;
 use crate::config::DeliveryConfig;
-use crate::fault;
+use crate::fault::{self, Point};
 use crate::kafka::{SinkError, TransactionalSink};
-use crate::mqtt::{Ack, AckKind, Acker, Delivery, Intake, PublishRefused};
+use crate::mqtt::{Ack, AckKind, Delivery, Intake, MqttClient, PublishRefused};
 use crate::route::reject::Form;
 use crate::route::{Outcome, RejectReason, Rejection, RouteTable};
 use crate::telemetry;
@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub struct CommitLoop {
     table: Arc<RouteTable>,
     sink: TransactionalSink,
-    acker: Acker,
+    client: MqttClient,
     /// Acks handed to the session so far; the session counts the same acks in the same
     /// order, which is how `Intake::AcksConfirmed` maps onto them.
     acks_queued: u64,
@@ -57,7 +57,7 @@ impl CommitLoop {
     pub fn new(
         table: Arc<RouteTable>,
         sink: TransactionalSink,
-        acker: Acker,
+        client: MqttClient,
         delivery: &DeliveryConfig,
         exactly_once: Option<ExactlyOnce>,
     ) -> Self {
@@ -67,7 +67,7 @@ impl CommitLoop {
         Self {
             table,
             sink,
-            acker,
+            client,
             acks_queued: 0,
             refused_relays: Vec::new(),
             acks: AckQueue::default(),
@@ -245,7 +245,7 @@ impl CommitLoop {
             }
         }
         self.acks_queued += acks.len() as u64;
-        self.acker.ack_all(acks).await?;
+        self.client.ack_all(acks).await?;
         Ok(())
     }
 
@@ -253,11 +253,11 @@ impl CommitLoop {
     async fn add(&mut self, batch: &mut Batch, intake: Intake) -> Result<(), DeliveryError> {
         match intake {
             Intake::Message(delivery) => {
-                fault::point("after_receive");
+                fault::point(Point::AfterReceive);
                 self.add_message(batch, delivery).await
             }
             Intake::Released(ack) => {
-                fault::point("after_pubrel");
+                fault::point(Point::AfterPubrel);
                 batch.messages += 1;
                 if let Some(eo) = &mut self.exactly_once {
                     // PUBCOMP frees the id for a new message: only once the
@@ -337,7 +337,7 @@ impl CommitLoop {
             Outcome::Relay { route, publish } => {
                 telemetry::message_relayed(self.table.route_name(route));
                 batch.relays.push(PendingRelay {
-                    done: self.acker.publish_checked(publish).await?,
+                    done: self.client.publish_checked(publish).await?,
                     message: delivery.message,
                     route,
                 });
@@ -359,7 +359,7 @@ impl CommitLoop {
         );
         let entry = Entry::message(record, delivery.message, route, reason);
         batch.produce(entry, &mut self.sink, &self.table).await?;
-        fault::point("after_produce");
+        fault::point(Point::AfterProduce);
         if let (Some(eo), Some(fp)) = (&mut self.exactly_once, fingerprint) {
             eo.ids.record(delivery.packet_id, qos, fp);
             batch.state_changed = true;
@@ -435,7 +435,7 @@ impl CommitLoop {
             };
             match fate {
                 Fate::Committed => {
-                    fault::point("after_commit");
+                    fault::point(Point::AfterCommit);
                     self.acks.count_commit();
                     if let Some(eo) = &mut self.exactly_once {
                         eo.committed(batch.token);

@@ -6,6 +6,7 @@
 
 use super::KafkaConfig;
 use super::Record;
+use crate::fault::{self, Point};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{
@@ -340,8 +341,8 @@ impl TransactionalSink {
         let timeout = self.commit_timeout;
         blocking("commit", move || {
             flush(&producer, timeout)?;
-            crate::fault::point("before_commit");
-            crate::fault::point_soon("during_commit");
+            fault::point(Point::BeforeCommit);
+            fault::point_soon(Point::DuringCommit);
             producer.commit_transaction(timeout)
         })
         .await?;

@@ -107,10 +107,10 @@ pub(super) enum Command {
 
 /// Who waits for one of our own publishes.
 pub(super) enum Completion {
-    /// [`Acker::publish`]: told that the publish is over, refused or not
+    /// [`MqttClient::publish`]: told that the publish is over, refused or not
     /// (a refusal is logged).
     Done(oneshot::Sender<()>),
-    /// [`Acker::publish_checked`]: told how it ended.
+    /// [`MqttClient::publish_checked`]: told how it ended.
     Checked(oneshot::Sender<Result<(), PublishRefused>>),
 }
 
@@ -133,11 +133,11 @@ impl Completion {
 
 /// Cloneable handle that acknowledges messages and ends the session.
 #[derive(Clone)]
-pub struct Acker {
+pub struct MqttClient {
     commands: mpsc::Sender<Command>,
 }
 
-impl Acker {
+impl MqttClient {
     /// A handle and the queue it feeds, which the session loop drains.
     pub(super) fn new() -> (Self, mpsc::Receiver<Command>) {
         let (commands, queue) = mpsc::channel(COMMAND_QUEUE);

@@ -15,7 +15,7 @@
 //! the broker or refused with a reason ([`PublishRefused`]), never resent
 //! in a loop.
 //!
-//! Layout: `client` is the handle ([`Acker`]) the rest of the bridge
+//! Layout: `client` is the handle ([`MqttClient`]) the rest of the bridge
 //! holds; `session` is the one task that owns the connection, waiting on
 //! the socket, the handle's queue and the clock; `state` is its bookkeeping
 //! (packet ids, publishes in flight, keep-alive deadlines), kept free of
@@ -35,7 +35,7 @@ mod wire;
 pub use config::{MqttConfig, MqttProtocol};
 pub use qos::Qos;
 
-pub use client::{Ack, AckKind, Acker, PublishRefused};
+pub use client::{Ack, AckKind, MqttClient, PublishRefused};
 pub use error::MqttError;
 pub use message::{Defect, MqttMessage};
 pub use session::{Delivery, Intake, MqttSession};

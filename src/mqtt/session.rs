@@ -21,7 +21,7 @@
 //!   duplicate-detection state it no longer needs.
 //! - **Refusals reach the publisher.** An MQTT 5 broker may answer our own
 //!   PUBLISH with a failure reason code (not authorised, quota exceeded);
-//!   [`Acker::publish_checked`] reports it, and a publish the broker could
+//!   [`MqttClient::publish_checked`] reports it, and a publish the broker could
 //!   only take for a protocol error (over its Maximum Packet Size, a topic
 //!   that cannot be encoded) is refused here without being sent, since the
 //!   broker would disconnect and the publish would be resent first on every
@@ -31,7 +31,7 @@
 //!   handed on as a defective message, acknowledged in order like any
 //!   other.
 
-use super::client::{Ack, AckKind, Acker, Command};
+use super::client::{Ack, AckKind, Command, MqttClient};
 use super::state::{KeepAlive, PacketState};
 use super::transport::{self, write, Stream};
 use super::wire::{Decoder, Inbound, Outbound, Wire, DEFAULT_MAX_PACKET_BYTES};
@@ -39,6 +39,7 @@ use super::MqttConfig;
 use super::MqttError;
 use super::MqttMessage;
 use super::Subscription;
+use crate::fault::{self, Point};
 use crate::telemetry;
 use bytes::BytesMut;
 use std::time::Duration;
@@ -71,8 +72,9 @@ pub enum Intake {
     Released(Ack),
     /// The broker has processed the first `n` acks the session was given
     /// (counted over the session's life, all connections; acks dropped for
-    /// being from an earlier connection count too, see
-    /// `crate::delivery`'s `SessionState::check`).
+    /// being from an earlier connection count too: the delivery side
+    /// recognises the broker's resend of such a message by its DUP flag and
+    /// content, see `delivery::ProducedIds::check`).
     AcksConfirmed(u64),
     /// The connection was lost. Before it takes the session back, the
     /// session waits for the answer: the delivery task proves with a
@@ -84,7 +86,7 @@ pub enum Intake {
     Reconnecting(oneshot::Sender<()>),
 }
 
-/// The MQTT session: an acker for the delivery task and an intake loop that
+/// The MQTT session: an client for the delivery task and an intake loop that
 /// forwards what the broker sends into a bounded channel.
 pub struct MqttSession {
     config: MqttConfig,
@@ -93,7 +95,7 @@ pub struct MqttSession {
     /// `wire::Decoder`).
     max_packet_bytes: usize,
     commands: mpsc::Receiver<Command>,
-    acker: Acker,
+    client: MqttClient,
     subscriptions: Vec<Subscription>,
     state: PacketState,
 }
@@ -107,17 +109,17 @@ struct Accepted {
 
 impl MqttSession {
     /// Prepares the session; nothing connects until [`Self::run_intake`].
-    pub fn new(config: &MqttConfig, subscriptions: Vec<Subscription>) -> Result<Self, MqttError> {
-        let (acker, commands) = Acker::new();
-        Ok(Self {
+    pub fn new(config: &MqttConfig, subscriptions: Vec<Subscription>) -> Self {
+        let (client, commands) = MqttClient::new();
+        Self {
             config: config.clone(),
             wire: Wire::new(config.protocol),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             commands,
-            acker,
+            client,
             subscriptions,
             state: PacketState::new(config.protocol),
-        })
+        }
     }
 
     /// Sets the largest PUBLISH (fixed header included) held in memory
@@ -132,8 +134,10 @@ impl MqttSession {
         self
     }
 
-    pub fn acker(&self) -> Acker {
-        self.acker.clone()
+    /// A handle to the session: it acks, publishes and disconnects, and can
+    /// be cloned for every task that needs to.
+    pub fn client(&self) -> MqttClient {
+        self.client.clone()
     }
 
     /// Connects, reconnecting after any failure, until DISCONNECT has gone
@@ -333,7 +337,7 @@ impl MqttSession {
                     keep_alive.ping_sent(self.state.acks_written(), Instant::now());
                     write(&mut stream, &mut out).await?;
                     keep_alive.wrote(Instant::now());
-                    crate::fault::point("after_ack");
+                    fault::point(Point::AfterAck);
                 }
                 permit = intake.reserve(), if held.is_some() => {
                     let packet = held.take();
@@ -536,11 +540,16 @@ mod tests {
         protocol: MqttProtocol,
         connack: &[u8],
         configure: impl FnOnce(MqttSession) -> MqttSession,
-    ) -> (Broker, Acker, mpsc::Receiver<Intake>, CancellationToken) {
+    ) -> (
+        Broker,
+        MqttClient,
+        mpsc::Receiver<Intake>,
+        CancellationToken,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let session = configure(MqttSession::new(&config(protocol, port, 60), Vec::new()).unwrap());
-        let acker = session.acker();
+        let session = configure(MqttSession::new(&config(protocol, port, 60), Vec::new()));
+        let client = session.client();
         let (tx, rx) = mpsc::channel(16);
         let finished = CancellationToken::new();
         tokio::spawn(session.run_intake(
@@ -556,7 +565,7 @@ mod tests {
         let mut broker = Broker::new(stream, protocol);
         broker.expect(|p| matches!(p, Packet::Connect)).await;
         broker.send(connack).await;
-        (broker, acker, rx, finished)
+        (broker, client, rx, finished)
     }
 
     /// What the broker read, as far as these tests care.
@@ -683,11 +692,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusing_puback_or_pubrec_ends_the_publish_with_its_reason() {
-        let (mut broker, acker, _intake, finished) =
+        let (mut broker, client, _intake, finished) =
             connect(MqttProtocol::V5, CONNACK_V5, |s| s).await;
 
         // QoS 1, refused: 0x87.
-        let done = acker.publish_checked(publish("a/1", 1, 3)).await.unwrap();
+        let done = client.publish_checked(publish("a/1", 1, 3)).await.unwrap();
         let id = broker.expect_publish("a/1").await;
         broker.send(&ack(4, id, 0x87)).await;
         let refused = outcome(done).await.unwrap_err();
@@ -698,7 +707,7 @@ mod tests {
         );
 
         // QoS 2, refused at PUBREC: no PUBREL, the flow is over.
-        let done = acker.publish_checked(publish("a/2", 2, 3)).await.unwrap();
+        let done = client.publish_checked(publish("a/2", 2, 3)).await.unwrap();
         let refused_id = broker.expect_publish("a/2").await;
         broker.send(&ack(5, refused_id, 0x97)).await;
         assert_eq!(
@@ -707,7 +716,7 @@ mod tests {
         );
 
         // QoS 2, taken: PUBREL for this one only, then PUBCOMP ends it.
-        let done = acker.publish_checked(publish("a/3", 2, 3)).await.unwrap();
+        let done = client.publish_checked(publish("a/3", 2, 3)).await.unwrap();
         let id = broker.expect_publish("a/3").await;
         broker.send(&ack(5, id, 0)).await;
         assert_eq!(broker.expect(|_| true).await, Packet::PubRel(id));
@@ -715,13 +724,13 @@ mod tests {
         assert_eq!(outcome(done).await, Ok(()));
 
         // `publish` keeps its old contract: it fires, refused or not.
-        let done = acker.publish(publish("a/4", 1, 3)).await.unwrap();
+        let done = client.publish(publish("a/4", 1, 3)).await.unwrap();
         let id = broker.expect_publish("a/4").await;
         broker.send(&ack(4, id, 0x80)).await;
         tokio::time::timeout(WAIT, done).await.unwrap().unwrap();
 
         // Success codes below 0x80 are successes.
-        let done = acker.publish_checked(publish("a/5", 1, 3)).await.unwrap();
+        let done = client.publish_checked(publish("a/5", 1, 3)).await.unwrap();
         let id = broker.expect_publish("a/5").await;
         broker.send(&ack(4, id, 0x10)).await;
         assert_eq!(outcome(done).await, Ok(()));
@@ -730,11 +739,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_publish_over_the_brokers_maximum_packet_size_is_not_sent() {
-        let (mut broker, acker, _intake, finished) =
+        let (mut broker, client, _intake, finished) =
             connect(MqttProtocol::V5, CONNACK_V5_MAX_200, |s| s).await;
-        let too_large = acker.publish_checked(publish("big", 1, 200)).await.unwrap();
-        let invalid = acker.publish_checked(publish("a/+", 1, 1)).await.unwrap();
-        let fits = acker
+        let too_large = client
+            .publish_checked(publish("big", 1, 200))
+            .await
+            .unwrap();
+        let invalid = client.publish_checked(publish("a/+", 1, 1)).await.unwrap();
+        let fits = client
             .publish_checked(publish("small", 1, 100))
             .await
             .unwrap();
@@ -755,7 +767,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_undecodable_publish_is_handed_on_and_acked_in_order() {
-        let (mut broker, acker, mut intake, finished) =
+        let (mut broker, client, mut intake, finished) =
             connect(MqttProtocol::V311, CONNACK_V4, |s| s).await;
         // QoS 1, id 7, topic "a\xffb": then a valid one, id 8.
         broker
@@ -772,7 +784,7 @@ mod tests {
             assert_eq!(delivery.message.defect, defect);
             acks.extend(delivery.ack);
         }
-        acker.ack_all(acks).await.unwrap();
+        client.ack_all(acks).await.unwrap();
         assert_eq!(broker.expect(|_| true).await, Packet::PubAck(7));
         assert_eq!(broker.expect(|_| true).await, Packet::PubAck(8));
         finished.cancel();
@@ -832,7 +844,7 @@ mod tests {
     /// an intake of `intake_capacity`, already past CONNACK (MQTT 3.1.1).
     struct InMemory {
         broker: Broker,
-        acker: Acker,
+        client: MqttClient,
         intake: mpsc::Receiver<Intake>,
         session: JoinHandle<Result<(), MqttError>>,
     }
@@ -843,16 +855,16 @@ mod tests {
         pipe_bytes: usize,
     ) -> InMemory {
         let config = config(MqttProtocol::V311, 1883, keep_alive_s);
-        let mut session = MqttSession::new(&config, Vec::new()).unwrap();
-        let acker = session.acker();
-        let (client, server) = tokio::io::duplex(pipe_bytes);
+        let mut session = MqttSession::new(&config, Vec::new());
+        let client = session.client();
+        let (ours, server) = tokio::io::duplex(pipe_bytes);
         let (tx, intake) = mpsc::channel(intake_capacity);
         let session = tokio::spawn(async move {
             let (stop_intake, subscribed) = (CancellationToken::new(), CancellationToken::new());
             let mut connected = false;
             session
                 .serve_stream(
-                    Box::new(client),
+                    Box::new(ours),
                     &tx,
                     &stop_intake,
                     &subscribed,
@@ -865,7 +877,7 @@ mod tests {
         broker.send(CONNACK_V4).await;
         InMemory {
             broker,
-            acker,
+            client,
             intake,
             session,
         }
@@ -880,7 +892,7 @@ mod tests {
     const PINGRESP: &[u8] = &[0xd0, 0];
     const KEEP_ALIVE: Duration = Duration::from_secs(1);
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_silent_session_pings_after_half_the_keep_alive() {
         let start = Instant::now();
         let InMemory {
@@ -903,7 +915,7 @@ mod tests {
         session.abort();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_missing_pingresp_ends_the_connection() {
         let start = Instant::now();
         let InMemory {
@@ -930,12 +942,12 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_full_intake_stops_reading_but_keeps_the_connection_alive() {
         const MESSAGES: u16 = 40;
         let InMemory {
             mut broker,
-            acker,
+            client,
             mut intake,
             session,
         } = serve_in_memory(1, 1, 64).await;
@@ -970,7 +982,7 @@ mod tests {
             }
         }
         broker.writer = tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
-        acker.ack_all(acks).await.unwrap();
+        client.ack_all(acks).await.unwrap();
         for id in 1..=MESSAGES {
             assert_eq!(broker.expect(|_| true).await, Packet::PubAck(id));
         }

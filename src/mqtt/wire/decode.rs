@@ -500,19 +500,7 @@ mod tests {
         let props: Vec<u8> = property.repeat(200);
         let payload_bytes = 3 * 1024 * 1024;
         let mut variable = vec![0, 1, b't', 0, 1];
-        let mut props_len = Vec::new();
-        let mut n = props.len();
-        loop {
-            let mut b = (n % 128) as u8;
-            n /= 128;
-            if n > 0 {
-                b |= 0x80;
-            }
-            props_len.push(b);
-            if n == 0 {
-                break;
-            }
-        }
+        let props_len = varint(props.len());
         variable.extend_from_slice(&props_len);
         variable.extend_from_slice(&props);
         let mut head = fixed(0x32, variable.len() + payload_bytes);

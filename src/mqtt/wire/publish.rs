@@ -328,19 +328,7 @@ mod tests {
             props.extend_from_slice(&[0x26, 0, 0, 0, 0]);
         }
         let mut body = vec![0, 1, b'a', 0, 7];
-        let mut len = Vec::new();
-        let mut n = props.len();
-        loop {
-            let mut b = (n % 128) as u8;
-            n /= 128;
-            if n > 0 {
-                b |= 0x80;
-            }
-            len.push(b);
-            if n == 0 {
-                break;
-            }
-        }
+        let len = varint(props.len());
         body.extend_from_slice(&len);
         body.extend_from_slice(&props);
         body.extend_from_slice(b"{}");

@@ -42,16 +42,23 @@ pub(super) fn publish_bytes(
 }
 
 /// A fixed header for `packet_type` with `remaining` bytes to follow.
-pub(super) fn fixed(byte1: u8, mut remaining: usize) -> Vec<u8> {
+pub(super) fn fixed(byte1: u8, remaining: usize) -> Vec<u8> {
     let mut out = vec![byte1];
+    out.extend(varint(remaining));
+    out
+}
+
+/// MQTT's variable byte integer (remaining length, property length).
+pub(super) fn varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
     loop {
-        let mut b = (remaining % 128) as u8;
-        remaining /= 128;
-        if remaining > 0 {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
             b |= 0x80;
         }
         out.push(b);
-        if remaining == 0 {
+        if n == 0 {
             return out;
         }
     }
