@@ -76,7 +76,11 @@ impl PacketState {
         max_packet_size: Option<u32>,
     ) -> u64 {
         self.connection += 1;
-        self.window = receive_maximum.map_or(DEFAULT_OUTGOING_WINDOW, usize::from);
+        // One id short of all of them: with every id in flight, the
+        // SUBSCRIBE of the next connect would find none free.
+        self.window = receive_maximum
+            .map_or(DEFAULT_OUTGOING_WINDOW, usize::from)
+            .min(usize::from(u16::MAX) - 1);
         self.broker_max_packet = max_packet_size.map_or(MAX_PACKET_BYTES as usize, |m| m as usize);
         self.connection
     }
@@ -394,6 +398,15 @@ mod tests {
         let mut state = PacketState::new(MqttProtocol::V5);
         state.connected(window, max_packet);
         state
+    }
+
+    #[test]
+    fn the_window_leaves_a_packet_id_free_for_the_next_subscribe() {
+        assert_eq!(
+            connected(Some(u16::MAX), None).window,
+            usize::from(u16::MAX) - 1
+        );
+        assert_eq!(connected(Some(20), None).window, 20);
     }
 
     #[test]
