@@ -26,11 +26,12 @@
 //! [`config`] loads files into them; [`route`] sits on those; [`delivery`]
 //! and [`command`] on route; [`app`] wires everything and owns shutdown.
 //! [`check`] and [`translate`] are the dry-run commands, [`cli`] the
-//! command line, [`telemetry`] the metrics, [`fault`] the crash points the
+//! command line, [`telemetry`] the metrics, [`backoff`] the one retry wait, [`fault`] the crash points the
 //! exactly-once tests use (compiled in only with the `fault` feature), and
 //! `demo` runs it all in-process (the default-on `demo` feature).
 
 pub mod app;
+pub mod backoff;
 pub mod check;
 pub mod cli;
 pub mod command;

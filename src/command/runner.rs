@@ -10,6 +10,7 @@
 //! behind it.
 
 use super::{CommandTable, Prepared};
+use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
 use crate::fault::{self, Point};
 use crate::kafka;
@@ -241,7 +242,7 @@ impl DeadLetters {
     ) -> Written {
         let mut form = Form::Full;
         let mut record = records(form, None);
-        let mut pause = RETRY_FIRST;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         loop {
             let error = tokio::select! {
                 _ = shutdown.cancelled() => return Written::Stopped,
@@ -275,14 +276,12 @@ impl DeadLetters {
                     }
                 }
                 error => {
-                    tracing::warn!(%error, retry_in = ?pause, "cannot write a command dead-letter record yet");
+                    tracing::warn!(%error, retry_in = ?backoff.delay(), "cannot write a command dead-letter record yet");
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Written::Stopped,
-                _ = tokio::time::sleep(pause) => {}
+            if !backoff.wait(shutdown).await {
+                return Written::Stopped;
             }
-            pause = (pause * 2).min(RETRY_MAX);
         }
     }
 }

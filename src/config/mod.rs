@@ -366,7 +366,7 @@ mod tests {
         );
         assert!(texts[1].contains(":5:8: mqtt.qos: is 0"), "{texts:?}");
         // At least once accepts all of it. (The route's own QoS 0 is
-        // refused where routes are compiled: see `route::table` tests.)
+        // refused where routes are compiled: see `route::tests`.)
         let relaxed = format!("{bad}delivery: {{ guarantee: at_least_once }}\n");
         std::fs::write(&path, relaxed).unwrap();
         Config::load(&path).unwrap();

@@ -73,7 +73,13 @@ impl<A> Default for AckQueue<A> {
 
 impl<A> AckQueue<A> {
     /// A batch has committed: its acks queue behind the earlier batches'.
+    /// A batch with neither (all QoS 0, say) waits for nothing and holds
+    /// nothing back, so it takes no place: a stuck relay must not make the
+    /// queue grow by one entry per commit.
     pub fn push(&mut self, acks: Vec<A>, relays: Vec<PendingRelay>) {
+        if acks.is_empty() && relays.is_empty() {
+            return;
+        }
         self.waiting.push_back(WaitingAcks {
             acks,
             relays,
@@ -203,11 +209,23 @@ mod tests {
         queue.push(vec![1, 2], Vec::new());
         queue.push(Vec::new(), Vec::new());
         queue.push(vec![3], Vec::new());
-        assert_eq!(
-            drain(&mut queue),
-            (vec![vec![1, 2], vec![], vec![3]], vec![])
-        );
+        // The empty batch took no place.
+        assert_eq!(queue.waiting.len(), 2);
+        assert_eq!(drain(&mut queue), (vec![vec![1, 2], vec![3]], vec![]));
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn commits_behind_a_stuck_relay_do_not_grow_the_queue() {
+        let mut queue = AckQueue::default();
+        let (_tx, r) = relay(0);
+        queue.push(vec![1], vec![r]);
+        for _ in 0..1000 {
+            queue.count_commit();
+            queue.push(Vec::new(), Vec::new());
+        }
+        assert_eq!(queue.waiting.len(), 1);
+        assert_eq!(drain(&mut queue), (vec![], vec![]));
     }
 
     #[test]

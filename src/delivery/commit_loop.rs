@@ -11,12 +11,12 @@
 use super::acks::{AckQueue, PendingRelay, RelayOutcome, Release};
 use super::batch::{Batch, Entry};
 use super::exactly_once::{fingerprint, ExactlyOnce, Verdict};
-use super::settle::{settle, Backoff, Call, Fate};
+use super::settle::{backoff, settle, Call, Fate};
 use super::DeliveryError;
 use crate::config::DeliveryConfig;
 use crate::fault::{self, Point};
 use crate::kafka::{SinkError, TransactionalSink};
-use crate::mqtt::{Ack, AckKind, Delivery, Intake, MqttClient, PublishRefused};
+use crate::mqtt::{Ack, AckKind, Delivery, Intake, MqttClient, MqttMessage, PublishRefused, Qos};
 use crate::route::reject::Form;
 use crate::route::{Outcome, RejectReason, Rejection, RouteTable};
 use crate::telemetry;
@@ -107,12 +107,9 @@ impl CommitLoop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return self.finish().await,
                 done = self.acks.front_relay_done() => {
+                    // A refused relay's dead letter gets a transaction of
+                    // its own at the top of the loop: no batch is open.
                     self.relay_done(done).await?;
-                    // No batch is open: a refused relay's dead letter gets
-                    // a transaction of its own.
-                    if !self.refused_relays.is_empty() {
-                        self.commit_refused_relays(&shutdown).await?;
-                    }
                     continue;
                 }
                 first = input.recv() => match first {
@@ -304,14 +301,20 @@ impl CommitLoop {
             batch.acks.push(ack);
         }
         let message = &delivery.message;
-        let fingerprint = match (&mut self.exactly_once, delivery.ack) {
+        // Hashed only where it decides something: a QoS 1 resend in
+        // `check`, and a QoS 1 entry recorded after the produce (QoS 2 ids
+        // are exact and store no fingerprint).
+        let mut hashed = None;
+        let mut hash =
+            |m: &MqttMessage| *hashed.get_or_insert_with(|| fingerprint(&m.topic, &m.payload));
+        let dedupe = match (&mut self.exactly_once, delivery.ack) {
             (Some(eo), Some(_)) => {
-                let fp = fingerprint(&message.topic, &message.payload);
                 match eo
                     .ids
-                    .check(delivery.packet_id, message.qos, message.dup, fp)
-                {
-                    Verdict::New => Some(fp),
+                    .check(delivery.packet_id, message.qos, message.dup, || {
+                        hash(message)
+                    }) {
+                    Verdict::New => true,
                     Verdict::Duplicate { exact } => {
                         telemetry::duplicate_dropped(message.qos.as_u8(), exact);
                         return Ok(());
@@ -320,9 +323,9 @@ impl CommitLoop {
             }
             (Some(_), None) => {
                 telemetry::best_effort("qos0_message");
-                None
+                false
             }
-            (None, _) => None,
+            (None, _) => false,
         };
         let qos = delivery.message.qos;
         let (route, record, reason) = match self.table.route(&delivery.message) {
@@ -357,11 +360,16 @@ impl CommitLoop {
         telemetry::message_received_on(
             route.map_or(&self.received_without_route, |r| &self.received[r]),
         );
+        let fingerprint = if dedupe && qos == Qos::AtLeastOnce {
+            hash(&delivery.message)
+        } else {
+            0
+        };
         let entry = Entry::message(record, delivery.message, route, reason);
         batch.produce(entry, &mut self.sink, &self.table).await?;
         fault::point(Point::AfterProduce);
-        if let (Some(eo), Some(fp)) = (&mut self.exactly_once, fingerprint) {
-            eo.ids.record(delivery.packet_id, qos, fp);
+        if let (Some(eo), true) = (&mut self.exactly_once, dedupe) {
+            eo.ids.record(delivery.packet_id, qos, fingerprint);
             batch.state_changed = true;
         }
         Ok(())
@@ -399,7 +407,7 @@ impl CommitLoop {
         if batch.records.is_empty() {
             return Ok(true);
         }
-        let mut backoff = Backoff::new();
+        let mut backoff = backoff();
         loop {
             let started = Instant::now();
             let mut refused = false;

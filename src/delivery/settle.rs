@@ -10,6 +10,7 @@
 
 use super::exactly_once::{decode_head, ExactlyOnce};
 use super::DeliveryError;
+use crate::backoff::Backoff;
 use crate::kafka::{SinkError, TransactionalSink};
 use crate::telemetry;
 use std::time::Duration;
@@ -38,49 +39,9 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The wait between attempts at something only Kafka can make succeed:
-/// from [`RETRY_MIN`], doubling up to [`RETRY_MAX`], so an outage is not
-/// hammered and a blip costs little. Every wait ends early at shutdown.
-#[derive(Debug, Clone)]
-pub(super) struct Backoff {
-    delay: Duration,
-}
-
-impl Backoff {
-    pub fn new() -> Self {
-        Self { delay: RETRY_MIN }
-    }
-
-    /// How long the next wait lasts.
-    #[cfg(test)]
-    pub fn delay(&self) -> Duration {
-        self.delay
-    }
-
-    /// Waits the current delay, without lengthening it. False if `shutdown`
-    /// came first.
-    pub async fn sleep(&self, shutdown: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(self.delay) => true,
-        }
-    }
-
-    /// Doubles the delay, up to [`RETRY_MAX`].
-    pub fn grow(&mut self) {
-        self.delay = (self.delay * 2).min(RETRY_MAX);
-    }
-
-    /// [`Self::sleep`], then [`Self::grow`] (whether or not shutdown came).
-    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let slept = self.sleep(shutdown).await;
-        self.grow();
-        slept
-    }
-
-    /// Back to [`RETRY_MIN`]: the last failure was not Kafka's.
-    pub fn reset(&mut self) {
-        self.delay = RETRY_MIN;
-    }
+/// short for a blip, long enough not to hammer an outage.
+pub(super) fn backoff() -> Backoff {
+    Backoff::new(RETRY_MIN, RETRY_MAX)
 }
 
 /// Learns what became of a transaction whose `call` (commit or abort)
@@ -109,7 +70,7 @@ pub(super) async fn settle(
     mut call: Call,
     shutdown: &CancellationToken,
 ) -> Result<Fate, DeliveryError> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     let answer = loop {
         if !backoff.sleep(shutdown).await {
             return Ok(Fate::Stopped);
@@ -190,9 +151,16 @@ async fn read_head(
     eo: &ExactlyOnce,
     shutdown: &CancellationToken,
 ) -> Result<Option<Option<u64>>, DeliveryError> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
-        match eo.read().await {
+        // The read waits for an open transaction on the state topic to be
+        // decided (up to the transaction timeout): shutdown must not wait
+        // for that.
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            read = eo.read() => read,
+        };
+        match read {
             Ok(stored) => {
                 let head = stored.head.as_deref().map(decode_head).transpose()?;
                 return Ok(Some(head));
@@ -211,7 +179,7 @@ async fn recover(
     sink: &mut TransactionalSink,
     shutdown: &CancellationToken,
 ) -> Result<bool, DeliveryError> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         match sink.recreate().await {
             Ok(()) => return Ok(true),
@@ -231,44 +199,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_from_min_to_max_and_resets() {
-        let mut backoff = Backoff::new();
+    fn settling_backs_off_from_100_ms_to_5_s() {
+        let mut backoff = backoff();
         let mut delays = Vec::new();
         for _ in 0..8 {
             delays.push(backoff.delay().as_millis());
             backoff.grow();
         }
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        backoff.reset();
-        assert_eq!(backoff.delay(), RETRY_MIN);
-    }
-
-    #[tokio::test]
-    async fn backoff_sleep_ends_at_shutdown() {
-        let shutdown = CancellationToken::new();
-        let mut backoff = Backoff::new();
-        for _ in 0..10 {
-            backoff.grow();
-        }
-        let waiting = {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { backoff.wait(&shutdown).await })
-        };
-        shutdown.cancel();
-        // Well under the 5 s delay: the cancellation ended the wait.
-        let slept = tokio::time::timeout(Duration::from_secs(2), waiting)
-            .await
-            .expect("the wait ended at shutdown")
-            .expect("no panic");
-        assert!(!slept);
-    }
-
-    #[tokio::test]
-    async fn backoff_sleep_after_shutdown_returns_at_once() {
-        let shutdown = CancellationToken::new();
-        shutdown.cancel();
-        let backoff = Backoff::new();
-        assert!(!backoff.sleep(&shutdown).await);
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! The state topic: where the exactly-once state lives, written in every
-//! transaction and read back once at start-up.
+//! transaction and read back at start-up (and the head alone after a
+//! commit whose outcome was unknown).
 //!
 //! A compacted topic keyed by the bridge's `transactional.id` and a bucket
 //! number (`<id>#<bucket>`), so it keeps one record per bucket per bridge,
 //! plus a head record (`<id>#head`) naming the last committed transaction.
-//! It is read with `read_committed` after
-//! `init_transactions` has settled whatever the previous instance left
-//! open, so what is read is exactly the state of the last committed
-//! transaction.
+//! It is read with `read_committed` up to the high watermark, so the read
+//! waits until every transaction open on the topic is decided: what is read
+//! is exactly the state of the last committed transaction. At start-up that
+//! follows `init_transactions`, which settled whatever the previous
+//! instance left open; a bridge sharing the topic whose transaction stays
+//! open longer than this read's bound makes the read time out.
 
 use super::client_config;
 use super::KafkaConfig;
@@ -208,8 +211,12 @@ fn read_last(
     // the commit markers of the transaction being settled (the head then
     // looked unchanged, the transaction was judged aborted, and its batch
     // produced a second time). Ask a read_uncommitted client instead.
+    // It joins no group and lives only for the queries (dropped before the
+    // read below), so it costs one short-lived connection per read.
     let mut uncommitted = config.clone();
-    uncommitted.set("isolation.level", "read_uncommitted");
+    uncommitted
+        .remove("group.id")
+        .set("isolation.level", "read_uncommitted");
     let watermarks: BaseConsumer = uncommitted.create().map_err(kafka)?;
     let mut targets = HashMap::new();
     for p in 0..partitions as i32 {
@@ -229,6 +236,7 @@ fn read_last(
         };
         targets.insert(p, high);
     }
+    drop(watermarks);
     let mut last = HashMap::new();
     let mut done: HashSet<i32> = HashSet::new();
     let mut last_error = None;

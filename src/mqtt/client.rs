@@ -32,6 +32,10 @@ pub enum PublishRefused {
     /// Not sent: it would be a malformed PUBLISH.
     #[error("not sent: {0}")]
     Invalid(&'static str),
+    /// Not sent: this many of our publishes already wait for room in the
+    /// broker's window (or hold the bytes allowed), and the queue is bounded.
+    #[error("not sent: {queued} publishes already wait for the broker's window")]
+    Backlog { queued: usize },
 }
 
 impl PublishRefused {

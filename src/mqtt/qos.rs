@@ -5,10 +5,9 @@ use serde::{Deserialize, Deserializer};
 use std::fmt;
 
 /// A QoS level. Ordered, so that the stronger of two is their `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Qos {
     /// Fire and forget: the broker does not resend, so nothing is acked.
-    #[default]
     AtMostOnce = 0,
     /// Resent until PUBACK: may arrive twice.
     AtLeastOnce = 1,

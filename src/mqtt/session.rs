@@ -496,12 +496,11 @@ mod tests {
     //! writes is read back with rumqttc's codec, what it is sent is written
     //! byte by byte.
     //!
-    //! The keep-alive tests run on the real clock with a one-second
-    //! keep-alive: the crate's tokio has no `test-util`, so time cannot be
-    //! paused. They wait for events (a PINGREQ, the session ending), never
-    //! for a fixed time, and check only lower bounds on the clock, which a
-    //! timer cannot undercut; the exact deadlines are tested on
-    //! `KeepAlive` with synthetic instants.
+    //! The keep-alive and backpressure tests run on paused time (tokio's
+    //! `test-util`, tests only): the clock moves only when every task
+    //! waits, so their deadlines are exact, not bounds, and they take no
+    //! wall time. The rules themselves are tested on `KeepAlive` with
+    //! synthetic instants.
 
     use super::*;
     use crate::mqtt::{Defect, OutgoingPublish, PublishRefused, Qos};
@@ -799,13 +798,7 @@ mod tests {
             .await;
         let payload_bytes: usize = 8 * 1024 * 1024;
         let remaining = 2 + 1 + 2 + 1 + payload_bytes;
-        let mut head = vec![0x32];
-        let mut n = remaining;
-        while n > 0 {
-            let b = (n % 128) as u8;
-            n /= 128;
-            head.push(if n > 0 { b | 0x80 } else { b });
-        }
+        let mut head = crate::mqtt::wire::testing::fixed(0x32, remaining);
         head.extend_from_slice(&[0, 1, b't', 0, 9, 0]);
         let packet_bytes = head.len() + payload_bytes;
         let writer = tokio::spawn(async move {
@@ -906,11 +899,7 @@ mod tests {
         }
         // Three pings, each after half a keep-alive of silence, all
         // answered: the connection outlived its keep-alive.
-        assert!(
-            start.elapsed() >= KEEP_ALIVE * 3 / 2,
-            "{:?}",
-            start.elapsed()
-        );
+        assert_eq!(start.elapsed(), KEEP_ALIVE * 3 / 2);
         assert!(!session.is_finished());
         session.abort();
     }
@@ -934,12 +923,9 @@ mod tests {
             matches!(ended, Err(MqttError::Timeout("PINGRESP"))),
             "{ended:?}"
         );
-        // Half a keep-alive to the ping, a whole one for its answer.
-        assert!(
-            start.elapsed() >= KEEP_ALIVE * 3 / 2,
-            "{:?}",
-            start.elapsed()
-        );
+        // Half a keep-alive to the ping, a whole one for its answer, then
+        // the next check (every quarter keep-alive) finds it missing.
+        assert_eq!(start.elapsed(), KEEP_ALIVE * 7 / 4);
     }
 
     #[tokio::test(start_paused = true)]
@@ -967,6 +953,9 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(broker.read().await, Packet::PingReq);
         }
+        // Well past the point where an unread PINGRESP would count as
+        // missing if reading time were not all that counts.
+        tokio::time::sleep(KEEP_ALIVE * 3).await;
         assert!(!writer.is_finished(), "the session kept reading");
         assert!(!session.is_finished());
 

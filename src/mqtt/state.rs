@@ -20,6 +20,14 @@ use tokio::time::Instant;
 /// many it takes (MQTT 3.1.1 has no Receive Maximum).
 const DEFAULT_OUTGOING_WINDOW: usize = 100;
 
+/// Our own publishes waiting for the broker's window, at most: a relay
+/// route turns device messages into publishes, and a device sending QoS 0
+/// (which no window slows) faster than the broker completes them must not
+/// grow the queue for ever. Past either bound a publish is refused
+/// ([`PublishRefused::Backlog`]) and its source dead-lettered.
+const MAX_WAITING_PUBLISHES: usize = 1024;
+const MAX_WAITING_BYTES: usize = 64 * 1024 * 1024;
+
 /// One of our own QoS 1/2 publishes the broker has not completed.
 struct InFlight {
     packet_id: u16,
@@ -46,6 +54,8 @@ pub(super) struct PacketState {
     in_flight: VecDeque<InFlight>,
     /// Our own publishes waiting for room in the broker's window.
     waiting: VecDeque<(OutgoingPublish, Completion)>,
+    /// Topic and payload bytes in `waiting`.
+    waiting_bytes: usize,
     /// How many of our publishes the broker takes in flight on the current
     /// connection.
     window: usize,
@@ -63,6 +73,7 @@ impl PacketState {
             next_packet_id: 0,
             in_flight: VecDeque::new(),
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
             window: DEFAULT_OUTGOING_WINDOW,
             broker_max_packet: MAX_PACKET_BYTES as usize,
         }
@@ -76,11 +87,13 @@ impl PacketState {
         max_packet_size: Option<u32>,
     ) -> u64 {
         self.connection += 1;
-        // One id short of all of them: with every id in flight, the
-        // SUBSCRIBE of the next connect would find none free.
+        // At least one (a broker announcing 0, which MQTT 5 forbids, would
+        // otherwise stall every publish for good), and one id short of all
+        // of them: with every id in flight, the SUBSCRIBE of the next
+        // connect would find none free.
         self.window = receive_maximum
             .map_or(DEFAULT_OUTGOING_WINDOW, usize::from)
-            .min(usize::from(u16::MAX) - 1);
+            .clamp(1, usize::from(u16::MAX) - 1);
         self.broker_max_packet = max_packet_size.map_or(MAX_PACKET_BYTES as usize, |m| m as usize);
         self.connection
     }
@@ -129,6 +142,16 @@ impl PacketState {
     /// Queues one of our publishes; [`Self::send_waiting`] sends it when
     /// the window has room.
     pub(super) fn queue_publish(&mut self, publish: OutgoingPublish, done: Completion) {
+        let bytes = publish_bytes(&publish);
+        if self.waiting.len() >= MAX_WAITING_PUBLISHES
+            || self.waiting_bytes + bytes > MAX_WAITING_BYTES
+        {
+            done.finish(Err(PublishRefused::Backlog {
+                queued: self.waiting.len(),
+            }));
+            return;
+        }
+        self.waiting_bytes += bytes;
         self.waiting.push_back((publish, done));
     }
 
@@ -138,6 +161,7 @@ impl PacketState {
             let Some((publish, done)) = self.waiting.pop_front() else {
                 break;
             };
+            self.waiting_bytes -= publish_bytes(&publish);
             if let Err(refused) = self.check_outgoing(&publish) {
                 tracing::debug!(%refused, "publish refused before sending");
                 done.finish(Err(refused));
@@ -261,6 +285,15 @@ fn log_dropped(count: usize) {
     }
 }
 
+/// What a waiting publish holds in memory, for [`MAX_WAITING_BYTES`].
+fn publish_bytes(publish: &OutgoingPublish) -> usize {
+    publish.topic.len() + publish.payload.len()
+}
+
+/// PINGREQs without a PINGRESP after which the connection counts as dead
+/// (a live broker answers each within a round trip).
+const MAX_UNANSWERED_PINGS: usize = 1024;
+
 /// One connection's keep-alive: when to ping, when silence means the
 /// connection is dead, and which acks a PINGRESP confirms.
 ///
@@ -341,12 +374,24 @@ impl KeepAlive {
     /// Only reading time counts: while the session holds a packet for a
     /// busy delivery task (`holding`), it reads nothing, so a PINGRESP it
     /// has not read is not missing.
+    ///
+    /// A broker that keeps sending but never answers a PINGREQ is dead too,
+    /// once more than [`MAX_UNANSWERED_PINGS`] are outstanding after a
+    /// keep-alive of reading: each ack batch sends one, and their queue
+    /// must not grow for ever.
     pub(super) fn overdue(&self, holding: bool, now: Instant) -> bool {
         let Some((sent, _)) = self.pings.front() else {
             return false;
         };
+        if holding {
+            return false;
+        }
+        let reading_for = now.saturating_duration_since(self.reading_since);
+        if self.pings.len() > MAX_UNANSWERED_PINGS && reading_for > self.interval {
+            return true;
+        }
         let waiting = (*sent).max(self.reading_since).max(self.last_read);
-        !holding && now.saturating_duration_since(waiting) > self.interval
+        now.saturating_duration_since(waiting) > self.interval
     }
 }
 
@@ -407,6 +452,7 @@ mod tests {
             usize::from(u16::MAX) - 1
         );
         assert_eq!(connected(Some(20), None).window, 20);
+        assert_eq!(connected(Some(0), None).window, 1);
     }
 
     #[test]
@@ -490,6 +536,46 @@ mod tests {
         assert_eq!(state.acks_written(), 6);
         // QoS 0 needs no ack.
         assert_eq!(Ack::for_message(1, Qos::AtMostOnce, current), None);
+    }
+
+    #[test]
+    fn a_full_backlog_refuses_publishes_instead_of_growing() {
+        let mut state = connected(Some(1), None);
+        let mut outcomes: Vec<_> = (0..MAX_WAITING_PUBLISHES + 1)
+            .map(|_| queue(&mut state, "a", Qos::AtLeastOnce))
+            .collect();
+        let mut refused = outcomes.pop().unwrap();
+        assert_eq!(
+            refused.try_recv(),
+            Ok(Err(PublishRefused::Backlog {
+                queued: MAX_WAITING_PUBLISHES
+            }))
+        );
+        assert!(outcomes[0].try_recv().is_err(), "the first still waits");
+        // Sending one makes room for one, and the byte count follows.
+        let mut out = BytesMut::new();
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(state.waiting.len(), MAX_WAITING_PUBLISHES - 1);
+        assert_eq!(state.waiting_bytes, (MAX_WAITING_PUBLISHES - 1) * 2);
+        let mut next = queue(&mut state, "a", Qos::AtLeastOnce);
+        assert!(next.try_recv().is_err(), "taken");
+
+        // The byte bound holds on its own.
+        let mut state = connected(Some(1), None);
+        let big = OutgoingPublish {
+            payload: Bytes::from(vec![0u8; MAX_WAITING_BYTES / 2 - 1]),
+            ..publish("b", Qos::AtLeastOnce)
+        };
+        let (a, _a) = oneshot::channel();
+        let (b, _b) = oneshot::channel();
+        let (c, mut c_outcome) = oneshot::channel();
+        state.queue_publish(big.clone(), Completion::Checked(a));
+        state.queue_publish(big.clone(), Completion::Checked(b));
+        state.queue_publish(big, Completion::Checked(c));
+        assert_eq!(
+            c_outcome.try_recv(),
+            Ok(Err(PublishRefused::Backlog { queued: 2 }))
+        );
     }
 
     #[test]
@@ -600,6 +686,24 @@ mod tests {
         // Answered: nothing overdue.
         keep_alive.pong();
         assert!(!keep_alive.overdue(false, at(1000)));
+    }
+
+    #[test]
+    fn a_broker_that_sends_but_never_answers_pings_is_dead() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut keep_alive = KeepAlive::new(KEEP_ALIVE, 0, t0);
+        for n in 0..=MAX_UNANSWERED_PINGS as u64 {
+            keep_alive.ping_sent(n, at(1));
+        }
+        // Data keeps arriving, which alone would keep it alive...
+        keep_alive.read(at(100));
+        assert!(!keep_alive.overdue(true, at(100)), "holding: nothing read");
+        // ...but past a keep-alive of reading, the unanswered pings end it.
+        assert!(!keep_alive.overdue(false, at(4)));
+        assert!(keep_alive.overdue(false, at(100)));
+        keep_alive.pong();
+        assert!(!keep_alive.overdue(false, at(100)), "within the cap again");
     }
 
     #[test]

@@ -24,12 +24,16 @@ pub struct Schemas {
 impl Schemas {
     /// The schema at `path`, compiled on first use.
     pub fn load(&mut self, path: &Path) -> Result<Schema, String> {
-        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let absolute = absolute(path)?;
         self.by_path
-            .entry(key)
-            .or_insert_with(|| Schema::load(path))
+            .entry(absolute.clone())
+            .or_insert_with(|| Schema::compile(path, &absolute))
             .clone()
     }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))
 }
 
 impl std::fmt::Debug for Schema {
@@ -47,15 +51,19 @@ impl Schema {
     /// location, and only `file:` references are fetched: a bridge must not
     /// reach out to the network to understand its own configuration.
     pub fn load(path: &Path) -> Result<Self, String> {
+        Self::compile(path, &absolute(path)?)
+    }
+
+    /// [`Self::load`] with the absolute path already known; `path` is the
+    /// one shown in errors.
+    fn compile(path: &Path, absolute: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
         let schema: Value = serde_json::from_str(&text)
             .map_err(|e| format!("schema {} is not valid JSON: {e}", path.display()))?;
-        let absolute = std::path::absolute(path)
-            .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
         let validator = jsonschema::options()
             .with_retriever(FileRetriever)
-            .with_base_uri(file_uri(&absolute))
+            .with_base_uri(file_uri(absolute))
             .build(&schema)
             .map_err(|e| format!("schema {} does not compile: {e}", path.display()))?;
         Ok(Self {

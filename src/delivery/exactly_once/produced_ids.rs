@@ -132,14 +132,23 @@ impl ProducedIds {
         self.buckets[bucket(packet_id)].get(&packet_id)
     }
 
-    pub fn check(&mut self, packet_id: u16, qos: Qos, dup: bool, fingerprint: u64) -> Verdict {
+    /// Whether a received message is new. `fingerprint` is called only when
+    /// it decides (a QoS 1 resend of an id we hold), so most messages are
+    /// not hashed here.
+    pub fn check(
+        &mut self,
+        packet_id: u16,
+        qos: Qos,
+        dup: bool,
+        fingerprint: impl FnOnce() -> u64,
+    ) -> Verdict {
         match (qos, self.buckets[bucket(packet_id)].get_mut(&packet_id)) {
             // The broker cannot have reused the id: a resend, DUP flag or not.
             (Qos::ExactlyOnce, Some(entry)) if entry.qos == Qos::ExactlyOnce => {
                 Verdict::Duplicate { exact: true }
             }
             (Qos::AtLeastOnce, Some(entry))
-                if dup && entry.qos == Qos::AtLeastOnce && entry.fingerprint == fingerprint =>
+                if dup && entry.qos == Qos::AtLeastOnce && entry.fingerprint == fingerprint() =>
             {
                 // The broker resent it, so the ack we sent before did not
                 // reach it (lost with its connection, or dropped by the
@@ -268,19 +277,22 @@ mod tests {
     #[test]
     fn qos2_resend_is_a_duplicate_until_released() {
         let mut s = ProducedIds::default();
-        assert_eq!(s.check(7, Q2, false, 1), Verdict::New);
+        assert_eq!(s.check(7, Q2, false, || 1), Verdict::New);
         s.record(7, Q2, 1);
         // Resent with or without DUP, any content: the id is ours.
-        assert_eq!(s.check(7, Q2, true, 1), Verdict::Duplicate { exact: true });
         assert_eq!(
-            s.check(7, Q2, false, 99),
+            s.check(7, Q2, true, || 1),
+            Verdict::Duplicate { exact: true }
+        );
+        assert_eq!(
+            s.check(7, Q2, false, || 99),
             Verdict::Duplicate { exact: true }
         );
         // Confirmations concern QoS 1 only.
         s.acked(7, 1);
         assert!(!s.confirm(10));
         assert!(s.release(7));
-        assert_eq!(s.check(7, Q2, false, 1), Verdict::New);
+        assert_eq!(s.check(7, Q2, false, || 1), Verdict::New);
         assert!(!s.release(7), "an unknown PUBREL is not an error");
     }
 
@@ -289,14 +301,14 @@ mod tests {
         let mut s = ProducedIds::default();
         s.record(3, Q1, 42);
         assert_eq!(
-            s.check(3, Q1, true, 42),
+            s.check(3, Q1, true, || 42),
             Verdict::Duplicate { exact: false }
         );
         // DUP=0 is a first attempt: a new message reusing the id.
-        assert_eq!(s.check(3, Q1, false, 42), Verdict::New);
-        assert_eq!(s.check(3, Q1, true, 43), Verdict::New);
+        assert_eq!(s.check(3, Q1, false, || 42), Verdict::New);
+        assert_eq!(s.check(3, Q1, true, || 43), Verdict::New);
         // A QoS 2 message with the id is never a QoS 1 resend.
-        assert_eq!(s.check(3, Q2, true, 42), Verdict::New);
+        assert_eq!(s.check(3, Q2, true, || 42), Verdict::New);
     }
 
     #[test]
@@ -308,14 +320,14 @@ mod tests {
         s.acked(1, 5);
         s.acked(2, 6);
         assert!(s.confirm(5));
-        assert_eq!(s.check(1, Q1, true, 10), Verdict::New);
+        assert_eq!(s.check(1, Q1, true, || 10), Verdict::New);
         assert_eq!(s.len(), 2);
         // Not yet acked: kept whatever is confirmed.
         assert!(s.confirm(100));
         assert_eq!(s.take_dirty().len(), 1, "one bucket changed");
         assert_eq!(s.len(), 1);
         assert_eq!(
-            s.check(3, Q1, true, 30),
+            s.check(3, Q1, true, || 30),
             Verdict::Duplicate { exact: false }
         );
     }
@@ -328,12 +340,12 @@ mod tests {
         // resends it: the old ack did not count.
         s.acked(4, 5);
         assert_eq!(
-            s.check(4, Q1, true, 40),
+            s.check(4, Q1, true, || 40),
             Verdict::Duplicate { exact: false }
         );
         assert!(!s.confirm(5), "a confirmation of the old ack keeps it");
         assert_eq!(
-            s.check(4, Q1, true, 40),
+            s.check(4, Q1, true, || 40),
             Verdict::Duplicate { exact: false }
         );
         s.acked(4, 9);
@@ -375,6 +387,11 @@ mod tests {
         assert_eq!(
             empty.merge_bucket(&[FORMAT_VERSION, 0, 1, 1, 1]),
             Err(StateError::Truncated(5))
+        );
+        // A QoS this format never writes: corrupt, not a silent entry.
+        assert_eq!(
+            empty.merge_bucket(&[FORMAT_VERSION, 0, 1, 3, 1, 2, 3, 4, 5, 6, 7, 8]),
+            Err(StateError::Qos(3))
         );
     }
 

@@ -26,7 +26,7 @@ mod decode;
 mod encode;
 mod publish;
 #[cfg(test)]
-mod testing;
+pub(super) mod testing;
 
 pub use decode::Decoder;
 pub use encode::Wire;

@@ -42,7 +42,7 @@ pub(super) fn publish_bytes(
 }
 
 /// A fixed header for `packet_type` with `remaining` bytes to follow.
-pub(super) fn fixed(byte1: u8, remaining: usize) -> Vec<u8> {
+pub(in crate::mqtt) fn fixed(byte1: u8, remaining: usize) -> Vec<u8> {
     let mut out = vec![byte1];
     out.extend(varint(remaining));
     out
