@@ -5,6 +5,9 @@
 //! `BENCH_KAFKA=mock,real`; `BENCH_GUARANTEE=exactly_once,at_least_once`;
 //! `BENCH_OUTAGE_S`, 0 skips the outage run). Needs mosquitto, mosquitto_sub
 //! (mosquitto-clients) and, for `real`, Java 17 (see docs/testing.md).
+//! `BRIDGE_TEST_BINARY=path` measures that binary instead of the one cargo
+//! built for the bench, which carries the test-only features; the figures
+//! in docs/performance.md are of a `cargo build --release` binary.
 //! Reports per Kafka: the reference (the same load delivered by the same
 //! broker to `mosquitto_sub`), the Kafka ceiling (the same records produced
 //! straight to the same Kafka, transactional, no MQTT), and the bridge's
@@ -240,7 +243,10 @@ impl BridgeProcess {
             ),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-kafka-bridge"));
+        // `cargo bench` builds the binary with the dev-dependencies'
+        // features (the crash points, tokio's test clock); a production
+        // build is measured by naming it in BRIDGE_TEST_BINARY.
+        let mut command = Command::new(common::process::binary());
         common::die_with_parent(&mut command);
         let log = std::env::var("BENCH_BRIDGE_LOG").unwrap_or_else(|_| "warn".into());
         let child = command

@@ -262,7 +262,7 @@ impl Drop for BridgeProcess {
 /// for this test. (The target directory may be shared with other
 /// checkouts, whose builds replace `target/debug/mqtt-kafka-bridge`; a
 /// copy named here is the one tested.)
-fn binary() -> PathBuf {
+pub fn binary() -> PathBuf {
     std::env::var_os("BRIDGE_TEST_BINARY")
         .filter(|path| !path.is_empty())
         .map_or_else(
