@@ -5,19 +5,20 @@ use crate::config::{Config, ConfigErrors, Guarantee};
 use crate::delivery::{CommitLoop, DeliveryError, ExactlyOnce, LoadError};
 use crate::kafka::{SinkError, TransactionalSink};
 use crate::mqtt::{MqttError, MqttSession};
+use crate::reload::{self, Reloader, Trigger};
 use crate::route::RouteTable;
-use crate::telemetry;
+use crate::telemetry::{self, Health};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigErrors),
-    #[error("cannot serve metrics: {0}")]
-    Metrics(String),
+    #[error(transparent)]
+    Metrics(#[from] telemetry::ServeError),
     #[error(transparent)]
     Kafka(#[from] SinkError),
     #[error(transparent)]
@@ -58,6 +59,36 @@ fn task_end<T, E: std::fmt::Display>(
     }
 }
 
+/// Aborts the task when dropped: the metrics listener ends with the run.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks for a reload on every SIGHUP.
+async fn reload_on_sighup(triggers: mpsc::Sender<Trigger>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with --watch");
+                return;
+            }
+        };
+        while hangup.recv().await.is_some() {
+            // Full: a reload is already queued, and it reads the files anew.
+            let _ = triggers.try_send(Trigger::Signal);
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
+}
+
 /// How long to wait for the broker to take DISCONNECT before dropping the
 /// connection anyway.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
@@ -71,6 +102,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     run_with_readiness(config, shutdown, CancellationToken::new()).await
 }
 
+/// What makes a running bridge reload its configuration (see
+/// [`crate::reload`]).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Reload on SIGHUP. For the process, not for a bridge run inside a
+    /// test binary, where the signal would reach every bridge.
+    pub reload_on_sighup: bool,
+    /// Reload when a configuration file changes, looking this often.
+    pub watch: Option<Duration>,
+}
+
 /// [`run`], cancelling `ready` once the MQTT subscriptions are in place, so
 /// tests and the demo start publishing only when nothing can be missed.
 pub async fn run_with_readiness(
@@ -78,20 +120,45 @@ pub async fn run_with_readiness(
     shutdown: CancellationToken,
     ready: CancellationToken,
 ) -> Result<(), AppError> {
+    run_with(config, shutdown, ready, RunOptions::default()).await
+}
+
+/// [`run_with_readiness`], reloading as `options` say.
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: CancellationToken,
+    options: RunOptions,
+) -> Result<(), AppError> {
+    // Before anything slow: SIGHUP's default action ends the process.
+    let (triggers, trigger_rx) = mpsc::channel(1);
+    let _on_sighup = options
+        .reload_on_sighup
+        .then(|| AbortOnDrop(tokio::spawn(reload_on_sighup(triggers.clone()))));
     let table = Arc::new(RouteTable::compile(&config)?);
     let commands = Arc::new(CommandTable::compile(&config)?);
     for warning in &table.warnings {
         tracing::warn!("{warning}");
     }
-    if let Some(listen) = config.bridge.metrics.listen {
-        telemetry::serve_metrics(listen).map_err(|e| AppError::Metrics(e.to_string()))?;
-    }
     let bridge = &config.bridge;
+    // Secrets print as `[redacted]` (see `crate::secret`).
+    tracing::debug!(config = ?bridge, "effective bridge settings");
+    let health = Arc::new(Health::new(Duration::from_millis(
+        bridge.metrics.max_commit_wait_ms,
+    )));
+    // First, so that probes answer (not ready) while Kafka and MQTT come up.
+    let _listener = match bridge.metrics.listen {
+        Some(listen) => Some(AbortOnDrop(telemetry::serve(listen, health.clone()).await?)),
+        None => None,
+    };
+    telemetry::register(&reload::known_labels(&table, &commands));
+    telemetry::config_loaded();
     let sink = tokio::select! {
         sink = TransactionalSink::connect(
             &bridge.kafka,
             Duration::from_millis(bridge.delivery.transaction_timeout_ms),
             Duration::from_millis(bridge.delivery.commit_timeout_ms),
+            health.clone(),
         ) => sink?,
         _ = shutdown.cancelled() => return Ok(()),
     };
@@ -101,16 +168,20 @@ pub async fn run_with_readiness(
     // transaction.
     let exactly_once = match bridge.delivery.guarantee {
         Guarantee::AtLeastOnce => None,
-        Guarantee::ExactlyOnce => tokio::select! {
-            state = ExactlyOnce::load(bridge) => Some(state?),
-            _ = shutdown.cancelled() => return Ok(()),
-        },
+        Guarantee::ExactlyOnce => {
+            health.state_reading();
+            tokio::select! {
+                state = ExactlyOnce::load(bridge) => Some(state?),
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
     };
     if let Some(eo) = &exactly_once {
         tokio::select! {
             ready = sink.await_topic(eo.topic()) => ready?,
             _ = shutdown.cancelled() => return Ok(()),
         }
+        health.state_read();
     }
 
     let subscriptions = table.subscriptions();
@@ -118,7 +189,8 @@ pub async fn run_with_readiness(
         tracing::info!(filter = %sub.filter, qos = sub.qos.as_u8(), "subscribing");
     }
     let session = MqttSession::new(&bridge.mqtt, subscriptions)
-        .with_max_packet_bytes(bridge.limits.max_packet_bytes);
+        .with_max_packet_bytes(bridge.limits.max_packet_bytes)
+        .with_health(health.clone());
     let client = session.client();
     let (tx, rx) = mpsc::channel(usize::from(bridge.mqtt.inflight_window));
     // Intake stops forwarding as soon as shutdown is requested, and keeps
@@ -129,11 +201,14 @@ pub async fn run_with_readiness(
     let finished = CancellationToken::new();
     let mut intake =
         tokio::spawn(session.run_intake(tx, stop_intake.clone(), finished.clone(), ready));
-    let command_runner = (!commands.is_empty()).then(|| {
+    // Always running: a reload may add command routes to a bridge that
+    // had none (the runner makes no consumer until then).
+    let (command_tables, command_rx) = watch::channel(commands);
+    let command_runner = Some({
         let (kafka, client, stop) = (bridge.kafka.clone(), client.clone(), stop.clone());
         let runner = {
             let stop = stop.clone();
-            tokio::spawn(async move { command::run(commands, &kafka, client, stop).await })
+            tokio::spawn(async move { command::run(command_rx, &kafka, client, stop).await })
         };
         // Supervises the runner: an error or a panic stops the bridge.
         tokio::spawn(async move {
@@ -155,11 +230,33 @@ pub async fn run_with_readiness(
         })
     });
 
-    let commit_loop = CommitLoop::new(table, sink, client.clone(), &bridge.delivery, exactly_once);
+    let (route_swaps, swap_rx) = mpsc::channel(1);
+    let reloader = Reloader::new(&config, route_swaps, command_tables, client.clone());
+    let _watcher = options.watch.map(|every| {
+        AbortOnDrop(tokio::spawn(reload::watch_files(
+            reloader.files(),
+            config.mapping_globs(),
+            every,
+            triggers.clone(),
+            stop.clone(),
+        )))
+    });
+    let _reloader = AbortOnDrop(tokio::spawn(reloader.run(trigger_rx, stop.clone())));
+    let commit_loop = CommitLoop::new(
+        table,
+        sink,
+        client.clone(),
+        &bridge.delivery,
+        exactly_once,
+        health.clone(),
+    )
+    .with_route_swaps(swap_rx);
     let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);
     let run = commit_loop.run(rx, stop.clone());
     let deadline = async {
         stop.cancelled().await;
+        health.stopping();
+        tracing::info!("shutting down: committing the open batch");
         tokio::time::sleep(shutdown_timeout).await;
     };
     let mut result = tokio::select! {

@@ -2,7 +2,8 @@
 
 use crate::app::{self, AppError};
 use crate::config::{Config, ConfigErrors};
-use crate::{check, translate};
+use crate::telemetry::{self, LogFormat};
+use crate::{check, reload, translate};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,16 +28,30 @@ pub struct Cli {
         global = true
     )]
     pub log: String,
+    /// Log line format: `text` for people, `json` (one object per line)
+    /// for a log pipeline.
+    #[arg(
+        long,
+        env = "BRIDGE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the bridge.
+    /// Run the bridge. SIGHUP reloads the mapping files.
     Run {
         #[arg(long, short, env = "BRIDGE_CONFIG")]
         config: PathBuf,
+        /// Also reload when the bridge file, a mapping file or a schema
+        /// changes (checked every 2 s; Kubernetes ConfigMap updates too).
+        #[arg(long, env = "BRIDGE_WATCH")]
+        watch: bool,
     },
     /// Load and validate the configuration, print the route table.
     Check {
@@ -67,13 +82,7 @@ pub enum Command {
 }
 
 pub fn init_tracing(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging(&cli.log, cli.log_format);
 }
 
 /// Runs a command and maps its result to the process exit code.
@@ -93,15 +102,20 @@ pub fn execute(cli: Cli) -> ExitCode {
                 None => report(&e),
             },
         },
-        Command::Run { config } => {
+        Command::Run { config, watch } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            let options = app::RunOptions {
+                reload_on_sighup: true,
+                watch: watch.then_some(reload::WATCH_EVERY),
+            };
             runtime().block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                match app::run(config, shutdown).await {
+                let ready = CancellationToken::new();
+                match app::run_with(config, shutdown, ready, options).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(AppError::Config(e)) => config_error(&e),
                     Err(e) => report(&anyhow::Error::new(e)),

@@ -25,8 +25,10 @@
 //! vocabulary: `mqtt::Qos`, `mqtt::Subscription`, `kafka::Record`);
 //! [`config`] loads files into them; [`route`] sits on those; [`delivery`]
 //! and [`command`] on route; [`app`] wires everything and owns shutdown.
+//! [`reload`] swaps a new configuration in while the bridge runs.
 //! [`check`] and [`translate`] are the dry-run commands, [`cli`] the
-//! command line, [`telemetry`] the metrics, [`backoff`] the one retry wait, [`fault`] the crash points the
+//! command line, [`telemetry`] the metrics, probes and logs, [`secret`]
+//! what never gets printed, [`backoff`] the one retry wait, [`fault`] the crash points the
 //! exactly-once tests use (compiled in only with the `fault` feature), and
 //! `demo` runs it all in-process (the default-on `demo` feature).
 
@@ -42,6 +44,8 @@ pub mod demo;
 pub mod fault;
 pub mod kafka;
 pub mod mqtt;
+pub mod reload;
 pub mod route;
+pub mod secret;
 pub mod telemetry;
 pub mod translate;

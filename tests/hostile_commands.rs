@@ -95,6 +95,7 @@ async fn hostile_commands_are_dead_lettered_once_and_the_next_command_arrives() 
         // PUBREC it sends (`handle__publish` tests `out_packet_count >=
         // max_queued_messages` without checking for 0).
         extra_config: "max_packet_size 100000\nmax_queued_messages 1000\nlog_type debug\n".into(),
+        ..Options::default()
     })
     .await;
     let modes = rig.topics.named("hvac.modes");

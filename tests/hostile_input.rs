@@ -171,6 +171,7 @@ async fn a_refused_relay_dead_letters_its_source() {
         // mosquitto 2.0 disconnects a client after a refusing PUBACK when
         // max_queued_messages is 0 (no limit), the rig's default.
         extra_config: "max_queued_messages 1000\n".into(),
+        ..Options::default()
     };
     let rig = Rig::start_with_broker(TestKafka::real(), &options).await;
     let client_id = unique("relay");

@@ -3,10 +3,12 @@
 
 mod common;
 
+use common::kafka::TestKafka;
 use common::*;
 use mqtt_kafka_bridge::telemetry::{
-    COMMIT_SECONDS, DEAD_LETTERED, MQTT_CONNECTED, PRODUCED, RECEIVED, TX_COMMITTED,
+    BUILD_INFO, COMMIT_SECONDS, DEAD_LETTERED, MQTT_CONNECTED, PRODUCED, RECEIVED, TX_COMMITTED,
 };
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,4 +59,74 @@ async fn metrics_count_received_produced_dead_lettered_and_commits() {
         "commit latency is a histogram:\n{text}"
     );
     assert_eq!(scrape.value(MQTT_CONNECTED, &[]), Some(1.0), "{text}");
+}
+
+/// docs/metrics.md is the operator's list: every metric a fresh bridge
+/// serves is in it with its type, and everything in it is served (each
+/// known series exists at 0 from start-up, so nothing waits for traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docs_list_every_metric_served_and_nothing_more() {
+    let rig = Rig::start_with(TestKafka::mock()).await;
+    let files = BridgeFiles::new(&rig.bridge_config());
+    let mut bridge = files.start(None);
+    bridge.await_connected(Duration::from_secs(30)).await;
+    let scrape = bridge.metrics().scrape_async().await.expect("scrape");
+    bridge.stop();
+
+    let served: BTreeMap<&str, &str> = scrape
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let docs = std::fs::read_to_string(repo_path("docs/metrics.md")).expect("docs/metrics.md");
+    let documented: BTreeMap<&str, &str> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once("` | ")?;
+            // The probe table's rows are paths.
+            (!name.starts_with('/')).then_some((name, rest.split(' ').next()?))
+        })
+        .collect();
+    let undocumented: Vec<_> = served
+        .iter()
+        .filter(|(n, _)| !documented.contains_key(*n))
+        .collect();
+    let unserved: Vec<_> = documented
+        .iter()
+        .filter(|(n, _)| !served.contains_key(*n))
+        .collect();
+    assert!(
+        undocumented.is_empty() && unserved.is_empty(),
+        "served but not in docs/metrics.md: {undocumented:?}\nin docs/metrics.md but not served: {unserved:?}\nscrape:\n{}",
+        scrape.text
+    );
+    for (name, kind) in &served {
+        assert_eq!(documented[name], *kind, "type of {name} in docs/metrics.md");
+    }
+    // Every known label set is there before any traffic.
+    for (name, labels) in [
+        (RECEIVED, vec![("route", "hvac-telemetry")]),
+        (
+            DEAD_LETTERED,
+            vec![("route", "hvac-telemetry"), ("reason", "schema")],
+        ),
+        (MQTT_CONNECTED, vec![]),
+        (TX_COMMITTED, vec![]),
+    ] {
+        assert!(
+            scrape.value(name, &labels).is_some(),
+            "{name}{labels:?} missing:\n{}",
+            scrape.text
+        );
+    }
+    assert!(
+        scrape.text.contains(&format!(
+            "{BUILD_INFO}{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{}",
+        scrape.text
+    );
 }

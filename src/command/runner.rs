@@ -20,14 +20,16 @@ use crate::route::reject::{self, Evidence, Form};
 use crate::route::{RejectReason, Rejection};
 use crate::telemetry;
 use bytes::Bytes;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::Message;
+use rdkafka::{ClientContext, Message};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How long one dead-letter write may wait in librdkafka's queue.
@@ -42,7 +44,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// leaving the group), polling in a loop: seconds, and on a tokio worker
 /// that stalls the runtime. The consumer is closed on a thread of its own,
 /// which nothing waits for.
-struct CloseInBackground(Option<StreamConsumer>);
+struct CloseInBackground(Option<StreamConsumer<LagReport>>);
 
 impl Drop for CloseInBackground {
     fn drop(&mut self) {
@@ -60,19 +62,61 @@ pub enum CommandError {
     Mqtt(#[from] MqttError),
 }
 
+/// Turns the consumer's statistics into `command_consumer_lag`, by topic:
+/// records the backend wrote that no bridge has delivered yet.
+struct LagReport;
+
+impl ClientContext for LagReport {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            // Partition -1 is librdkafka's unassigned queue; a lag of -1
+            // means not known yet (no committed offset or high watermark).
+            let lag: i64 = topic
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0)
+                .map(|p| p.consumer_lag.max(0))
+                .sum();
+            telemetry::command_consumer_lag(name, lag);
+        }
+    }
+}
+
+impl ConsumerContext for LagReport {}
+
 /// Runs until `shutdown`. A command in flight at shutdown is not committed:
 /// the next run delivers it again.
+///
+/// The routes come from `tables`: a reload sends new ones, taken between
+/// two records, and the consumer subscribes to the new set of topics. With
+/// no command route there is no consumer (and no group member) until a
+/// reload adds one.
 pub async fn run(
-    table: Arc<CommandTable>,
+    mut tables: watch::Receiver<Arc<CommandTable>>,
     kafka: &KafkaConfig,
     client: MqttClient,
     shutdown: CancellationToken,
 ) -> Result<(), CommandError> {
+    let mut table = tables.borrow_and_update().clone();
+    while table.is_empty() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            changed = tables.changed() => match changed {
+                Ok(()) => table = tables.borrow_and_update().clone(),
+                Err(_) => return Ok(()),
+            },
+        }
+    }
     let group = kafka
         .command_group
         .clone()
         .unwrap_or_else(|| format!("{}.commands", kafka.transactional_id));
-    let consumer: StreamConsumer = client_config(kafka)
+    let mut config = client_config(kafka);
+    if !kafka.properties.contains_key("statistics.interval.ms") {
+        // For `command_consumer_lag`.
+        config.set("statistics.interval.ms", "5000");
+    }
+    let consumer: StreamConsumer<LagReport> = config
         .set("group.id", &group)
         // Static membership: a restarted bridge (same identity) takes its
         // partitions back at once instead of after the old member's session
@@ -82,7 +126,7 @@ pub async fn run(
         .set("auto.offset.reset", "earliest")
         // Only what the backend committed is a command.
         .set("isolation.level", "read_committed")
-        .create()?;
+        .create_with_context(LagReport)?;
     consumer.subscribe(&table.topics())?;
     let consumer = CloseInBackground(Some(consumer));
     let consumer = consumer.0.as_ref().expect("set");
@@ -91,6 +135,19 @@ pub async fn run(
     loop {
         let record = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            Ok(()) = tables.changed() => {
+                let new = tables.borrow_and_update().clone();
+                if new.topics_sorted() != table.topics_sorted() {
+                    tracing::info!(topics = ?new.topics(), "command topics changed");
+                    if new.is_empty() {
+                        consumer.unsubscribe();
+                    } else {
+                        consumer.subscribe(&new.topics())?;
+                    }
+                }
+                table = new;
+                continue;
+            }
             record = consumer.recv() => record,
         };
         let record = match record {
@@ -107,6 +164,11 @@ pub async fn run(
                 continue;
             }
         };
+        if !table.reads(record.topic()) {
+            // Fetched before a reload dropped its route: left uncommitted,
+            // for whoever reads the topic next.
+            continue;
+        }
         let route = table.route_name(record.topic()).to_string();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let prepared = table.prepare(
@@ -189,7 +251,7 @@ pub async fn run(
 /// partition, the coordinator is away) is not fatal: the next commit covers
 /// this offset too, or the partition's new owner handles the record again,
 /// which at-least-once delivery of commands allows.
-fn commit(consumer: &StreamConsumer, record: &BorrowedMessage<'_>) {
+fn commit(consumer: &StreamConsumer<LagReport>, record: &BorrowedMessage<'_>) {
     if let Err(error) = consumer.commit_message(record, CommitMode::Async) {
         tracing::warn!(
             %error,

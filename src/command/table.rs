@@ -149,6 +149,18 @@ impl CommandTable {
         self.by_topic.keys().map(String::as_str).collect()
     }
 
+    /// The topics to consume, sorted: to compare two tables.
+    pub fn topics_sorted(&self) -> Vec<&str> {
+        let mut topics = self.topics();
+        topics.sort_unstable();
+        topics
+    }
+
+    /// Whether a route reads `topic`.
+    pub fn reads(&self, topic: &str) -> bool {
+        self.by_topic.contains_key(topic)
+    }
+
     /// The route name for a Kafka topic, for metrics and headers.
     pub fn route_name(&self, topic: &str) -> &str {
         self.by_topic

@@ -35,7 +35,7 @@ pub enum Guarantee {
     AtLeastOnce,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     #[serde(default)]
@@ -79,7 +79,7 @@ impl Default for DeliveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Messages larger than this are dead-lettered with reason `too_large`.
@@ -133,12 +133,30 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address of the Prometheus `/metrics` endpoint, e.g. `0.0.0.0:9464`.
-    /// Absent: no endpoint.
+    /// Address of the HTTP listener serving `/metrics`, `/livez` and
+    /// `/readyz`, e.g. `0.0.0.0:9464`. Absent: no listener.
     pub listen: Option<std::net::SocketAddr>,
+    /// How long one commit, with its retries, may go on before `/readyz`
+    /// says not ready. Longer than a broker failover takes, so a failover
+    /// the bridge rides out does not pull it out of service.
+    #[serde(default = "default_max_commit_wait_ms")]
+    pub max_commit_wait_ms: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_commit_wait_ms: default_max_commit_wait_ms(),
+        }
+    }
+}
+
+fn default_max_commit_wait_ms() -> u64 {
+    30_000
 }
 
 fn default_state_topic() -> String {

@@ -73,6 +73,13 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// Adds `other`'s errors after these.
+    pub fn extend(&mut self, other: ConfigErrors) {
+        self.0.extend(other.0);
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.0.len();

@@ -60,6 +60,32 @@ impl MappingSource {
 }
 
 impl Config {
+    /// The files this configuration was read from: the bridge file, the
+    /// mapping files and the schemas they name (what `--watch` watches).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        for mapping in &self.mappings {
+            files.push(mapping.path.clone());
+            let dir = mapping.path.parent().unwrap_or(Path::new("."));
+            let schemas = mapping.file.routes.iter().filter_map(|r| r.schema.as_ref());
+            let command_schemas = mapping
+                .file
+                .commands
+                .iter()
+                .filter_map(|c| c.schema.as_ref());
+            files.extend(schemas.chain(command_schemas).map(|s| dir.join(s)));
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// The bridge file's mapping globs, as full patterns.
+    pub fn mapping_globs(&self) -> Vec<PathBuf> {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        self.bridge.mappings.iter().map(|p| base.join(p)).collect()
+    }
+
     /// Reads the bridge file and every mapping file its globs name.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let raw = read(path)?;

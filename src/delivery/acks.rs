@@ -11,7 +11,9 @@
 //! commit loop only feeds the queue and sends what it releases.
 
 use crate::mqtt::{Ack, MqttError, MqttMessage, PublishRefused};
+use crate::route::RouteTable;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// A relay publish the source message's ack waits for.
@@ -19,7 +21,10 @@ pub(super) struct PendingRelay {
     pub done: oneshot::Receiver<Result<(), PublishRefused>>,
     /// The source message, dead-lettered if the broker refuses the relay.
     pub message: MqttMessage,
+    /// The route, in `table`: the routes as they were when it was relayed
+    /// (a reload may have swapped them since).
     pub route: usize,
+    pub table: Arc<RouteTable>,
 }
 
 /// What became of a relay publish.
@@ -177,15 +182,28 @@ impl<A> AckQueue<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, MappingSource};
 
     type Sender = oneshot::Sender<Result<(), PublishRefused>>;
 
     fn relay(route: usize) -> (Sender, PendingRelay) {
+        thread_local! {
+            static TABLE: Arc<RouteTable> = {
+                let bridge = "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t }\nmappings: [x]\n";
+                let mapping = "routes:\n  - name: r\n    mqtt: { filter: 'a/#' }\n    kafka: { topic: t }\n";
+                let path = std::path::Path::new("m.yaml");
+                let source = MappingSource::parse(path, mapping).expect("mapping");
+                let config = Config::from_parts(std::path::Path::new("b.yaml"), bridge, vec![source])
+                    .expect("config");
+                Arc::new(RouteTable::compile(&config).expect("table"))
+            };
+        }
         let (tx, rx) = oneshot::channel();
         let relay = PendingRelay {
             done: rx,
             message: MqttMessage::new("a/b", "x"),
             route,
+            table: TABLE.with(Arc::clone),
         };
         (tx, relay)
     }

@@ -267,10 +267,29 @@ impl Batch {
     }
 
     /// Counts what the committed batch produced and dead-lettered, by route.
-    pub fn count_committed(&self, table: &RouteTable, took: Duration) {
+    pub fn count_committed(
+        &self,
+        table: &RouteTable,
+        took: Duration,
+        counters: &telemetry::MessageCounters,
+    ) {
         let mut produced: HashMap<usize, u64> = HashMap::new();
         let mut dead_lettered: HashMap<(Option<usize>, &'static str), u64> = HashMap::new();
-        for origin in self.records.iter().filter_map(|e| e.origin.as_ref()) {
+        let mut bytes = 0;
+        let now = chrono::Utc::now();
+        for (record, origin) in self
+            .records
+            .iter()
+            .filter_map(|e| Some((&e.record, e.origin.as_ref()?)))
+        {
+            if !origin.lost {
+                bytes += (record.key.as_ref().map_or(0, String::len) + record.value.len()) as u64;
+                counters.waited(
+                    (now - origin.message.received_at)
+                        .to_std()
+                        .unwrap_or_default(),
+                );
+            }
             match (origin.lost, origin.route, origin.reason) {
                 (true, _, _) => {}
                 (false, Some(route), None) => *produced.entry(route).or_default() += 1,
@@ -292,5 +311,6 @@ impl Batch {
             })
             .collect();
         telemetry::committed(took, self.messages, &produced, &dead_lettered);
+        counters.produced_bytes(bytes);
     }
 }

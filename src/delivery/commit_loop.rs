@@ -19,7 +19,7 @@ use crate::kafka::{SinkError, TransactionalSink};
 use crate::mqtt::{Ack, AckKind, Delivery, Intake, MqttClient, MqttMessage, PublishRefused, Qos};
 use crate::route::reject::Form;
 use crate::route::{Outcome, RejectReason, Rejection, RouteTable};
-use crate::telemetry;
+use crate::telemetry::{self, Health};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -45,12 +45,37 @@ pub struct CommitLoop {
     exactly_once: Option<ExactlyOnce>,
     /// Acks of committed batches not yet handed to the session.
     acks: AckQueue,
-    /// `bridge_messages_received_total` by route index, and for records
+    /// `mqtt_kafka_bridge_messages_received_total` by route index, and for records
     /// without a route; registered once (see `telemetry::received_counter`).
     received: Vec<metrics::Counter>,
     received_without_route: metrics::Counter,
     /// Dead-letter records of refused relays, for the next transaction.
     refused_relays: Vec<Entry>,
+    counters: telemetry::MessageCounters,
+    /// Acks owed to the broker: taken into a batch, not yet handed to the
+    /// session (`in_flight_messages`).
+    owed: usize,
+    /// Where a commit that goes on too long shows (`/readyz`).
+    health: Arc<Health>,
+    /// New routes from a reload, taken between transactions.
+    swaps: Option<mpsc::Receiver<RouteSwap>>,
+}
+
+/// New routes for the commit loop; `done` fires once they are in use.
+pub struct RouteSwap {
+    pub table: Arc<RouteTable>,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The next swap, or never when there is no reloader.
+async fn next_swap(swaps: &mut Option<mpsc::Receiver<RouteSwap>>) -> RouteSwap {
+    match swaps {
+        Some(rx) => match rx.recv().await {
+            Some(swap) => swap,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl CommitLoop {
@@ -60,6 +85,7 @@ impl CommitLoop {
         client: MqttClient,
         delivery: &DeliveryConfig,
         exactly_once: Option<ExactlyOnce>,
+        health: Arc<Health>,
     ) -> Self {
         let received = (0..table.routes().len())
             .map(|r| telemetry::received_counter(table.route_name(r)))
@@ -76,7 +102,17 @@ impl CommitLoop {
             batch_max_messages: delivery.batch_max_messages,
             commit_interval: Duration::from_millis(delivery.commit_interval_ms),
             exactly_once,
+            counters: telemetry::MessageCounters::default(),
+            owed: 0,
+            health,
+            swaps: None,
         }
+    }
+
+    /// Takes new routes from `swaps` (a reload) between transactions.
+    pub fn with_route_swaps(mut self, swaps: mpsc::Receiver<RouteSwap>) -> Self {
+        self.swaps = Some(swaps);
+        self
     }
 
     /// Runs until `shutdown` fires (then commits and acks the open batch and
@@ -110,6 +146,10 @@ impl CommitLoop {
                     // A refused relay's dead letter gets a transaction of
                     // its own at the top of the loop: no batch is open.
                     self.relay_done(done).await?;
+                    continue;
+                }
+                swap = next_swap(&mut self.swaps) => {
+                    self.swap_routes(swap);
                     continue;
                 }
                 first = input.recv() => match first {
@@ -186,22 +226,42 @@ impl CommitLoop {
     /// `mqtt_refused`) in the next transaction; its ack waits for that
     /// commit, so a crash in between redelivers the source instead of
     /// losing it.
+    ///
+    /// The record follows the route as it was when the message was relayed;
+    /// the entry names the route in the current table (by name: a reload
+    /// may have moved or removed it, and then the entry has no route).
     fn dead_letter_relay(&mut self, relay: PendingRelay, refused: PublishRefused) {
-        tracing::warn!(route = self.table.route_name(relay.route), %refused, "the MQTT broker refused a relay publish; dead-lettering its source");
+        let name = relay.table.route_name(relay.route);
+        tracing::warn!(route = name, %refused, "the MQTT broker refused a relay publish; dead-lettering its source");
         let rejection = Rejection::new(RejectReason::MqttRefused, refused.to_string());
-        let record = self.table.dead_letter(
+        let record = relay.table.dead_letter(
             Some(relay.route),
             &relay.message,
             &rejection,
             None,
             Form::Full,
         );
+        let route = if Arc::ptr_eq(&relay.table, &self.table) {
+            Some(relay.route)
+        } else {
+            self.table.route_index(name)
+        };
         self.refused_relays.push(Entry::message(
             record,
             relay.message,
-            Some(relay.route),
+            route,
             Some(RejectReason::MqttRefused),
         ));
+    }
+
+    /// Takes the routes of a reload: called between transactions only, so
+    /// that every record of a batch comes from one set of routes.
+    fn swap_routes(&mut self, swap: RouteSwap) {
+        self.received = (0..swap.table.routes().len())
+            .map(|r| telemetry::received_counter(swap.table.route_name(r)))
+            .collect();
+        self.table = swap.table;
+        let _ = swap.done.send(());
     }
 
     /// Commits the dead letters of refused relays in a transaction of
@@ -242,6 +302,8 @@ impl CommitLoop {
             }
         }
         self.acks_queued += acks.len() as u64;
+        self.owed = self.owed.saturating_sub(acks.len());
+        self.counters.in_flight(self.owed);
         self.client.ack_all(acks).await?;
         Ok(())
     }
@@ -251,11 +313,18 @@ impl CommitLoop {
         match intake {
             Intake::Message(delivery) => {
                 fault::point(Point::AfterReceive);
+                self.counters.received_bytes(delivery.message.payload.len());
+                if delivery.ack.is_some() {
+                    self.owed += 1;
+                    self.counters.in_flight(self.owed);
+                }
                 self.add_message(batch, delivery).await
             }
             Intake::Released(ack) => {
                 fault::point(Point::AfterPubrel);
                 batch.messages += 1;
+                self.owed += 1;
+                self.counters.in_flight(self.owed);
                 if let Some(eo) = &mut self.exactly_once {
                     // PUBCOMP frees the id for a new message: only once the
                     // state without it has committed.
@@ -343,6 +412,7 @@ impl CommitLoop {
                     done: self.client.publish_checked(publish).await?,
                     message: delivery.message,
                     route,
+                    table: self.table.clone(),
                 });
                 return Ok(());
             }
@@ -407,6 +477,18 @@ impl CommitLoop {
         if batch.records.is_empty() {
             return Ok(true);
         }
+        self.health.commit_started();
+        let committed = self.commit_until_decided(batch, shutdown).await;
+        self.health.commit_finished();
+        committed
+    }
+
+    /// [`Self::commit`]'s retry loop, for a batch that holds records.
+    async fn commit_until_decided(
+        &mut self,
+        batch: &mut Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, DeliveryError> {
         let mut backoff = backoff();
         loop {
             let started = Instant::now();
@@ -451,7 +533,7 @@ impl CommitLoop {
                     for reply in batch.ownership.drain(..) {
                         let _ = reply.send(());
                     }
-                    batch.count_committed(&self.table, started.elapsed());
+                    batch.count_committed(&self.table, started.elapsed(), &self.counters);
                     return Ok(true);
                 }
                 Fate::Stopped => return Ok(false),

@@ -17,7 +17,7 @@ mod commit_loop;
 mod exactly_once;
 mod settle;
 
-pub use commit_loop::CommitLoop;
+pub use commit_loop::{CommitLoop, RouteSwap};
 pub use exactly_once::{ExactlyOnce, LoadError, ProducedIds, StateError};
 
 use crate::kafka::SinkError;

@@ -8,7 +8,7 @@ pub mod state_store;
 
 pub use config::KafkaConfig;
 pub use record::{is_valid_topic_name, Record};
-pub use sink::{refusal_kind, Refusal, SinkError, TransactionalSink};
+pub use sink::{refusal_kind, Refusal, SinkError, TransactionalSink, REFUSALS};
 pub use state_store::StateStoreError;
 
 use rdkafka::ClientConfig;

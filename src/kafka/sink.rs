@@ -7,11 +7,13 @@
 use super::KafkaConfig;
 use super::Record;
 use crate::fault::{self, Point};
+use crate::telemetry::Health;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{
     BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
 };
+use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +33,25 @@ pub struct Refusal {
     pub topic_wide: bool,
     pub partition: i32,
 }
+
+/// Every error [`refusal_kind`] calls a refusal: the `error` label values
+/// of `kafka_records_refused_total`, registered at 0 at start-up.
+pub const REFUSALS: [RDKafkaErrorCode; 11] = {
+    use RDKafkaErrorCode as E;
+    [
+        E::MessageSizeTooLarge,
+        E::InvalidMessageSize,
+        E::InvalidTimestamp,
+        E::InvalidRecord,
+        E::MessageBatchTooLarge,
+        E::PolicyViolation,
+        E::UnknownTopicOrPartition,
+        E::UnknownTopic,
+        E::UnknownPartition,
+        E::TopicAuthorizationFailed,
+        E::InvalidTopic,
+    ]
+};
 
 /// How a delivery error bears on its record: `Some(topic_wide)` if the
 /// record itself (or its topic) is refused for good, `None` if producing it
@@ -56,15 +77,41 @@ pub fn refusal_kind(code: RDKafkaErrorCode) -> Option<bool> {
 /// Delivery reports of the open transaction: the refusals, by record id.
 /// Served by whoever polls the producer (the flush before a commit or an
 /// abort); bounded by the records of one transaction.
-#[derive(Default)]
 pub struct Reports {
     refusals: Mutex<Vec<Refusal>>,
     /// Failed deliveries of any kind since the last `take_refusals`: a
     /// record that was not refused was not necessarily delivered.
     failures: std::sync::atomic::AtomicUsize,
+    /// Where librdkafka's statistics report the broker connections.
+    health: Arc<Health>,
 }
 
-impl ClientContext for Reports {}
+impl Reports {
+    fn new(health: Arc<Health>) -> Self {
+        Self {
+            refusals: Mutex::default(),
+            failures: Default::default(),
+            health,
+        }
+    }
+}
+
+impl ClientContext for Reports {
+    /// Counts the connections to real brokers that are up. The logical
+    /// brokers (the transaction coordinator's alias) mirror a real one and
+    /// are left out. The coordinator's connection is kept open by
+    /// librdkafka even when idle, so an idle bridge still has one up.
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics
+            .brokers
+            .values()
+            .filter(|b| b.source != "logical" && b.source != "internal")
+            .filter(|b| b.state == "UP" || b.state == "UPDATE")
+            .count();
+        tracing::trace!(up, brokers = ?statistics.brokers.values().map(|b| (&b.name, &b.source, &b.state)).collect::<Vec<_>>(), "producer statistics");
+        self.health.kafka_brokers_up(up);
+    }
+}
 
 impl ProducerContext for Reports {
     type DeliveryOpaque = usize;
@@ -158,6 +205,7 @@ pub struct TransactionalSink {
     config: rdkafka::ClientConfig,
     commit_timeout: Duration,
     in_transaction: bool,
+    health: Arc<Health>,
 }
 
 impl TransactionalSink {
@@ -166,10 +214,14 @@ impl TransactionalSink {
     /// aborts the transaction it left open. `transaction_timeout` is how
     /// long the coordinator lets a transaction stay open before aborting
     /// it; `commit_timeout` bounds each commit and abort.
+    ///
+    /// Broker connections and the end of `init_transactions` are reported
+    /// to `health`.
     pub async fn connect(
         kafka: &KafkaConfig,
         transaction_timeout: Duration,
         commit_timeout: Duration,
+        health: Arc<Health>,
     ) -> Result<Self, SinkError> {
         let mut config = super::client_config(kafka);
         // A record for a topic that does not exist fails after this long
@@ -181,16 +233,22 @@ impl TransactionalSink {
         {
             config.set("topic.metadata.propagation.max.ms", "5000");
         }
+        // For `kafka_brokers_up` and readiness.
+        if !kafka.properties.contains_key("statistics.interval.ms") {
+            config.set("statistics.interval.ms", STATISTICS_EVERY_MS);
+        }
         config.set("transactional.id", &kafka.transactional_id).set(
             "transaction.timeout.ms",
             transaction_timeout.as_millis().to_string(),
         );
-        let producer = init_producer(&config, commit_timeout).await?;
+        let producer = init_producer(&config, commit_timeout, &health).await?;
+        health.kafka_initialised();
         Ok(Self {
             producer,
             config,
             commit_timeout,
             in_transaction: false,
+            health,
         })
     }
 
@@ -203,7 +261,7 @@ impl TransactionalSink {
     /// how a delayed EndTxn can hit a later transaction; see Jepsen's 2024
     /// Kafka analysis and KIP-890.)
     pub async fn recreate(&mut self) -> Result<(), SinkError> {
-        let producer = init_producer(&self.config, self.commit_timeout).await?;
+        let producer = init_producer(&self.config, self.commit_timeout, &self.health).await?;
         let old = std::mem::replace(&mut self.producer, producer);
         self.in_transaction = false;
         // Destroying a producer can wait on its brokers: not on this task.
@@ -393,15 +451,43 @@ fn flush(producer: &Inner, timeout: Duration) -> Result<(), KafkaError> {
 async fn init_producer(
     config: &rdkafka::ClientConfig,
     timeout: Duration,
+    health: &Arc<Health>,
 ) -> Result<Arc<Inner>, SinkError> {
     let producer: Arc<Inner> = Arc::new(
         config
-            .create_with_context(Reports::default())
+            .create_with_context(Reports::new(health.clone()))
             .map_err(SinkError::Create)?,
     );
+    tokio::spawn(serve_statistics(Arc::downgrade(&producer)));
     let init = producer.clone();
     blocking("init_transactions", move || init.init_transactions(timeout)).await?;
     Ok(producer)
+}
+
+/// librdkafka's `statistics.interval.ms` unless configured.
+const STATISTICS_EVERY_MS: &str = "1000";
+
+/// Polls the producer between commits, so its statistics reach
+/// [`Reports::stats`] also while the bridge is idle (librdkafka serves
+/// callbacks only from a poll, and the sink polls only while it flushes).
+/// Ends with the producer. A poll may serve delivery reports too; they
+/// land in the same [`Reports`] whichever poll serves them.
+async fn serve_statistics(producer: std::sync::Weak<Inner>) {
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(producer) = producer.upgrade() else {
+            return;
+        };
+        producer.poll(Duration::ZERO);
+        if Arc::strong_count(&producer) == 1 {
+            // Dropped by the sink meanwhile: destroying it can wait on its
+            // brokers, so not on this task.
+            tokio::task::spawn_blocking(move || drop(producer));
+            return;
+        }
+    }
 }
 
 /// How often a blocking Kafka call that is still running says so.
@@ -431,5 +517,25 @@ async fn blocking(
     match joined {
         Ok(result) => result.map_err(SinkError::classify),
         Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_refusal_is_one() {
+        for code in REFUSALS {
+            assert!(refusal_kind(code).is_some(), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::PurgeQueue,
+        ] {
+            assert!(refusal_kind(code).is_none(), "{code:?}");
+        }
     }
 }

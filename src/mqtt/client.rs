@@ -8,7 +8,7 @@
 //! a caller waits when the session is behind.
 
 use super::wire::{self, Outbound, OutgoingPublish};
-use super::{MqttError, Qos};
+use super::{MqttError, Qos, Subscription};
 use tokio::sync::{mpsc, oneshot};
 
 /// Command batches queued for the session: one batch of acks per Kafka
@@ -106,6 +106,8 @@ pub(super) enum Command {
     /// One of our own messages; `done` fires when the broker has it
     /// (PUBACK, PUBCOMP; QoS 0: written) or refused it.
     Publish(OutgoingPublish, Completion),
+    /// The filters the session should hold from now on (a reload).
+    Subscriptions(Vec<Subscription>),
     Disconnect,
 }
 
@@ -198,6 +200,19 @@ impl MqttClient {
     ) -> Result<(), MqttError> {
         self.commands
             .send(Command::Publish(publish, done))
+            .await
+            .map_err(|_| MqttError::Closed)
+    }
+
+    /// Makes the session hold `subscriptions` from now on: it unsubscribes
+    /// from the filters not among them and subscribes to the new ones (or
+    /// at a new QoS), and subscribes to them all on later connections.
+    pub async fn set_subscriptions(
+        &self,
+        subscriptions: Vec<Subscription>,
+    ) -> Result<(), MqttError> {
+        self.commands
+            .send(Command::Subscriptions(subscriptions))
             .await
             .map_err(|_| MqttError::Closed)
     }

@@ -3,6 +3,7 @@
 //! side depends on nothing above it.
 
 use super::Qos;
+use crate::secret::Secret;
 use serde::Deserialize;
 
 /// MQTT protocol version spoken to the broker.
@@ -17,7 +18,7 @@ pub enum MqttProtocol {
     V311,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     pub host: String,
@@ -29,7 +30,7 @@ pub struct MqttConfig {
     #[serde(default)]
     pub protocol: MqttProtocol,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Use TLS (the system's root certificates) to reach the broker.
     #[serde(default)]
     pub tls: bool,

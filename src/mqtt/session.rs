@@ -40,8 +40,9 @@ use super::MqttError;
 use super::MqttMessage;
 use super::Subscription;
 use crate::fault::{self, Point};
-use crate::telemetry;
+use crate::telemetry::{self, Health};
 use bytes::BytesMut;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -98,6 +99,8 @@ pub struct MqttSession {
     client: MqttClient,
     subscriptions: Vec<Subscription>,
     state: PacketState,
+    /// Where connection and subscription states are reported for `/readyz`.
+    health: Arc<Health>,
 }
 
 /// What the broker's CONNACK said.
@@ -119,7 +122,14 @@ impl MqttSession {
             client,
             subscriptions,
             state: PacketState::new(config.protocol),
+            health: Arc::default(),
         }
+    }
+
+    /// Reports connection and subscription states to `health`.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
     }
 
     /// Sets the largest PUBLISH (fixed header included) held in memory
@@ -180,10 +190,10 @@ impl MqttSession {
             match served {
                 Ok(()) => return Ok(()),
                 Err(error) if connected => {
-                    telemetry::mqtt_disconnected(&error);
+                    telemetry::mqtt_lost(&self.health, &error);
                     lost = true;
                 }
-                Err(error) => tracing::warn!(%error, "cannot connect to MQTT broker; retrying"),
+                Err(error) => telemetry::mqtt_connect_failed(&self.health, &error),
             }
             tokio::select! {
                 _ = finished.cancelled() => return Ok(()),
@@ -225,6 +235,8 @@ impl MqttSession {
                 command = self.commands.recv() => match command {
                     Some(Command::Acks(acks)) => self.state.drop_acks(&acks),
                     Some(Command::Publish(publish, done)) => self.state.queue_publish(publish, done),
+                    // Subscribed to on the next connection.
+                    Some(Command::Subscriptions(subscriptions)) => self.subscriptions = subscriptions,
                     Some(Command::Disconnect) | None => return Ok(false),
                 },
             }
@@ -273,7 +285,11 @@ impl MqttSession {
         .await
         .map_err(|_| MqttError::Timeout("CONNACK"))??;
         *connected = true;
-        telemetry::mqtt_connected(accepted.session_present);
+        telemetry::mqtt_connected(
+            &self.health,
+            accepted.session_present,
+            !self.subscriptions.is_empty(),
+        );
         let connection = self
             .state
             .connected(accepted.receive_maximum, accepted.max_packet_size);
@@ -404,11 +420,7 @@ impl MqttSession {
             })),
             Inbound::PingResp => keep_alive.pong().map(Intake::AcksConfirmed),
             Inbound::SubAck { refused } => {
-                if refused > 0 {
-                    tracing::error!(refused, "the MQTT broker refused subscriptions");
-                } else {
-                    tracing::info!("MQTT subscriptions in place");
-                }
+                telemetry::mqtt_subscribed(&self.health, refused);
                 subscribed.cancel();
                 None
             }
@@ -429,6 +441,42 @@ impl MqttSession {
         })
     }
 
+    /// On a live connection: UNSUBSCRIBE from the filters `wanted` drops,
+    /// SUBSCRIBE to those it adds or changes. The delivery task has already
+    /// swapped its routes, so a message on a new filter finds its route.
+    fn change_subscriptions(
+        &mut self,
+        wanted: Vec<Subscription>,
+        out: &mut BytesMut,
+    ) -> Result<(), MqttError> {
+        let dropped: Vec<String> = self
+            .subscriptions
+            .iter()
+            .filter(|old| !wanted.iter().any(|new| new.filter == old.filter))
+            .map(|old| old.filter.clone())
+            .collect();
+        let added: Vec<Subscription> = wanted
+            .iter()
+            .filter(|new| !self.subscriptions.contains(new))
+            .cloned()
+            .collect();
+        if !dropped.is_empty() {
+            tracing::info!(filters = ?dropped, "unsubscribing");
+            let packet_id = self.state.packet_id();
+            self.wire.encode_unsubscribe(packet_id, &dropped, out)?;
+        }
+        if !added.is_empty() {
+            for sub in &added {
+                tracing::info!(filter = %sub.filter, qos = sub.qos.as_u8(), "subscribing");
+            }
+            let packet_id = self.state.packet_id();
+            self.wire.encode_subscribe(packet_id, &added, out)?;
+            self.health.mqtt_connected(true);
+        }
+        self.subscriptions = wanted;
+        Ok(())
+    }
+
     /// Takes `first` and every command queued behind it, so many acks go
     /// out in one write. False when the session must disconnect; the acks
     /// taken before that are encoded in `out`.
@@ -442,6 +490,9 @@ impl MqttSession {
             match next {
                 Some(Command::Acks(acks)) => self.state.write_acks(&acks, out)?,
                 Some(Command::Publish(publish, done)) => self.state.queue_publish(publish, done),
+                Some(Command::Subscriptions(subscriptions)) => {
+                    self.change_subscriptions(subscriptions, out)?
+                }
                 Some(Command::Disconnect) | None => return Ok(false),
             }
             if out.len() > ACK_BATCH_BYTES {

@@ -86,6 +86,11 @@ impl RouteTable {
             .map(|(f, origin)| (f.to_string(), origin.as_str()))
     }
 
+    /// The index of the route named `name` (names are unique).
+    pub fn route_index(&self, name: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.name == name)
+    }
+
     /// Name of the route at `index` (metrics labels).
     pub fn route_name(&self, index: usize) -> &str {
         &self.routes[index].name

@@ -42,6 +42,33 @@ impl MetricsEndpoint {
         })
     }
 
+    /// `GET path`: the status code and body. Blocking, like [`Self::scrape`].
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+        stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| {
+            std::io::Error::other(format!("not an HTTP response: {response:.200}"))
+        })?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no status in {head}")))?;
+        Ok((status, body.to_string()))
+    }
+
+    /// [`Self::get`] on the blocking pool.
+    pub async fn get_async(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let (endpoint, path) = (*self, path.to_string());
+        tokio::task::spawn_blocking(move || endpoint.get(&path))
+            .await
+            .expect("probe task")
+    }
+
     /// [`Self::scrape`] on the blocking pool.
     pub async fn scrape_async(&self) -> std::io::Result<Scrape> {
         let endpoint = *self;

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mosquitto;
 pub mod ports;
 pub mod process;
+pub mod prometheus;
 pub mod publish;
 pub mod repo;
 pub mod rig;

@@ -19,6 +19,11 @@ pub struct Options {
     /// e.g. `topic readwrite #` then `topic deny some/tree/#`. MQTT 5
     /// publishes the ACL denies are answered with reason code 0x87.
     pub acl: Option<String>,
+    /// Subscription filters the broker refuses (SUBACK reason 0x87), by
+    /// pattern (`site/#` refuses `site/+/x`). mosquitto's ACL file never
+    /// refuses a SUBSCRIBE (it filters what is delivered instead), so this
+    /// uses its dynamic-security plugin, shipped in the same package.
+    pub refuse_subscriptions: Vec<String>,
     /// Lines added to mosquitto.conf, e.g. `max_packet_size 100000` or
     /// `log_type debug`.
     pub extra_config: String,
@@ -54,6 +59,16 @@ impl Mosquitto {
             std::fs::write(&path, acl).expect("write the ACL file");
             extra.push_str(&format!("\nacl_file {}\n", path.display()));
         }
+        if !options.refuse_subscriptions.is_empty() {
+            let path = dir.path().join("dynamic-security.json");
+            std::fs::write(&path, dynamic_security(&options.refuse_subscriptions))
+                .expect("write the dynamic-security file");
+            extra.push_str(&format!(
+                "\nplugin {}\nplugin_opt_config_file {}\n",
+                dynamic_security_plugin(),
+                path.display()
+            ));
+        }
         for _attempt in 0..5 {
             let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
@@ -66,22 +81,7 @@ impl Mosquitto {
                 ),
             )
             .expect("write mosquitto.conf");
-            // stderr, not `log_dest file`: stderr is unbuffered, so the log
-            // is complete while mosquitto runs.
-            let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
-            let mut command = Command::new(binary());
-            command
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            super::die_with_parent(&mut command);
-            let mut child = command.spawn().unwrap_or_else(|e| {
-                panic!(
-                    "cannot start mosquitto ({e}); install it with `apt-get install -y mosquitto` or set MOSQUITTO=/path/to/mosquitto"
-                )
-            });
+            let mut child = spawn(&conf, &dir);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 // Its own socket, not just any answer: another process may
@@ -115,10 +115,95 @@ impl Mosquitto {
         );
     }
 
+    /// Stops the broker (SIGKILL: no goodbye to its clients), keeping its
+    /// port and configuration for [`Self::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on its port, after [`Self::stop`]. Panics if
+    /// it does not listen within 10 s (the port taken meanwhile).
+    pub fn restart(&mut self) {
+        self.stop();
+        let conf = self.dir.path().join("mosquitto.conf");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            self.child = spawn(&conf, &self.dir);
+            while Instant::now() < deadline {
+                if listens_on(self.child.id(), self.port) {
+                    return;
+                }
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break; // The port is still in TIME_WAIT or taken: again.
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "mosquitto did not restart on port {}:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
     /// The broker's log, for assertion messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
+}
+
+/// A dynamic-security configuration that lets anonymous clients do
+/// anything but subscribe to `refused`.
+fn dynamic_security(refused: &[String]) -> String {
+    let acls: Vec<_> = refused
+        .iter()
+        .map(|topic| {
+            serde_json::json!({"acltype": "subscribePattern", "topic": topic, "priority": 0, "allow": false})
+        })
+        .collect();
+    serde_json::json!({
+        "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true, "subscribe": true, "unsubscribe": true},
+        "clients": [],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "refused", "priority": 0}]}],
+        "roles": [{"rolename": "refused", "acls": acls}],
+        "anonymousGroup": "anonymous"
+    })
+    .to_string()
+}
+
+/// Where Debian's mosquitto package puts the plugin.
+fn dynamic_security_plugin() -> String {
+    glob::glob("/usr/lib/*/mosquitto_dynamic_security.so")
+        .ok()
+        .and_then(|mut paths| paths.find_map(Result::ok))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "mosquitto_dynamic_security.so".into())
+}
+
+/// Starts mosquitto with `conf`, appending its stderr to the log in `dir`.
+fn spawn(conf: &std::path::Path, dir: &tempfile::TempDir) -> Child {
+    // stderr, not `log_dest file`: stderr is unbuffered, so the log is
+    // complete while mosquitto runs.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("mosquitto.log"))
+        .expect("log file");
+    let mut command = Command::new(binary());
+    command
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    super::die_with_parent(&mut command);
+    command.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot start mosquitto ({e}); install it with `apt-get install -y mosquitto` or set MOSQUITTO=/path/to/mosquitto"
+        )
+    })
 }
 
 impl Drop for Mosquitto {

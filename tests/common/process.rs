@@ -41,6 +41,27 @@ impl BridgeFiles {
     pub fn start(&self, crash_at: Option<&str>) -> BridgeProcess {
         BridgeProcess::start(&self.config(), &self.log(), crash_at)
     }
+
+    /// Starts the binary with `--watch` (through `BRIDGE_WATCH`).
+    pub fn start_watching(&self) -> BridgeProcess {
+        BridgeProcess::start_with_env(
+            &self.config(),
+            &self.log(),
+            None,
+            &[("BRIDGE_WATCH", "true")],
+        )
+    }
+
+    /// Writes `config`'s files over these, each by a rename, so that a
+    /// watching bridge never reads half a file.
+    pub fn rewrite(&self, config: &ConfigBuilder) {
+        let staging = tempfile::tempdir_in(self.dir.path()).expect("staging dir");
+        config.write(staging.path());
+        for name in ["mapping.yaml", "bridge.yaml"] {
+            std::fs::rename(staging.path().join(name), self.dir.path().join(name))
+                .expect("replace a config file");
+        }
+    }
 }
 
 /// A running `mqtt-kafka-bridge run` with its metrics endpoint. Killed
@@ -61,11 +82,21 @@ impl BridgeProcess {
     /// binds it; the bridge then exits at once ("cannot serve metrics"),
     /// and this starts it again on another port.
     pub fn start(config: &Path, log: &Path, crash_at: Option<&str>) -> Self {
+        Self::start_with_env(config, log, crash_at, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables.
+    pub fn start_with_env(
+        config: &Path,
+        log: &Path,
+        crash_at: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         for _attempt in 0..5 {
             let logged_before = std::fs::metadata(log).map_or(0, |m| m.len());
             let port = free_port();
             let mut process = Self {
-                child: spawn(config, log, crash_at, port),
+                child: spawn(config, log, crash_at, port, env),
                 log: log.to_path_buf(),
                 metrics: MetricsEndpoint { port },
             };
@@ -126,20 +157,47 @@ impl BridgeProcess {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
-    /// Waits until this process is connected to the MQTT broker and so
-    /// about to subscribe, or panics at `timeout` (also if it exits first).
-    ///
-    /// No metric marks "subscribed": `bridge_mqtt_connected` is set to 1
-    /// on CONNACK, and the SUBSCRIBE is written right after it with no
-    /// await in between (`MqttSession::serve`). By the time a scrape has
-    /// seen the gauge and a test's publisher has connected to mosquitto,
-    /// mosquitto has the SUBSCRIBE in hand, and it handles one client's
-    /// packets in order. A resumed session keeps its subscriptions anyway.
-    /// Each process starts with no gauge at all, so this waits for this
-    /// process, not an earlier run of the same identity.
+    /// Waits until this process has its MQTT subscriptions granted (the
+    /// broker's SUBACK: from then on nothing published is missed), or
+    /// panics at `timeout` (also if it exits first). Each process starts
+    /// with the gauge at 0, so this waits for this process, not an earlier
+    /// run of the same identity.
     pub async fn await_connected(&mut self, timeout: Duration) {
-        self.await_metric(telemetry::MQTT_CONNECTED, &[], |v| v == 1.0, timeout)
+        self.await_metric(telemetry::MQTT_SUBSCRIBED, &[], |v| v == 1.0, timeout)
             .await;
+    }
+
+    /// Waits until `GET path` answers `status` with a body containing
+    /// `contains`, and returns the body; panics at `timeout` with the last
+    /// answer and the log, or if the process exits first.
+    pub async fn await_probe(
+        &mut self,
+        path: &str,
+        status: u16,
+        contains: &str,
+        timeout: Duration,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "bridge exited ({exit}) while waiting for {path} to answer {status}:\n{}",
+                    tail(&self.log)
+                );
+            }
+            let last = self.metrics.get_async(path).await;
+            if let Ok((got, body)) = &last {
+                if *got == status && body.contains(contains) {
+                    return body.clone();
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} did not answer {status} with {contains:?} within {timeout:?}; last answer: {last:?}\nbridge log:\n{}",
+                tail(&self.log)
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// Waits until metric `name`, summed over its samples carrying
@@ -271,7 +329,13 @@ pub fn binary() -> PathBuf {
         )
 }
 
-fn spawn(config: &Path, log: &Path, crash_at: Option<&str>, metrics_port: u16) -> Child {
+fn spawn(
+    config: &Path,
+    log: &Path,
+    crash_at: Option<&str>,
+    metrics_port: u16,
+    env: &[(&str, &str)],
+) -> Child {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -281,7 +345,10 @@ fn spawn(config: &Path, log: &Path, crash_at: Option<&str>, metrics_port: u16) -
     command
         .args(["run", "--config"])
         .arg(config)
-        .env("BRIDGE_LOG", "info")
+        .env(
+            "BRIDGE_LOG",
+            std::env::var("TEST_BRIDGE_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env("NO_COLOR", "1")
         .env(METRICS_PORT_ENV, metrics_port.to_string())
         .env_remove(mqtt_kafka_bridge::fault::ENV)
@@ -291,6 +358,7 @@ fn spawn(config: &Path, log: &Path, crash_at: Option<&str>, metrics_port: u16) -
     if let Some(point) = crash_at {
         command.env(mqtt_kafka_bridge::fault::ENV, point);
     }
+    command.envs(env.iter().copied());
     die_with_parent(&mut command);
     command.spawn().expect("start the bridge binary")
 }

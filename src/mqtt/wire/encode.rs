@@ -97,7 +97,7 @@ impl Wire {
     pub fn encode_connect(&self, config: &MqttConfig, buf: &mut BytesMut) -> Result<(), WireError> {
         let keep_alive = u16::try_from(config.keep_alive_s).unwrap_or(u16::MAX);
         let username = config.username.as_deref().filter(|u| !u.is_empty());
-        let password = config.password.as_deref().unwrap_or("");
+        let password = config.password.as_ref().map_or("", |p| p.expose());
         match self.protocol {
             MqttProtocol::V311 => {
                 let mut connect = v4::Connect::new(config.client_id.clone());
@@ -162,6 +162,33 @@ impl Wire {
                 let mut subscribe = v5::Subscribe::new_many(filters, None);
                 subscribe.pkid = packet_id;
                 v5::Packet::Subscribe(subscribe).write(buf, Some(MAX_PACKET_BYTES))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// UNSUBSCRIBE from `filters` (after a reload removed their routes).
+    pub fn encode_unsubscribe(
+        &self,
+        packet_id: u16,
+        filters: &[String],
+        buf: &mut BytesMut,
+    ) -> Result<(), WireError> {
+        match self.protocol {
+            MqttProtocol::V311 => {
+                let unsubscribe = v4::Unsubscribe {
+                    pkid: packet_id,
+                    topics: filters.to_vec(),
+                };
+                v4::Packet::Unsubscribe(unsubscribe).write(buf, MAX_PACKET_BYTES as usize)?;
+            }
+            MqttProtocol::V5 => {
+                let unsubscribe = v5::Unsubscribe {
+                    pkid: packet_id,
+                    filters: filters.to_vec(),
+                    properties: None,
+                };
+                v5::Packet::Unsubscribe(unsubscribe).write(buf, Some(MAX_PACKET_BYTES))?;
             }
         }
         Ok(())

@@ -1,39 +1,28 @@
 //! Metrics and the events that feed them.
 //!
 //! Every event is one function that both counts (Prometheus, through the
-//! `metrics` facade) and, where useful, logs; names live here as constants so
-//! dashboards have one place to look. Labels are bounded: route names and
-//! rejection reasons, never device ids or raw topics.
+//! `metrics` facade) and, where useful, logs. The names and help texts are
+//! in `names.rs` (one list for dashboards, alerts and docs/metrics.md); the
+//! `/readyz` verdict in `health.rs` ([`Health`]); the HTTP listener in
+//! `server.rs` ([`serve`]); log output in `logging.rs`. Labels are bounded: route names, topics from the
+//! configuration and rejection reasons, never device ids or raw MQTT topics.
 //!
 //! The same events also update `Stats`, plain atomics the `demo` reads for
 //! its one-line summary without scraping its own endpoint.
 
+mod health;
+mod logging;
+mod names;
+mod server;
+
+pub use health::{Check, Health, Readiness, DEFAULT_MAX_COMMIT_WAIT};
+pub use logging::{init as init_logging, LogFormat};
+pub use names::*;
+pub use server::{serve, ServeError};
+
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-pub const RECEIVED: &str = "bridge_messages_received_total";
-pub const PRODUCED: &str = "bridge_messages_produced_total";
-pub const DEAD_LETTERED: &str = "bridge_messages_dead_lettered_total";
-pub const UNROUTED: &str = "bridge_messages_unrouted_total";
-pub const KEPT_ON_MQTT: &str = "bridge_messages_kept_on_mqtt_total";
-pub const TX_COMMITTED: &str = "bridge_transactions_committed_total";
-pub const TX_ABORTED: &str = "bridge_transactions_aborted_total";
-pub const TX_SETTLED: &str = "bridge_transactions_settled_total";
-pub const COMMIT_SECONDS: &str = "bridge_commit_duration_seconds";
-pub const BATCH_MESSAGES: &str = "bridge_batch_messages";
-pub const MQTT_CONNECTED: &str = "bridge_mqtt_connected";
-pub const MQTT_RECONNECTS: &str = "bridge_mqtt_reconnects_total";
-pub const DUPLICATES_DROPPED: &str = "bridge_duplicates_dropped_total";
-pub const BEST_EFFORT: &str = "bridge_exactly_once_best_effort_total";
-pub const RELAYED: &str = "bridge_messages_relayed_total";
-pub const COMMANDS_DELIVERED: &str = "bridge_commands_delivered_total";
-pub const COMMANDS_EXPIRED: &str = "bridge_commands_expired_total";
-pub const COMMANDS_DEAD_LETTERED: &str = "bridge_commands_dead_lettered_total";
-pub const KAFKA_REFUSED: &str = "bridge_kafka_records_refused_total";
-pub const DEAD_LETTERS_LOST: &str = "bridge_dead_letters_refused_total";
 
 /// Process-wide counters for the demo's live summary.
 #[derive(Debug, Default)]
@@ -68,87 +57,6 @@ pub(crate) static STATS: Stats = Stats {
     settled: AtomicU64::new(0),
     commit_micros: AtomicU64::new(0),
 };
-
-/// Starts the Prometheus endpoint. Must run inside the tokio runtime.
-pub fn serve_metrics(listen: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .set_buckets_for_metric(
-            Matcher::Full(COMMIT_SECONDS.into()),
-            &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
-        )?
-        .set_buckets_for_metric(
-            Matcher::Full(BATCH_MESSAGES.into()),
-            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
-        )?
-        .install()?;
-    describe();
-    tracing::info!(%listen, "serving Prometheus metrics on /metrics");
-    Ok(())
-}
-
-fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(RECEIVED, "MQTT messages matched by a route");
-    describe_counter!(PRODUCED, "Records committed to their Kafka topic");
-    describe_counter!(
-        DEAD_LETTERED,
-        "Messages committed to the dead-letter topic, by reason"
-    );
-    describe_counter!(UNROUTED, "MQTT messages that matched no route");
-    describe_counter!(
-        KEPT_ON_MQTT,
-        "MQTT messages in a declared M2M tree, never produced to Kafka"
-    );
-    describe_counter!(
-        KAFKA_REFUSED,
-        "Records Kafka refused for good (replaced by a dead-letter record), by broker error"
-    );
-    describe_counter!(
-        DEAD_LETTERS_LOST,
-        "Messages whose dead-letter record and stub Kafka both refused: acknowledged without a trace in Kafka (see the error log)"
-    );
-    describe_counter!(TX_COMMITTED, "Kafka transactions committed");
-    describe_counter!(TX_ABORTED, "Kafka transactions aborted");
-    describe_counter!(
-        TX_SETTLED,
-        "Kafka transactions whose commit or abort ended without a verdict, by what they turned out to be"
-    );
-    describe_histogram!(
-        COMMIT_SECONDS,
-        Unit::Seconds,
-        "Time to commit one Kafka transaction"
-    );
-    describe_histogram!(
-        BATCH_MESSAGES,
-        Unit::Count,
-        "Messages per committed transaction"
-    );
-    describe_gauge!(MQTT_CONNECTED, "1 while connected to the MQTT broker");
-    describe_counter!(MQTT_RECONNECTS, "MQTT connections lost");
-    describe_counter!(
-        DUPLICATES_DROPPED,
-        "Resent MQTT messages recognised as already in Kafka and not produced again, by QoS"
-    );
-    describe_counter!(
-        COMMANDS_DELIVERED,
-        "Kafka commands acknowledged by the MQTT broker"
-    );
-    describe_counter!(
-        COMMANDS_EXPIRED,
-        "Kafka commands older than their TTL, not delivered"
-    );
-    describe_counter!(
-        COMMANDS_DEAD_LETTERED,
-        "Invalid Kafka commands sent to the dead-letter topic, by reason"
-    );
-    describe_counter!(
-        BEST_EFFORT,
-        "Exactly-once decisions that are best effort, by kind (qos0_message, qos1_fingerprint)"
-    );
-}
 
 /// The handle of `route`'s received counter, to keep. Looking a labelled
 /// counter up per message allocates its label and hashes it every time.
@@ -213,6 +121,11 @@ pub fn command_expired(route: &str) {
     counter!(COMMANDS_EXPIRED, "route" => route.to_string()).increment(1);
 }
 
+/// The command consumer's lag on `topic`, from librdkafka's statistics.
+pub fn command_consumer_lag(topic: &str, lag: i64) {
+    gauge!(COMMAND_CONSUMER_LAG, "topic" => topic.to_string()).set(lag as f64);
+}
+
 /// An invalid command went to the dead-letter topic.
 pub fn command_dead_lettered(route: &str, reason: &'static str) {
     counter!(COMMANDS_DEAD_LETTERED, "route" => route.to_string(), "reason" => reason).increment(1);
@@ -272,15 +185,90 @@ pub fn settled(outcome: &'static str) {
     STATS.settled.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The MQTT connection came up.
-pub fn mqtt_connected(session_present: bool) {
+/// The MQTT connection came up; `subscribing` unless there is nothing to
+/// subscribe to.
+pub fn mqtt_connected(health: &Health, session_present: bool, subscribing: bool) {
     tracing::info!(session_present, "connected to MQTT broker");
-    gauge!(MQTT_CONNECTED).set(1.0);
+    health.mqtt_connected(subscribing);
 }
 
-/// The MQTT connection went down.
-pub fn mqtt_disconnected(error: &dyn std::fmt::Display) {
+/// The broker answered the SUBSCRIBE; `refused` filters were refused.
+pub fn mqtt_subscribed(health: &Health, refused: usize) {
+    if refused > 0 {
+        tracing::error!(
+            refused,
+            "the MQTT broker refused subscriptions; not ready (check the broker's ACL)"
+        );
+    } else {
+        tracing::info!("MQTT subscriptions in place");
+    }
+    health.mqtt_subscribed(refused.try_into().unwrap_or(u32::MAX));
+}
+
+/// An established MQTT connection went down.
+pub fn mqtt_lost(health: &Health, error: &dyn std::fmt::Display) {
     tracing::warn!(%error, "MQTT connection lost; reconnecting");
-    gauge!(MQTT_CONNECTED).set(0.0);
-    counter!(MQTT_RECONNECTS).increment(1);
+    health.mqtt_lost();
+    counter!(MQTT_CONNECTION_LOSSES).increment(1);
+}
+
+/// A connection attempt failed before the broker accepted the session.
+pub fn mqtt_connect_failed(health: &Health, error: &dyn std::fmt::Display) {
+    tracing::warn!(%error, "cannot connect to MQTT broker; retrying");
+    health.mqtt_lost();
+    counter!(MQTT_CONNECT_FAILURES).increment(1);
+}
+
+/// Handles of the per-message series, looked up once: a labelled lookup
+/// per message allocates its label and hashes it every time.
+pub struct MessageCounters {
+    received_bytes: metrics::Counter,
+    produced_bytes: metrics::Counter,
+    in_flight: metrics::Gauge,
+    receive_to_commit: metrics::Histogram,
+}
+
+impl Default for MessageCounters {
+    fn default() -> Self {
+        Self {
+            received_bytes: counter!(MQTT_RECEIVED_BYTES),
+            produced_bytes: counter!(KAFKA_PRODUCED_BYTES),
+            in_flight: gauge!(IN_FLIGHT),
+            receive_to_commit: histogram!(RECEIVE_TO_COMMIT_SECONDS),
+        }
+    }
+}
+
+impl MessageCounters {
+    /// A message's payload arrived off MQTT.
+    pub fn received_bytes(&self, bytes: usize) {
+        self.received_bytes.increment(bytes as u64);
+    }
+
+    /// Acks owed to the broker right now.
+    pub fn in_flight(&self, owed: usize) {
+        self.in_flight.set(owed as f64);
+    }
+
+    /// A transaction committed records of `bytes` in all.
+    pub fn produced_bytes(&self, bytes: u64) {
+        self.produced_bytes.increment(bytes);
+    }
+
+    /// A message's record committed `wait` after the message arrived.
+    pub fn waited(&self, wait: Duration) {
+        self.receive_to_commit.record(wait.as_secs_f64());
+    }
+}
+
+/// A configuration reload was tried.
+pub fn config_reloaded(ok: bool) {
+    let result = if ok { "success" } else { "error" };
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
+    gauge!(CONFIG_RELOAD_OK).set(if ok { 1.0 } else { 0.0 });
+}
+
+/// The configuration loaded at start-up is in use.
+pub fn config_loaded() {
+    gauge!(CONFIG_RELOAD_OK).set(1.0);
 }
