@@ -40,10 +40,16 @@ async fn readiness_follows_mqtt_and_kafka_outages_and_liveness_holds() {
     let scrape = bridge.metrics().scrape_async().await.expect("scrape");
     assert_eq!(scrape.value(READY, &[]), Some(1.0), "{}", scrape.text);
 
+    // Timings for the record (`--nocapture`), not assertions.
+    let timed = std::time::Instant::now();
     rig.broker.stop();
     let body = bridge
         .await_probe("/readyz", 503, r#""mqtt":"disconnected""#, WAIT)
         .await;
+    eprintln!(
+        "MQTT broker killed: /readyz 503 after {:?}",
+        timed.elapsed()
+    );
     assert_eq!(check(&body, "mqtt"), "disconnected", "{body}");
     assert_eq!(check(&body, "kafka"), "ok", "{body}");
     assert!(body.starts_with(r#"{"status":"not ready""#), "{body}");
@@ -53,13 +59,20 @@ async fn readiness_follows_mqtt_and_kafka_outages_and_liveness_holds() {
     assert_eq!(scrape.value(MQTT_CONNECTED, &[]), Some(0.0));
     assert_eq!(scrape.value(READY, &[]), Some(0.0));
 
+    let timed = std::time::Instant::now();
     rig.broker.restart();
     bridge.await_probe("/readyz", 200, "", WAIT).await;
+    eprintln!("MQTT broker back: /readyz 200 after {:?}", timed.elapsed());
 
+    let timed = std::time::Instant::now();
     cluster.kill(1);
     let body = bridge
         .await_probe("/readyz", 503, r#""kafka":"no broker connection""#, WAIT)
         .await;
+    eprintln!(
+        "Kafka broker killed: /readyz 503 after {:?}",
+        timed.elapsed()
+    );
     assert_eq!(check(&body, "kafka"), "no broker connection", "{body}");
     assert_eq!(check(&body, "mqtt"), "ok", "{body}");
     let scrape = bridge.metrics().scrape_async().await.expect("scrape");
@@ -67,8 +80,13 @@ async fn readiness_follows_mqtt_and_kafka_outages_and_liveness_holds() {
     let (live, _) = bridge.metrics().get_async("/livez").await.expect("livez");
     assert_eq!(live, 200, "alive while Kafka is away");
 
+    let timed = std::time::Instant::now();
     cluster.restart(1);
     bridge.await_probe("/readyz", 200, "", WAIT).await;
+    eprintln!(
+        "Kafka broker back: /readyz 200 after {:?} (restart included)",
+        timed.elapsed()
+    );
 
     let (status, body) = bridge.metrics().get_async("/nope").await.expect("get");
     assert_eq!(status, 404, "{body}");

@@ -60,8 +60,11 @@ async fn reloads_under_load_move_routes_without_losing_or_repeating_a_message() 
         } else {
             &original
         });
+        let timed = std::time::Instant::now();
         bridge.signal(libc::SIGHUP);
         await_reloads(&mut bridge, "success", f64::from(reload)).await;
+        // For the record (`--nocapture`): SIGHUP to the swap, as scraped.
+        eprintln!("reload {reload} under load: {:?}", timed.elapsed());
     }
     publisher.await.expect("publisher");
 
