@@ -47,6 +47,11 @@ async fn prometheus_scrapes_the_bridge_and_every_dashboard_query_has_data() {
         .await_series(r#"up{job="mqtt-kafka-bridge"} == 1"#, WAIT)
         .await;
     assert_eq!(up.len(), 1, "{up:?}");
+    // For the record (`--nocapture`): what one scrape brings.
+    for query in ["scrape_samples_scraped", "scrape_duration_seconds"] {
+        let value = prometheus.await_series(query, WAIT).await;
+        eprintln!("{query}: {}", value[0]["value"][1]);
+    }
 
     // Traffic for the rates: good messages and one the schema refuses.
     let mut messages = telemetry_messages("p", 200, 4, 1);
