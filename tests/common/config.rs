@@ -87,6 +87,11 @@ impl ConfigBuilder {
         self.set("delivery", key, value)
     }
 
+    /// Sets `metrics.<key>` (the listener itself is set by [`Self::write`]).
+    pub fn metrics(self, key: &str, value: impl Into<Value>) -> Self {
+        self.set("metrics", key, value)
+    }
+
     /// Sets `limits.<key>`.
     pub fn limits(self, key: &str, value: impl Into<Value>) -> Self {
         self.set("limits", key, value)
