@@ -1,11 +1,9 @@
 //! `/livez` and `/readyz` of the real binary follow what happens to its
 //! MQTT broker and Kafka, as a kubelet would see them.
 
-mod common;
-
-use common::kafka::{KafkaCluster, TestKafka};
-use common::mosquitto::Options;
-use common::*;
+use crate::common::kafka::{KafkaCluster, TestKafka};
+use crate::common::mosquitto::Options;
+use crate::common::*;
 use mqtt_kafka_bridge::telemetry::{KAFKA_BROKERS_UP, MQTT_CONNECTED, MQTT_SUBSCRIBED, READY};
 use std::time::Duration;
 

@@ -2,11 +2,9 @@
 //! scrapes the real binary, evaluates the shipped alert rules, and answers
 //! every query of the shipped Grafana dashboard.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::prometheus::{promtool, Prometheus};
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::prometheus::{promtool, Prometheus};
+use crate::common::*;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);

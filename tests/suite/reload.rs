@@ -2,10 +2,8 @@
 //! files' routes between two transactions; a bad file or a setting that
 //! needs a restart leaves the running configuration in place.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::*;
 use mqtt_kafka_bridge::telemetry::{CONFIG_RELOADS, MQTT_SUBSCRIBED};
 use std::time::Duration;
 

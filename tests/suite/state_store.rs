@@ -5,10 +5,8 @@
 //! the old head, which once made `settle` judge a committed batch aborted
 //! and produce it twice.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::unique;
+use crate::common::kafka::TestKafka;
+use crate::common::unique;
 use mqtt_kafka_bridge::kafka::state_store::{self, head_key};
 use mqtt_kafka_bridge::kafka::KafkaConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};

@@ -7,10 +7,10 @@
 //! publish is acknowledged by mosquitto before the check, so "the set the
 //! publisher got acknowledged" is all of them.
 
-mod common;
-
-use common::process::{tail, BridgeFiles, BridgeProcess};
-use common::{publish_all, read_committed, unique, ConfigBuilder, Landed, Publish, Rig, Topics};
+use crate::common::process::{tail, BridgeFiles, BridgeProcess};
+use crate::common::{
+    publish_all, read_committed, unique, ConfigBuilder, Landed, Publish, Rig, Topics,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -170,7 +170,7 @@ async fn control_at_least_once_duplicates_after_a_crash_between_commit_and_ack()
     let rig = Rig::start().await;
     let (landed, identity) =
         crash_and_restart(&rig, 2, "after_commit:3", 1500, "at_least_once").await;
-    let (seqs, records) = common::distinct_seqs(&landed);
+    let (seqs, records) = crate::common::distinct_seqs(&landed);
     assert_eq!(seqs.len(), 1500, "nothing lost");
     assert!(
         records > 1500,

@@ -1,10 +1,8 @@
 //! The Prometheus endpoint reports what the bridge did: the real binary,
 //! scraped over HTTP as Prometheus would.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::*;
 use mqtt_kafka_bridge::telemetry::{
     BUILD_INFO, COMMIT_SECONDS, DEAD_LETTERED, MQTT_CONNECTED, PRODUCED, RECEIVED, TX_COMMITTED,
 };

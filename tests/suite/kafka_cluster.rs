@@ -3,10 +3,8 @@
 //! bridge rides out each of three brokers killed and restarted, and a
 //! broker paused longer than the commit timeout.
 
-mod common;
-
-use common::kafka::{create_topics, KafkaCluster};
-use common::{
+use crate::common::kafka::{create_topics, KafkaCluster};
+use crate::common::{
     assert_every_seq, publish_all, read_committed, telemetry_messages, unique, Bridge, BridgeFiles,
     Rig,
 };

@@ -9,10 +9,8 @@
 //! its own metrics (commits and records produced), which nothing else
 //! moves.
 
-mod common;
-
-use common::kafka::KafkaCluster;
-use common::{
+use crate::common::kafka::KafkaCluster;
+use crate::common::{
     assert_every_seq, distinct_seqs, publish_all, read_committed_until_quiet, telemetry_messages,
     BridgeFiles, Rig,
 };

@@ -1,12 +1,10 @@
 //! End to end: a real mosquitto, the bridge in-process, and the Kafka of
-//! `common::kafka::test_kafka()` (a real Apache Kafka broker unless the
+//! `crate::common::kafka::test_kafka()` (a real Apache Kafka broker unless the
 //! environment says otherwise). One test injects a Kafka outage, which only
 //! librdkafka's mock cluster can do on demand, so it uses the mock.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::*;
 use mqtt_kafka_bridge::app;
 use std::time::Duration;
 

@@ -1,7 +1,5 @@
 //! The command line as a user runs it: `check`, `translate`, `demo`.
 
-mod common;
-
 use std::process::{Command, Output};
 
 fn bridge(args: &[&str]) -> Output {
@@ -35,7 +33,7 @@ fn check_passes_on_the_shipped_config_and_every_mapping() {
     }
     assert!(out.contains("site/+/hvac/+/telemetry (QoS 1)"), "{out}");
     // Every mapping file in mappings/ is loaded by the shipped config.
-    for entry in std::fs::read_dir(common::repo_path("mappings")).unwrap() {
+    for entry in std::fs::read_dir(crate::common::repo_path("mappings")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -91,7 +89,7 @@ fn translate_shows_record_dead_letter_and_unrouted_with_exit_codes() {
     assert!(out.contains("  fw: 1.2"), "{out}");
     assert!(out.contains("\"air_quality_ppm\": 600"), "{out}");
 
-    let payload = common::repo_path("tests/data/too-humid.json");
+    let payload = crate::common::repo_path("tests/data/too-humid.json");
     let dead = bridge(&[
         "translate",
         "--config",
@@ -122,7 +120,7 @@ fn translate_shows_record_dead_letter_and_unrouted_with_exit_codes() {
 
 #[test]
 fn demo_runs_with_nothing_installed_and_data_reaches_kafka() {
-    let port = common::ports::free_port();
+    let port = crate::common::ports::free_port();
     let o = bridge(&[
         "demo",
         "--duration-s",

@@ -6,10 +6,8 @@
 //! The bridge runs as the real binary, so that its own `/readyz` shows when
 //! a commit has been failing, and that it is ready again afterwards.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,8 @@
 //! aborted records to `read_committed` readers), this fails, and so every
 //! exactly-once claim of the other tests would be worthless.
 
-mod common;
-
-use common::kafka::test_kafka;
-use common::unique;
+use crate::common::kafka::test_kafka;
+use crate::common::unique;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;

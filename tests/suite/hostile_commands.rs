@@ -5,12 +5,10 @@
 //! no record makes it publish a packet the broker disconnects it for, and
 //! none is published again because the broker refused it.
 
-mod common;
-
+use crate::common::kafka::TestKafka;
+use crate::common::mosquitto::Options;
+use crate::common::*;
 use bytes::BytesMut;
-use common::kafka::TestKafka;
-use common::mosquitto::Options;
-use common::*;
 use mqtt_kafka_bridge::telemetry::DEAD_LETTERED;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;

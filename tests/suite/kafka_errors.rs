@@ -6,10 +6,8 @@
 //! The mock shows aborted records to `read_committed` readers, so a test
 //! that counts exact records here also proves no transaction was aborted.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::*;
 use mqtt_kafka_bridge::app::AppError;
 use mqtt_kafka_bridge::delivery::DeliveryError;
 use mqtt_kafka_bridge::kafka::SinkError;

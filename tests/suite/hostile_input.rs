@@ -8,11 +8,9 @@
 //! whole transaction in librdkafka; these cases prove the bridge replaces
 //! just the refused records and commits the rest.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::mosquitto::Options;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::mosquitto::Options;
+use crate::common::*;
 use std::time::Duration;
 
 const SETTLE: Duration = Duration::from_secs(2);

@@ -1,10 +1,8 @@
 //! What the bridge writes to its log: JSON lines when asked, lifecycle
 //! events at info level, and never a secret.
 
-mod common;
-
-use common::kafka::TestKafka;
-use common::*;
+use crate::common::kafka::TestKafka;
+use crate::common::*;
 use std::time::Duration;
 
 const MQTT_SECRET: &str = "hunter2-mqtt-secret";

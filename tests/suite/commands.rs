@@ -4,9 +4,7 @@
 //! broker has the command, so a bridge killed in between delivers it again.
 //! MQTT → MQTT: a relay route turns a wall dial into a unit's setpoint.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use rumqttc::v5::mqttbytes::QoS;
