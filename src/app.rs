@@ -204,7 +204,7 @@ pub async fn run_with(
     // Always running: a reload may add command routes to a bridge that
     // had none (the runner makes no consumer until then).
     let (command_tables, command_rx) = watch::channel(commands);
-    let command_runner = Some({
+    let command_runner = {
         let (kafka, client, stop) = (bridge.kafka.clone(), client.clone(), stop.clone());
         let runner = {
             let stop = stop.clone();
@@ -228,7 +228,7 @@ pub async fn run_with(
                 }
             }
         })
-    });
+    };
 
     let (route_swaps, swap_rx) = mpsc::channel(1);
     let reloader = Reloader::new(&config, route_swaps, command_tables, client.clone());
@@ -277,11 +277,9 @@ pub async fn run_with(
         });
     }
     stop.cancel();
-    if let Some(runner) = command_runner {
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(DISCONNECT_GRACE, runner).await {
-            if result.is_ok() {
-                result = Err(e);
-            }
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(DISCONNECT_GRACE, command_runner).await {
+        if result.is_ok() {
+            result = Err(e);
         }
     }
 
