@@ -140,6 +140,9 @@ pub async fn run_with(
     for warning in &table.warnings {
         tracing::warn!("{warning}");
     }
+    for warning in config.certificate_warnings(std::time::SystemTime::now()) {
+        tracing::warn!("{warning}");
+    }
     let bridge = &config.bridge;
     // Secrets print as `[redacted]` (see `crate::secret`).
     tracing::debug!(config = ?bridge, "effective bridge settings");
@@ -152,6 +155,8 @@ pub async fn run_with(
         None => None,
     };
     telemetry::register(&reload::known_labels(&table, &commands));
+    telemetry::certificates_in_use("mqtt", &config.tls.certificates);
+    telemetry::certificates_in_use("kafka", &config.tls.certificates);
     telemetry::config_loaded();
     let sink = tokio::select! {
         sink = TransactionalSink::connect(
@@ -189,6 +194,7 @@ pub async fn run_with(
         tracing::info!(filter = %sub.filter, qos = sub.qos.as_u8(), "subscribing");
     }
     let session = MqttSession::new(&bridge.mqtt, subscriptions)
+        .with_tls(config.tls.mqtt.clone())
         .with_max_packet_bytes(bridge.limits.max_packet_bytes)
         .with_health(health.clone());
     let client = session.client();

@@ -33,6 +33,9 @@ pub fn run(path: &Path) -> Result<String, ConfigErrors> {
     for warning in &table.warnings {
         let _ = writeln!(out, "warning: {warning}");
     }
+    for warning in config.certificate_warnings(std::time::SystemTime::now()) {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     Ok(out)
 }
 

@@ -111,7 +111,7 @@ pub fn execute(cli: Cli) -> ExitCode {
                 reload_on_sighup: true,
                 watch: watch.then_some(reload::WATCH_EVERY),
             };
-            runtime().block_on(async {
+            run_to_end(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
                 let ready = CancellationToken::new();
@@ -123,7 +123,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             })
         }
         #[cfg(feature = "demo")]
-        Command::Demo(args) => runtime().block_on(async {
+        Command::Demo(args) => run_to_end(async {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             match crate::demo::run(args, shutdown).await {
@@ -167,6 +167,22 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("the tokio runtime starts (only fails without OS threads)")
+}
+
+/// How long the process waits, once the bridge has stopped, for blocking
+/// calls it gave up on (a Kafka call still waiting for its timeout, a
+/// producer being destroyed) before it exits anyway.
+const STRAY_CALLS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `work` to its end, then exits without waiting out blocking calls
+/// it no longer waits for: a bridge that stops because Kafka refused its
+/// credentials must not linger until the abandoned `init_transactions`
+/// times out (measured: 30 s with the default `commit_timeout_ms`).
+fn run_to_end(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let runtime = runtime();
+    let code = runtime.block_on(work);
+    runtime.shutdown_timeout(STRAY_CALLS_WAIT);
+    code
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM (what `docker stop` sends).

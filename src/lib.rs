@@ -28,7 +28,8 @@
 //! [`reload`] swaps a new configuration in while the bridge runs.
 //! [`check`] and [`translate`] are the dry-run commands, [`cli`] the
 //! command line, [`telemetry`] the metrics, probes and logs, [`secret`]
-//! what never gets printed, [`backoff`] the one retry wait, [`fault`] the crash points the
+//! what never gets printed, [`tls`] the certificate and key files both
+//! sides use, [`backoff`] the one retry wait, [`fault`] the crash points the
 //! exactly-once tests use (compiled in only with the `fault` feature), and
 //! `demo` runs it all in-process (the default-on `demo` feature).
 
@@ -48,4 +49,5 @@ pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod telemetry;
+pub mod tls;
 pub mod translate;

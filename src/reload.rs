@@ -3,7 +3,8 @@
 //!
 //! What reloads live is what the mapping files say: routes, schemas,
 //! transforms, M2M trees, relay and command routes, and so the MQTT
-//! subscriptions and the command topics. The bridge file's settings
+//! subscriptions and the command topics; and the contents of the MQTT TLS
+//! files, so a renewed client certificate is used from the next connection. The bridge file's settings
 //! (broker address, client id, transactional id, delivery, limits, the
 //! listener) belong to connections and state made at start-up; a change to
 //! any of them is refused with the names of the settings, and the bridge
@@ -139,6 +140,9 @@ impl Reloader {
         for warning in &table.warnings {
             tracing::warn!("{warning}");
         }
+        for warning in config.certificate_warnings(std::time::SystemTime::now()) {
+            tracing::warn!("{warning}");
+        }
         telemetry::register(&known_labels(&table, &commands));
         let subscriptions = table.subscriptions();
         let summary = Summary {
@@ -160,6 +164,16 @@ impl Reloader {
             .await
             .map_err(|_| ReloadError::Stopping)?;
         self.commands.send_replace(Arc::new(commands));
+        // Certificate files read again: a renewed one is used from the next
+        // connection on. (Kafka's are read by librdkafka once, at start-up:
+        // their gauges keep what runs.)
+        if let Some(tls) = config.tls.mqtt.clone() {
+            telemetry::certificates_in_use("mqtt", &tls.certificates);
+            self.client
+                .set_tls(tls)
+                .await
+                .map_err(|_| ReloadError::Stopping)?;
+        }
         self.files.send_replace(config.files());
         Ok(summary)
     }

@@ -41,12 +41,12 @@ impl fmt::Display for Secret {
 }
 
 /// Whether a librdkafka property holds a secret: its name says password,
-/// secret or token (`sasl.password`, `ssl.key.password`,
-/// `sasl.oauthbearer.client.secret`, `sasl.oauthbearer.token...`), in any
-/// case.
+/// secret, token or private key (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, `sasl.oauthbearer.token...`,
+/// `ssl.key.pem`), in any case.
 pub fn is_secret_property(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "secret", "token"]
+    ["password", "secret", "token", "private", "key.pem"]
         .iter()
         .any(|word| name.contains(word))
 }
@@ -71,6 +71,7 @@ mod tests {
             "sasl.oauthbearer.client.secret",
             "SASL.PASSWORD",
             "my.token.endpoint",
+            "ssl.key.pem",
         ] {
             assert!(is_secret_property(name), "{name}");
         }

@@ -7,6 +7,7 @@
 mod bridge;
 mod env;
 mod error;
+mod files;
 mod locate;
 mod mapping;
 
@@ -14,6 +15,7 @@ pub use crate::kafka::KafkaConfig;
 pub use crate::mqtt::{MqttConfig, MqttProtocol};
 pub use bridge::{BridgeConfig, DeliveryConfig, Guarantee, LimitsConfig, MetricsConfig};
 pub use error::{ConfigError, ConfigErrors};
+pub use files::{TlsInUse, FILE_SUFFIX};
 pub use locate::locate_all;
 pub use mapping::{
     CommandConfig, CommandKafkaConfig, CommandMqttConfig, FieldType, FormatConfig, MappingFile,
@@ -31,6 +33,8 @@ pub struct Config {
     /// The bridge file, for messages.
     pub path: PathBuf,
     pub mappings: Vec<MappingSource>,
+    /// The TLS files the bridge file names, read and checked.
+    pub tls: TlsInUse,
 }
 
 /// One mapping file with its text kept for locating later errors.
@@ -64,6 +68,10 @@ impl Config {
     /// mapping files and the schemas they name (what `--watch` watches).
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
+        // Renewed certificates are taken by a reload.
+        if let Some(tls) = &self.bridge.mqtt.tls {
+            files.extend(tls.files().cloned());
+        }
         for mapping in &self.mappings {
             files.push(mapping.path.clone());
             let dir = mapping.path.parent().unwrap_or(Path::new("."));
@@ -86,14 +94,41 @@ impl Config {
         self.bridge.mappings.iter().map(|p| base.join(p)).collect()
     }
 
+    /// Warnings about the certificates in use at `now`: expired, or
+    /// expiring within [`crate::tls::EXPIRY_WARNING`].
+    pub fn certificate_warnings(&self, now: std::time::SystemTime) -> Vec<String> {
+        let mut warnings: Vec<String> = self
+            .tls
+            .certificates
+            .iter()
+            .filter_map(|c| c.warning(now))
+            .collect();
+        if self
+            .bridge
+            .mqtt
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.insecure_skip_verify)
+        {
+            warnings.push(
+                "mqtt.tls.insecure_skip_verify: the broker's certificate is not checked; \
+                 anyone on the network path can read and change the traffic"
+                    .into(),
+            );
+        }
+        warnings
+    }
+
     /// Reads the bridge file and every mapping file its globs name.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let raw = read(path)?;
         let text = env::interpolate(path, &raw, |name| std::env::var(name).ok())?;
-        let bridge: BridgeConfig = parse_yaml(path, &text)?;
-        let mut errors = validate_bridge(path, &bridge);
+        let mut bridge: BridgeConfig = parse_yaml(path, &text)?;
+        let mut errors = Vec::new();
+        let tls = files::load(path, &mut bridge, &mut errors);
+        errors.extend(validate_bridge(path, &bridge));
         let mappings = load_mappings(path, &bridge, &mut errors);
-        Self::checked(path, &text, bridge, mappings, errors)
+        Self::checked(path, &text, bridge, mappings, tls, errors)
     }
 
     /// A config from a bridge file's text and mappings already parsed, with
@@ -106,9 +141,11 @@ impl Config {
         mappings: Vec<MappingSource>,
     ) -> Result<Self, ConfigErrors> {
         let text = env::interpolate(path, raw, |name| std::env::var(name).ok())?;
-        let bridge: BridgeConfig = parse_yaml(path, &text)?;
-        let errors = validate_bridge(path, &bridge);
-        Self::checked(path, &text, bridge, mappings, errors)
+        let mut bridge: BridgeConfig = parse_yaml(path, &text)?;
+        let mut errors = Vec::new();
+        let tls = files::load(path, &mut bridge, &mut errors);
+        errors.extend(validate_bridge(path, &bridge));
+        Self::checked(path, &text, bridge, mappings, tls, errors)
     }
 
     /// `Self` when `errors` is empty, else the errors with the bridge
@@ -118,6 +155,7 @@ impl Config {
         text: &str,
         bridge: BridgeConfig,
         mappings: Vec<MappingSource>,
+        tls: TlsInUse,
         errors: Vec<ConfigError>,
     ) -> Result<Self, ConfigErrors> {
         let (mut own, others): (Vec<_>, Vec<_>) = errors.into_iter().partition(|e| e.file == path);
@@ -128,6 +166,7 @@ impl Config {
                 bridge,
                 path: path.to_path_buf(),
                 mappings,
+                tls,
             })
         } else {
             Err(ConfigErrors(own))

@@ -95,11 +95,13 @@ pub(super) struct Batch {
     pub state_changed: bool,
     /// The token of this transaction's head record (exactly once).
     pub token: Option<u64>,
-    /// The session waits to reconnect until this batch has committed
-    /// (`Intake::Reconnecting`).
+    /// The session waits to reconnect (`Intake::Reconnecting`), or to read
+    /// a new session's first message (`Intake::SessionLost`), until this
+    /// batch has committed.
     pub ownership: Vec<oneshot::Sender<()>>,
     /// Write the head even if nothing else is written (the claim at
-    /// start-up, the ownership check before a reconnect).
+    /// start-up, the ownership check before a reconnect, the forgotten ids
+    /// of a lost session).
     pub force_head: bool,
 }
 

@@ -347,6 +347,29 @@ impl CommitLoop {
                 }
                 Ok(())
             }
+            Intake::SessionLost(reply) => {
+                match &mut self.exactly_once {
+                    Some(eo) => {
+                        // Nothing of the old session will be resent, and its
+                        // ids are free for new messages: forgotten in this
+                        // batch's state, which commits (with a head record
+                        // whatever else it holds) before the session reads
+                        // the new session's first message.
+                        eo.ids.forget_all();
+                        tracing::warn!(
+                            "the MQTT broker kept no session for the bridge (expired, or lost in a broker restart); \
+                             forgetting the packet ids of the old one"
+                        );
+                        batch.state_changed = true;
+                        batch.ownership.push(reply);
+                        batch.force_head = true;
+                    }
+                    None => {
+                        let _ = reply.send(());
+                    }
+                }
+                Ok(())
+            }
             Intake::AcksConfirmed(acks) => {
                 if let Some(eo) = &mut self.exactly_once {
                     // Smaller state in the next transaction; nothing to

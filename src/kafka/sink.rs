@@ -84,6 +84,10 @@ pub struct Reports {
     failures: std::sync::atomic::AtomicUsize,
     /// Where librdkafka's statistics report the broker connections.
     health: Arc<Health>,
+    /// The last time a broker refused the connection itself: a failed
+    /// SASL authentication or TLS handshake. librdkafka retries those
+    /// forever; at start-up the bridge stops with this instead of waiting.
+    refused: Mutex<Option<String>>,
 }
 
 impl Reports {
@@ -92,11 +96,41 @@ impl Reports {
             refusals: Mutex::default(),
             failures: Default::default(),
             health,
+            refused: Mutex::default(),
         }
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
 impl ClientContext for Reports {
+    /// librdkafka's errors about the client (not about a record). Most
+    /// heal by themselves (a broker restarting); a refused authentication
+    /// or TLS handshake does not, and is said so.
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refused = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication) => Some(format!(
+                "authentication failed ({reason}); check sasl.mechanisms, sasl.username and the password"
+            )),
+            Some(RDKafkaErrorCode::SSL) => Some(format!(
+                "TLS failed ({reason}); check ssl.ca.location (the CA that signed the brokers' certificates) and the client certificate"
+            )),
+            _ => None,
+        };
+        match refused {
+            Some(refused) => {
+                tracing::error!(error = %refused, "Kafka broker refused the connection");
+                *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(refused);
+            }
+            None => tracing::warn!(%error, reason, "Kafka client error"),
+        }
+    }
+
     /// Counts the connections to real brokers that are up. The logical
     /// brokers (the transaction coordinator's alias) mirror a real one and
     /// are left out. The coordinator's connection is kept open by
@@ -160,6 +194,11 @@ pub enum SinkError {
     Retriable(KafkaError),
     #[error("cannot create Kafka producer: {0}")]
     Create(KafkaError),
+    /// A broker refused the connection (authentication, TLS) while the
+    /// producer started: a configuration or credential problem, not an
+    /// outage to wait out.
+    #[error("Kafka refused the bridge: {0}")]
+    Refused(String),
 }
 
 impl SinkError {
@@ -460,7 +499,19 @@ async fn init_producer(
     );
     tokio::spawn(serve_statistics(Arc::downgrade(&producer)));
     let init = producer.clone();
-    blocking("init_transactions", move || init.init_transactions(timeout)).await?;
+    let refused = async {
+        // Errors reach the context from `serve_statistics`'s polls.
+        loop {
+            if let Some(refused) = producer.context().refused() {
+                return refused;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        initialised = blocking("init_transactions", move || init.init_transactions(timeout)) => initialised?,
+        refused = refused => return Err(SinkError::Refused(refused)),
+    }
     Ok(producer)
 }
 

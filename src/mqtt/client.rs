@@ -8,7 +8,7 @@
 //! a caller waits when the session is behind.
 
 use super::wire::{self, Outbound, OutgoingPublish};
-use super::{MqttError, Qos, Subscription};
+use super::{MqttError, MqttTls, Qos, Subscription};
 use tokio::sync::{mpsc, oneshot};
 
 /// Command batches queued for the session: one batch of acks per Kafka
@@ -108,6 +108,8 @@ pub(super) enum Command {
     Publish(OutgoingPublish, Completion),
     /// The filters the session should hold from now on (a reload).
     Subscriptions(Vec<Subscription>),
+    /// TLS settings for the next connection (a reload read renewed files).
+    Tls(Box<MqttTls>),
     Disconnect,
 }
 
@@ -213,6 +215,16 @@ impl MqttClient {
     ) -> Result<(), MqttError> {
         self.commands
             .send(Command::Subscriptions(subscriptions))
+            .await
+            .map_err(|_| MqttError::Closed)
+    }
+
+    /// Makes the session use `tls` from its next connection on; the
+    /// connection up now stays (a renewed certificate is needed only for
+    /// the next handshake).
+    pub async fn set_tls(&self, tls: MqttTls) -> Result<(), MqttError> {
+        self.commands
+            .send(Command::Tls(Box::new(tls)))
             .await
             .map_err(|_| MqttError::Closed)
     }

@@ -2,9 +2,11 @@
 //! the session. It lives beside the session that reads it, so the MQTT
 //! side depends on nothing above it.
 
+use super::tls::{deserialize_tls, TlsConfig};
 use super::Qos;
 use crate::secret::Secret;
 use serde::Deserialize;
+use std::path::PathBuf;
 
 /// MQTT protocol version spoken to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -31,9 +33,15 @@ pub struct MqttConfig {
     pub protocol: MqttProtocol,
     pub username: Option<String>,
     pub password: Option<Secret>,
-    /// Use TLS (the system's root certificates) to reach the broker.
-    #[serde(default)]
-    pub tls: bool,
+    /// A file holding the password (a mounted Kubernetes or Docker secret),
+    /// read at start-up instead of `password`. One trailing newline is
+    /// ignored.
+    pub password_file: Option<PathBuf>,
+    /// TLS to the broker: `true` for the system's root certificates and no
+    /// client certificate, or a map (see [`TlsConfig`]). Absent or `false`:
+    /// plain TCP.
+    #[serde(default, deserialize_with = "deserialize_tls")]
+    pub tls: Option<TlsConfig>,
     /// `false` keeps the broker-side session across disconnects, so messages
     /// published while the bridge is down are delivered when it returns.
     #[serde(default)]
@@ -50,9 +58,14 @@ pub struct MqttConfig {
     /// the bridge stops reading from the broker, which holds the backlog.
     #[serde(default = "default_inflight_window")]
     pub inflight_window: u16,
-    /// Delay before reconnecting after the connection drops.
+    /// Delay before reconnecting after the connection drops. Doubles after
+    /// each failed attempt in a row, up to `reconnect_max_delay_ms`, so a
+    /// broker that refuses the bridge (a bad certificate, a password) is not
+    /// hammered.
     #[serde(default = "default_reconnect_delay_ms")]
     pub reconnect_delay_ms: u64,
+    #[serde(default = "default_reconnect_max_delay_ms")]
+    pub reconnect_max_delay_ms: u64,
 }
 
 fn default_mqtt_port() -> u16 {
@@ -72,4 +85,7 @@ fn default_inflight_window() -> u16 {
 }
 fn default_reconnect_delay_ms() -> u64 {
     1000
+}
+fn default_reconnect_max_delay_ms() -> u64 {
+    30_000
 }

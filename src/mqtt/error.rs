@@ -11,7 +11,7 @@ pub enum MqttError {
     #[error("MQTT session has ended")]
     Closed,
     #[error("MQTT connection failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("MQTT broker refused the connection: {0}")]
@@ -22,6 +22,18 @@ pub enum MqttError {
     ConnectionClosed,
     #[error("no {0} from the MQTT broker in time")]
     Timeout(&'static str),
-    #[error("TLS: {0}")]
+    /// A TLS failure, said as what to check (see `tls::explain`).
+    #[error("MQTT over TLS: {0}")]
     Tls(String),
+}
+
+impl From<std::io::Error> for MqttError {
+    /// rustls reports handshake failures and the broker's alerts as I/O
+    /// errors; those become [`MqttError::Tls`] with the setting to check.
+    fn from(error: std::io::Error) -> Self {
+        match super::tls::explain(&error) {
+            Some(explained) => Self::Tls(explained),
+            None => Self::Io(error),
+        }
+    }
 }

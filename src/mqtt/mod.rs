@@ -19,8 +19,9 @@
 //! holds; `session` is the one task that owns the connection, waiting on
 //! the socket, the handle's queue and the clock; `state` is its bookkeeping
 //! (packet ids, publishes in flight, keep-alive deadlines), kept free of
-//! I/O so it is tested directly; `transport` opens TCP or TLS; `wire` is
-//! the packet codec.
+//! I/O so it is tested directly; `transport` opens TCP or TLS, and `tls`
+//! makes the TLS settings from the configured files; `wire` is the packet
+//! codec.
 
 mod client;
 mod config;
@@ -29,11 +30,13 @@ mod message;
 mod qos;
 mod session;
 mod state;
+mod tls;
 mod transport;
 mod wire;
 
 pub use config::{MqttConfig, MqttProtocol};
 pub use qos::Qos;
+pub use tls::{MqttTls, TlsConfig, TlsSettingError};
 
 pub use client::{Ack, AckKind, MqttClient, PublishRefused};
 pub use error::MqttError;

@@ -38,7 +38,9 @@ use super::wire::{Decoder, Inbound, Outbound, Wire, DEFAULT_MAX_PACKET_BYTES};
 use super::MqttConfig;
 use super::MqttError;
 use super::MqttMessage;
+use super::MqttTls;
 use super::Subscription;
+use crate::backoff::Backoff;
 use crate::fault::{self, Point};
 use crate::telemetry::{self, Health};
 use bytes::BytesMut;
@@ -85,6 +87,13 @@ pub enum Intake {
     /// successor, and being taken back, for as long as no message happens
     /// to make it commit.
     Reconnecting(oneshot::Sender<()>),
+    /// The broker accepted the connection without a session (CONNACK
+    /// Session Present 0): it will resend nothing from before, and may
+    /// reuse any packet id for a new message. Sent before any message of
+    /// the connection; the session reads nothing more until the answer
+    /// comes, which the delivery task sends once it has forgotten the old
+    /// session's packet ids durably.
+    SessionLost(oneshot::Sender<()>),
 }
 
 /// The MQTT session: an client for the delivery task and an intake loop that
@@ -98,6 +107,8 @@ pub struct MqttSession {
     commands: mpsc::Receiver<Command>,
     client: MqttClient,
     subscriptions: Vec<Subscription>,
+    /// TLS for the next connection; `None` is plain TCP.
+    tls: Option<MqttTls>,
     state: PacketState,
     /// Where connection and subscription states are reported for `/readyz`.
     health: Arc<Health>,
@@ -121,6 +132,7 @@ impl MqttSession {
             commands,
             client,
             subscriptions,
+            tls: None,
             state: PacketState::new(config.protocol),
             health: Arc::default(),
         }
@@ -129,6 +141,13 @@ impl MqttSession {
     /// Reports connection and subscription states to `health`.
     pub fn with_health(mut self, health: Arc<Health>) -> Self {
         self.health = health;
+        self
+    }
+
+    /// Connects over TLS as `tls` says (made from `mqtt.tls` by
+    /// [`MqttTls::load`]). Without it the session connects over plain TCP.
+    pub fn with_tls(mut self, tls: Option<MqttTls>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -167,7 +186,17 @@ impl MqttSession {
         finished: CancellationToken,
         subscribed: CancellationToken,
     ) -> Result<(), MqttError> {
-        let reconnect_delay = Duration::from_millis(self.config.reconnect_delay_ms);
+        // Grows with each failed attempt in a row: a broker that refuses us
+        // (a certificate, a password, an ACL) is asked again at most every
+        // `reconnect_max_delay_ms`, not in a loop.
+        let mut retry = Backoff::new(
+            Duration::from_millis(self.config.reconnect_delay_ms),
+            Duration::from_millis(
+                self.config
+                    .reconnect_max_delay_ms
+                    .max(self.config.reconnect_delay_ms),
+            ),
+        );
         let mut lost = false;
         loop {
             if lost {
@@ -192,14 +221,61 @@ impl MqttSession {
                 Err(error) if connected => {
                     telemetry::mqtt_lost(&self.health, &error);
                     lost = true;
+                    retry.reset();
                 }
-                Err(error) => telemetry::mqtt_connect_failed(&self.health, &error),
+                Err(error) => telemetry::mqtt_connect_failed(&self.health, &error, retry.delay()),
             }
-            tokio::select! {
-                _ = finished.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(reconnect_delay) => {}
+            if !self.wait_to_retry(&mut retry, &finished).await {
+                return Ok(());
             }
         }
+    }
+
+    /// Waits out the retry delay, taking commands meanwhile as
+    /// [`Self::await_ownership`] does (the delay grows to
+    /// `reconnect_max_delay_ms`, and the delivery task must not wait on a
+    /// full command queue that long). New TLS settings (a reload that read
+    /// a renewed certificate) end the wait: the next attempt may succeed.
+    /// False when the session should end instead.
+    async fn wait_to_retry(&mut self, retry: &mut Backoff, finished: &CancellationToken) -> bool {
+        let delay = tokio::time::sleep(retry.delay());
+        let mut delay = std::pin::pin!(delay);
+        retry.grow();
+        loop {
+            tokio::select! {
+                _ = finished.cancelled() => return false,
+                _ = &mut delay => return true,
+                command = self.commands.recv() => match command {
+                    Some(Command::Tls(tls)) => {
+                        self.tls = Some(*tls);
+                        retry.reset();
+                        return true;
+                    }
+                    Some(command) => {
+                        if !self.take_offline(command) {
+                            return false;
+                        }
+                    }
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// A command taken while there is no connection: acks are for a
+    /// connection that is gone, publishes and settings wait for the next
+    /// one. False for DISCONNECT: there is nothing to disconnect, the
+    /// session ends.
+    fn take_offline(&mut self, command: Command) -> bool {
+        match command {
+            Command::Acks(acks) => self.state.drop_acks(&acks),
+            Command::Publish(publish, done) => self.state.queue_publish(publish, done),
+            // Subscribed to on the next connection.
+            Command::Subscriptions(subscriptions) => self.subscriptions = subscriptions,
+            Command::Tls(tls) => self.tls = Some(*tls),
+            Command::Disconnect => return false,
+        }
+        true
     }
 
     /// After a lost connection: asks the delivery task to prove that this
@@ -233,11 +309,12 @@ impl MqttSession {
                     return result.map(|()| true).map_err(|_| MqttError::Closed);
                 }
                 command = self.commands.recv() => match command {
-                    Some(Command::Acks(acks)) => self.state.drop_acks(&acks),
-                    Some(Command::Publish(publish, done)) => self.state.queue_publish(publish, done),
-                    // Subscribed to on the next connection.
-                    Some(Command::Subscriptions(subscriptions)) => self.subscriptions = subscriptions,
-                    Some(Command::Disconnect) | None => return Ok(false),
+                    Some(command) => {
+                        if !self.take_offline(command) {
+                            return Ok(false);
+                        }
+                    }
+                    None => return Ok(false),
                 },
             }
         }
@@ -252,9 +329,12 @@ impl MqttSession {
         subscribed: &CancellationToken,
         connected: &mut bool,
     ) -> Result<(), MqttError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, transport::open(&self.config))
-            .await
-            .map_err(|_| MqttError::Timeout("TCP/TLS connection"))??;
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            transport::open(&self.config, self.tls.as_ref()),
+        )
+        .await
+        .map_err(|_| MqttError::Timeout("TCP/TLS connection"))??;
         self.serve_stream(stream, intake, stop_intake, subscribed, connected)
             .await
     }
@@ -293,7 +373,8 @@ impl MqttSession {
         let connection = self
             .state
             .connected(accepted.receive_maximum, accepted.max_packet_size);
-        self.state.resend_unfinished(&mut out)?;
+        self.state
+            .resend_unfinished(accepted.session_present, &mut out)?;
 
         // Subscribe on every connect, also to a resumed session: routes may
         // have changed since the session was made. (MQTT 3.1.1 brokers
@@ -312,10 +393,21 @@ impl MqttSession {
         let mut keep_alive = KeepAlive::new(interval, self.state.acks_written(), Instant::now());
         let mut ticker = tokio::time::interval(keep_alive.check_period());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A broker that kept no session for us forgot every message it had
+        // sent and not seen completed: the delivery task must forget their
+        // packet ids, durably, before the first message of this session,
+        // which may reuse one of them. Until it says so, nothing is read.
+        // (Not once intake has stopped: nothing more is taken then.)
         let mut held: Option<Intake> = None;
+        let mut forgetting: Option<oneshot::Receiver<()>> = None;
+        if !accepted.session_present && !stop_intake.is_cancelled() {
+            let (done, answer) = oneshot::channel();
+            held = Some(Intake::SessionLost(done));
+            forgetting = Some(answer);
+        }
 
         loop {
-            while held.is_none() {
+            while held.is_none() && forgetting.is_none() {
                 let Some(packet) = decoder.decode(&mut buf)? else {
                     break;
                 };
@@ -369,7 +461,14 @@ impl MqttSession {
                     }
                     keep_alive.resumed_reading(Instant::now());
                 }
-                read = stream.read_buf(&mut buf), if held.is_none() => {
+                forgot = async { forgetting.as_mut().expect("guarded").await }, if forgetting.is_some() && held.is_none() => {
+                    // Dropped unanswered: the delivery task failed; the
+                    // session must not take messages it cannot judge.
+                    forgot.map_err(|_| MqttError::Closed)?;
+                    forgetting = None;
+                    keep_alive.resumed_reading(Instant::now());
+                }
+                read = stream.read_buf(&mut buf), if held.is_none() && forgetting.is_none() => {
                     if read? == 0 {
                         return Err(MqttError::ConnectionClosed);
                     }
@@ -382,7 +481,7 @@ impl MqttSession {
                         write(&mut stream, &mut out).await?;
                         keep_alive.wrote(Instant::now());
                     }
-                    if keep_alive.overdue(held.is_some(), Instant::now()) {
+                    if keep_alive.overdue(held.is_some() || forgetting.is_some(), Instant::now()) {
                         return Err(MqttError::Timeout("PINGRESP"));
                     }
                 }
@@ -493,6 +592,7 @@ impl MqttSession {
                 Some(Command::Subscriptions(subscriptions)) => {
                     self.change_subscriptions(subscriptions, out)?
                 }
+                Some(Command::Tls(tls)) => self.tls = Some(*tls),
                 Some(Command::Disconnect) | None => return Ok(false),
             }
             if out.len() > ACK_BATCH_BYTES {
@@ -735,10 +835,36 @@ mod tests {
         [packet_type << 4, 3, high, low, reason]
     }
 
+    // CONNACKs of a resumed session (Session Present 1), as the bridge's
+    // persistent session usually gets; a session the broker lost is
+    // `a_lost_session_is_reported_before_any_message_of_the_new_one`.
     /// CONNACK, MQTT 5, with a Maximum Packet Size.
-    const CONNACK_V5_MAX_200: &[u8] = &[0x20, 8, 0, 0, 5, 0x27, 0, 0, 0, 200];
-    const CONNACK_V5: &[u8] = &[0x20, 3, 0, 0, 0];
-    const CONNACK_V4: &[u8] = &[0x20, 2, 0, 0];
+    const CONNACK_V5_MAX_200: &[u8] = &[0x20, 8, 1, 0, 5, 0x27, 0, 0, 0, 200];
+    const CONNACK_V5: &[u8] = &[0x20, 3, 1, 0, 0];
+    const CONNACK_V4: &[u8] = &[0x20, 2, 1, 0];
+    /// CONNACK, MQTT 5, Session Present 0.
+    const CONNACK_V5_NEW_SESSION: &[u8] = &[0x20, 3, 0, 0, 0];
+
+    #[tokio::test]
+    async fn a_lost_session_is_reported_before_any_message_of_the_new_one() {
+        let (mut broker, _client, mut intake, finished) =
+            connect(MqttProtocol::V5, CONNACK_V5_NEW_SESSION, |s| s).await;
+        broker.send(&qos1_publish(1)).await;
+        let reply = match tokio::time::timeout(WAIT, intake.recv()).await.unwrap() {
+            Some(Intake::SessionLost(reply)) => reply,
+            other => panic!("expected SessionLost first, got {other:?}"),
+        };
+        // Nothing of the new session is taken until the delivery task has
+        // forgotten the old one's ids.
+        let early = tokio::time::timeout(Duration::from_millis(300), intake.recv()).await;
+        assert!(early.is_err(), "a message before the answer: {early:?}");
+        reply.send(()).unwrap();
+        match tokio::time::timeout(WAIT, intake.recv()).await.unwrap() {
+            Some(Intake::Message(delivery)) => assert_eq!(delivery.packet_id, 1),
+            other => panic!("expected the message, got {other:?}"),
+        }
+        finished.cancel();
+    }
 
     #[tokio::test]
     async fn a_refusing_puback_or_pubrec_ends_the_publish_with_its_reason() {

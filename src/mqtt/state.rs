@@ -107,10 +107,26 @@ impl PacketState {
     /// requires of a resumed session (MQTT 3.1.1 §4.4). One the broker's
     /// limit (which may differ on this connection) no longer allows ends
     /// here, refused.
-    pub(super) fn resend_unfinished(&mut self, out: &mut BytesMut) -> Result<(), WireError> {
+    ///
+    /// Without `session_present` the broker has forgotten them (its session
+    /// expired, or it restarted without persistence), and MQTT says to
+    /// discard the session's state: a QoS 2 publish it had answered with
+    /// PUBREC was taken then, and is done; the others go out again as new
+    /// messages (DUP clear), at least once as before.
+    pub(super) fn resend_unfinished(
+        &mut self,
+        session_present: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), WireError> {
         let mut i = 0;
         while i < self.in_flight.len() {
             let f = &self.in_flight[i];
+            if f.released && !session_present {
+                if let Some(f) = self.in_flight.remove(i) {
+                    f.done.finish(Ok(()));
+                }
+                continue;
+            }
             if f.released {
                 self.wire.encode(Outbound::PubRel(f.packet_id), out)?;
             } else if let Err(refused) = self.check_outgoing(&f.publish) {
@@ -120,7 +136,7 @@ impl PacketState {
                 continue;
             } else {
                 self.wire
-                    .encode_publish(f.packet_id, &f.publish, true, out)?;
+                    .encode_publish(f.packet_id, &f.publish, session_present, out)?;
             }
             i += 1;
         }
@@ -639,12 +655,42 @@ mod tests {
 
         // The new connection's broker takes smaller packets.
         state.connected(None, Some(50));
-        state.resend_unfinished(&mut out).unwrap();
+        state.resend_unfinished(true, &mut out).unwrap();
         assert_eq!(sent(&mut out), [("PUBREL", 1), ("PUBLISH", 3)]);
         assert!(matches!(
             big.try_recv(),
             Ok(Err(PublishRefused::TooLarge { max: 50, .. }))
         ));
+    }
+
+    #[test]
+    fn a_lost_session_completes_released_publishes_and_resends_the_rest_as_new() {
+        let mut state = connected(None, None);
+        let mut out = BytesMut::new();
+        let mut released = queue(&mut state, "a", Qos::ExactlyOnce);
+        let mut unanswered = queue(&mut state, "b", Qos::AtLeastOnce);
+        state.send_waiting(&mut out).unwrap();
+        state.pub_rec(1, 0, &mut out).unwrap();
+        out.clear();
+
+        // The broker restarted without its sessions.
+        state.connected(None, None);
+        state.resend_unfinished(false, &mut out).unwrap();
+        // The broker took "a" at PUBREC: done, no PUBREL for a session that
+        // no longer knows it.
+        assert!(matches!(released.try_recv(), Ok(Ok(()))));
+        let mut decoder = Decoder::new(MqttProtocol::V5, usize::MAX);
+        let packet = decoder.decode(&mut out).unwrap().expect("one packet");
+        let Inbound::Publish { packet_id, message } = packet else {
+            panic!("{packet:?}");
+        };
+        assert_eq!((packet_id, message.topic.as_str()), (2, "b"));
+        assert!(!message.dup, "a new message to the new session");
+        assert!(out.is_empty());
+        assert!(
+            unanswered.try_recv().is_err(),
+            "still waiting for its PUBACK"
+        );
     }
 
     const KEEP_ALIVE: Duration = Duration::from_secs(4);

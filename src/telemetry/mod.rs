@@ -213,8 +213,12 @@ pub fn mqtt_lost(health: &Health, error: &dyn std::fmt::Display) {
 }
 
 /// A connection attempt failed before the broker accepted the session.
-pub fn mqtt_connect_failed(health: &Health, error: &dyn std::fmt::Display) {
-    tracing::warn!(%error, "cannot connect to MQTT broker; retrying");
+pub fn mqtt_connect_failed(
+    health: &Health,
+    error: &dyn std::fmt::Display,
+    retry_in: std::time::Duration,
+) {
+    tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "cannot connect to MQTT broker; retrying");
     health.mqtt_lost();
     counter!(MQTT_CONNECT_FAILURES).increment(1);
 }
@@ -271,4 +275,35 @@ pub fn config_reloaded(ok: bool) {
 /// The configuration loaded at start-up is in use.
 pub fn config_loaded() {
     gauge!(CONFIG_RELOAD_OK).set(1.0);
+}
+
+/// The certificate files in use, whose expiry each scrape reports.
+static CERTIFICATES: std::sync::Mutex<Vec<crate::tls::CertificateInUse>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `connection`'s certificates are now `certificates` (start-up; a reload
+/// that read renewed MQTT files). Sets their gauges at once.
+pub fn certificates_in_use(connection: &str, certificates: &[crate::tls::CertificateInUse]) {
+    {
+        let mut all = CERTIFICATES.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|c| c.connection != connection);
+        all.extend(
+            certificates
+                .iter()
+                .filter(|c| c.connection == connection)
+                .cloned(),
+        );
+    }
+    refresh_certificate_expiry();
+}
+
+/// Sets the expiry gauges to the time left now: a countdown, so an alert
+/// needs no `time()` arithmetic (`..._tls_cert_expiry_seconds < 14 * 86400`).
+pub fn refresh_certificate_expiry() {
+    let now = std::time::SystemTime::now();
+    let all = CERTIFICATES.lock().unwrap_or_else(|e| e.into_inner());
+    for cert in all.iter() {
+        gauge!(TLS_CERT_EXPIRY, "connection" => cert.connection, "certificate" => cert.role.as_str())
+            .set(cert.expiry.seconds_left(now) as f64);
+    }
 }

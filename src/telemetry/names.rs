@@ -49,6 +49,7 @@ pub const COMMANDS_DEAD_LETTERED: &str = name!("commands_dead_lettered_total");
 pub const COMMAND_CONSUMER_LAG: &str = name!("command_consumer_lag");
 pub const CONFIG_RELOADS: &str = name!("config_reloads_total");
 pub const CONFIG_RELOAD_OK: &str = name!("config_last_reload_successful");
+pub const TLS_CERT_EXPIRY: &str = name!("tls_cert_expiry_seconds");
 
 /// Bucket bounds of the two latency histograms, in seconds: from a fast
 /// local commit (about 1 ms) to past the default commit timeout.
@@ -260,5 +261,10 @@ pub(super) fn describe() {
     describe_counter!(
         CONFIG_RELOADS,
         "Configuration reloads, by result (success, error)"
+    );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "Seconds until the first certificate of a configured file expires (negative: expired), by connection (mqtt, kafka) and certificate (client, ca)"
     );
 }

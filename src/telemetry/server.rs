@@ -142,6 +142,7 @@ fn respond<B>(
     match request.uri().path() {
         "/metrics" => {
             process.collect();
+            super::refresh_certificate_expiry();
             // Sets the `ready` gauge to the probe's verdict.
             health.readiness();
             let mut response = text(StatusCode::OK, handle.render());

@@ -225,9 +225,28 @@ pub fn await_topics(bootstrap: &str, topics: &[&str]) {
     }
 }
 
-/// The single-node broker shared by the tests of this process.
-fn shared_broker() -> &'static str {
-    static SHARED: OnceLock<String> = OnceLock::new();
+/// The SCRAM-SHA-512 user of the shared broker's SASL_SSL listener.
+pub const SCRAM_USER: &str = "bridge";
+pub const SCRAM_PASSWORD: &str = "s3cret-scram-password";
+
+/// The shared broker's SASL_SSL listener: where, and the CA that signed
+/// its certificate.
+#[derive(Debug, Clone)]
+pub struct SecureListener {
+    pub bootstrap: String,
+    pub ca_file: PathBuf,
+}
+
+struct Shared {
+    bootstrap: String,
+    secure: SecureListener,
+}
+
+/// The single-node broker shared by the tests of this process. Besides its
+/// plain listener it has a SASL_SSL one (SCRAM, a private CA) for the
+/// security tests: one JVM for all, not a second broker for a few tests.
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         // The broker's parent-death signal follows the thread that spawned
@@ -235,9 +254,29 @@ fn shared_broker() -> &'static str {
         std::thread::Builder::new()
             .name("shared-kafka".into())
             .spawn(move || {
-                let cluster = KafkaCluster::start(1);
-                tx.send(cluster.bootstrap.clone())
-                    .expect("report bootstrap");
+                // Named like the brokers' own dirs, so a later run removes
+                // it once this process is gone (`remove_stale_dirs`).
+                let dir = std::env::temp_dir().join(format!("mkb-kafka-{}-ca", std::process::id()));
+                let ca = super::certs::TestCa::new_in("kafka", &dir);
+                let server = ca.server("broker", &["localhost", "127.0.0.1"]);
+                let keystore = dir.join("broker-keystore.pem");
+                std::fs::write(&keystore, format!("{}{}", server.key_pem, server.cert_pem))
+                    .expect("write the broker's keystore");
+                let cluster = KafkaCluster::start_with(
+                    1,
+                    Some(&SaslSsl {
+                        keystore,
+                        users: vec![(SCRAM_USER.into(), SCRAM_PASSWORD.into())],
+                    }),
+                );
+                let shared = Shared {
+                    bootstrap: cluster.bootstrap.clone(),
+                    secure: SecureListener {
+                        bootstrap: cluster.secure_bootstrap.clone().expect("SASL_SSL"),
+                        ca_file: ca.ca_file.clone(),
+                    },
+                };
+                tx.send(shared).expect("report the broker");
                 loop {
                     std::thread::park();
                 }
@@ -245,6 +284,15 @@ fn shared_broker() -> &'static str {
             .expect("spawn shared-kafka thread");
         rx.recv().expect("shared Kafka broker started")
     })
+}
+
+fn shared_broker() -> &'static str {
+    &shared().bootstrap
+}
+
+/// The shared broker's SASL_SSL listener (the broker starts on first use).
+pub fn shared_secure() -> &'static SecureListener {
+    &shared().secure
 }
 
 /// The broker jars, fetched once into a cache outside the tree.
@@ -265,9 +313,22 @@ fn libs() -> &'static Path {
     })
 }
 
+/// A SASL_SSL listener (SCRAM-SHA-512 over TLS) beside the plain one, as
+/// a secured production cluster has.
+#[derive(Debug, Clone)]
+pub struct SaslSsl {
+    /// PEM: the broker's private key (unencrypted PKCS#8) followed by its
+    /// certificate chain, Kafka's `ssl.keystore.type=PEM` keystore.
+    pub keystore: PathBuf,
+    /// SCRAM-SHA-512 users (name, password), created at format time.
+    pub users: Vec<(String, String)>,
+}
+
 struct Node {
     id: u32,
     port: u16,
+    /// The SASL_SSL listener's port, with [`SaslSsl`].
+    secure_port: Option<u16>,
     controller_port: u16,
     properties: PathBuf,
     log: PathBuf,
@@ -277,13 +338,20 @@ struct Node {
 /// A KRaft cluster of combined broker+controller nodes on loopback ports.
 pub struct KafkaCluster {
     nodes: Vec<Node>,
+    /// The plain listeners: for the tests' own clients.
     pub bootstrap: String,
+    /// The SASL_SSL listeners, with [`KafkaCluster::start_secure`].
+    pub secure_bootstrap: Option<String>,
     dir: PathBuf,
 }
 
 impl KafkaCluster {
     /// Formats and starts `count` nodes and waits until all answer.
     pub fn start(count: u32) -> Self {
+        Self::start_with(count, None)
+    }
+
+    fn start_with(count: u32, secure: Option<&SaslSsl>) -> Self {
         remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!(
             "mkb-kafka-{}-{}",
@@ -293,6 +361,9 @@ impl KafkaCluster {
         std::fs::create_dir_all(&dir).expect("kafka dir");
         let ports: Vec<(u16, u16)> = (0..count)
             .map(|_| (super::ports::free_port(), super::ports::free_port()))
+            .collect();
+        let secure_ports: Vec<Option<u16>> = (0..count)
+            .map(|_| secure.map(|_| super::ports::free_port()))
             .collect();
         let voters: Vec<String> = ports
             .iter()
@@ -306,21 +377,22 @@ impl KafkaCluster {
             let node_dir = dir.join(format!("node{id}"));
             std::fs::create_dir_all(&node_dir).unwrap();
             let properties = node_dir.join("server.properties");
-            std::fs::write(
-                &properties,
-                server_properties(
-                    id,
-                    *port,
-                    *controller_port,
-                    &voters.join(","),
-                    &node_dir,
-                    count,
-                ),
-            )
-            .unwrap();
+            let mut text = server_properties(
+                id,
+                *port,
+                *controller_port,
+                &voters.join(","),
+                &node_dir,
+                count,
+            );
+            if let (Some(secure), Some(secure_port)) = (secure, secure_ports[i]) {
+                text = with_sasl_ssl(&text, *port, secure_port, secure);
+            }
+            std::fs::write(&properties, text).unwrap();
             nodes.push(Node {
                 id,
                 port: *port,
+                secure_port: secure_ports[i],
                 controller_port: *controller_port,
                 properties,
                 log: node_dir.join("server.log"),
@@ -340,6 +412,17 @@ impl KafkaCluster {
                         "-c",
                     ])
                     .arg(&n.properties)
+                    .args(
+                        secure
+                            .iter()
+                            .flat_map(|s| &s.users)
+                            .flat_map(|(name, password)| {
+                                [
+                                    "--add-scram".to_string(),
+                                    format!("SCRAM-SHA-512=[name={name},password={password}]"),
+                                ]
+                            }),
+                    )
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -359,9 +442,18 @@ impl KafkaCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",");
+        let secure_bootstrap = secure.map(|_| {
+            nodes
+                .iter()
+                .filter_map(|n| n.secure_port)
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let mut cluster = Self {
             nodes,
             bootstrap,
+            secure_bootstrap,
             dir,
         };
         for id in 1..=count {
@@ -580,6 +672,33 @@ fn server_properties(
          broker.heartbeat.interval.ms=500\nbroker.session.timeout.ms=2000\n",
         dir.join("data").display()
     )
+}
+
+/// `properties` with a SASL_SSL listener on `secure_port` added; brokers
+/// and controllers keep talking over the plain listeners.
+fn with_sasl_ssl(properties: &str, port: u16, secure_port: u16, secure: &SaslSsl) -> String {
+    let mut out = String::new();
+    for line in properties.lines() {
+        let line = if line.starts_with("listeners=") {
+            format!("{line},SASL_SSL://127.0.0.1:{secure_port}")
+        } else if line.starts_with("advertised.listeners=") {
+            format!("advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{secure_port}")
+        } else if line.starts_with("listener.security.protocol.map=") {
+            format!("{line},SASL_SSL:SASL_SSL")
+        } else {
+            line.to_string()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+         listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+         listener.name.sasl_ssl.ssl.keystore.type=PEM\n\
+         listener.name.sasl_ssl.ssl.keystore.location={}\n",
+        secure.keystore.display()
+    ));
+    out
 }
 
 /// Data dirs of test processes that died without cleaning up.

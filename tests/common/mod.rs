@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod bridge;
+pub mod certs;
 pub mod config;
 pub mod device;
 pub mod kafka;

@@ -7,8 +7,24 @@ use std::time::{Duration, Instant};
 
 pub struct Mosquitto {
     child: Child,
+    /// The plain listener (anonymous clients: the tests' publishers).
     pub port: u16,
+    /// The TLS listener, with [`Options::tls`].
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
+}
+
+/// A second listener speaking TLS, beside the plain one.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// The CA whose certificates the broker accepts from clients.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Clients must present a certificate the CA signed; its common name
+    /// becomes their username (`use_identity_as_username`), which is what
+    /// ACLs and [`Options::refuse_for`] apply to.
+    pub require_certificate: bool,
 }
 
 /// Broker settings beyond the defaults of [`Mosquitto::start`].
@@ -24,6 +40,12 @@ pub struct Options {
     /// refuses a SUBSCRIBE (it filters what is delivered instead), so this
     /// uses its dynamic-security plugin, shipped in the same package.
     pub refuse_subscriptions: Vec<String>,
+    /// Usernames (certificate common names on a TLS listener that requires
+    /// certificates) [`Self::refuse_subscriptions`] applies to, instead of
+    /// anonymous clients.
+    pub refuse_for: Vec<String>,
+    /// A TLS listener on [`Mosquitto::tls_port`].
+    pub tls: Option<TlsListener>,
     /// Lines added to mosquitto.conf, e.g. `max_packet_size 100000` or
     /// `log_type debug`.
     pub extra_config: String,
@@ -61,8 +83,11 @@ impl Mosquitto {
         }
         if !options.refuse_subscriptions.is_empty() {
             let path = dir.path().join("dynamic-security.json");
-            std::fs::write(&path, dynamic_security(&options.refuse_subscriptions))
-                .expect("write the dynamic-security file");
+            std::fs::write(
+                &path,
+                dynamic_security(&options.refuse_subscriptions, &options.refuse_for),
+            )
+            .expect("write the dynamic-security file");
             extra.push_str(&format!(
                 "\nplugin {}\nplugin_opt_config_file {}\n",
                 dynamic_security_plugin(),
@@ -71,13 +96,27 @@ impl Mosquitto {
         }
         for _attempt in 0..5 {
             let port = free_port();
+            let tls_port = options.tls.as_ref().map(|_| free_port());
+            let tls_listener = match (&options.tls, tls_port) {
+                (Some(tls), Some(tls_port)) => format!(
+                    "\nlistener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                     require_certificate {}\nuse_identity_as_username {}\n",
+                    tls.ca_file.display(),
+                    tls.cert_file.display(),
+                    tls.key_file.display(),
+                    tls.require_certificate,
+                    tls.require_certificate,
+                ),
+                _ => String::new(),
+            };
             let conf = dir.path().join("mosquitto.conf");
             std::fs::write(
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                      max_queued_messages 0\nmax_inflight_messages 0\n\
-                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n",
+                     log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n\
+                     {tls_listener}",
                 ),
             )
             .expect("write mosquitto.conf");
@@ -86,8 +125,14 @@ impl Mosquitto {
             while Instant::now() < deadline {
                 // Its own socket, not just any answer: another process may
                 // have taken the port, and then mosquitto exits.
-                if listens_on(child.id(), port) {
-                    return Self { child, port, dir };
+                let tls_up = tls_port.is_none_or(|p| listens_on(child.id(), p));
+                if listens_on(child.id(), port) && tls_up {
+                    return Self {
+                        child,
+                        port,
+                        tls_port,
+                        dir,
+                    };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // Port taken in the meantime: try another.
@@ -131,7 +176,8 @@ impl Mosquitto {
         while Instant::now() < deadline {
             self.child = spawn(&conf, &self.dir);
             while Instant::now() < deadline {
-                if listens_on(self.child.id(), self.port) {
+                let tls_up = self.tls_port.is_none_or(|p| listens_on(self.child.id(), p));
+                if listens_on(self.child.id(), self.port) && tls_up {
                     return;
                 }
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -154,19 +200,29 @@ impl Mosquitto {
     }
 }
 
-/// A dynamic-security configuration that lets anonymous clients do
-/// anything but subscribe to `refused`.
-fn dynamic_security(refused: &[String]) -> String {
+/// A dynamic-security configuration that lets clients do anything but
+/// subscribe to `refused`: anonymous clients, or the `users` named.
+fn dynamic_security(refused: &[String], users: &[String]) -> String {
     let acls: Vec<_> = refused
         .iter()
         .map(|topic| {
             serde_json::json!({"acltype": "subscribePattern", "topic": topic, "priority": 0, "allow": false})
         })
         .collect();
+    let refused_role = serde_json::json!([{"rolename": "refused", "priority": 0}]);
+    let clients: Vec<_> = users
+        .iter()
+        .map(|user| serde_json::json!({"username": user, "roles": refused_role}))
+        .collect();
+    let anonymous_roles = if users.is_empty() {
+        refused_role
+    } else {
+        serde_json::json!([])
+    };
     serde_json::json!({
         "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true, "subscribe": true, "unsubscribe": true},
-        "clients": [],
-        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "refused", "priority": 0}]}],
+        "clients": clients,
+        "groups": [{"groupname": "anonymous", "roles": anonymous_roles}],
         "roles": [{"rolename": "refused", "acls": acls}],
         "anonymousGroup": "anonymous"
     })

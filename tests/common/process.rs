@@ -235,6 +235,24 @@ impl BridgeProcess {
         }
     }
 
+    /// Waits until the bridge's log holds `contains`, and returns the log;
+    /// panics at `timeout` with the log's end.
+    pub async fn await_log(&mut self, contains: &str, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains(contains) {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bridge's log did not say {contains:?} within {timeout:?}:\n{}",
+                tail(&self.log)
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Waits for the process to end by itself; `None` at `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -223,6 +223,44 @@ async fn fault_matrix(fault: Fault, qos: u8) {
     }
 }
 
+/// The broker loses the bridge's session (restarted without persistence,
+/// or the session expired) while the exactly-once state still holds a QoS
+/// 2 packet id: its PUBREL never comes, and the broker's new session starts
+/// numbering its messages from 1 again. The id must be forgotten, or the
+/// new message that reuses it is taken for a resend and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_broker_lost_frees_its_packet_ids_for_new_messages() {
+    let mut rig = Rig::start().await;
+    let topics = Topics::new();
+    rig.kafka.create_test_topics(&topics).await;
+    let identity = Identity::new(&rig, &topics, 2);
+    // Message 0 is committed, PUBREC sent, and the bridge dies on the
+    // PUBREL: the state keeps packet id 1 as produced and not released.
+    let bridge = identity.start(Some("after_pubrel")).await;
+    publish_all(rig.broker.port, &messages(0..1, 2)).await;
+    let (status, bridge) = bridge.wait_async(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the bridge did not die at its PUBREL:\n{}",
+        tail(&identity.log())
+    );
+    drop(bridge);
+    // mosquitto runs without persistence: a restart forgets every session.
+    rig.broker.restart();
+
+    let bridge = identity.start(None).await;
+    // The new session's first message arrives as packet id 1 again.
+    publish_all(rig.broker.port, &messages(1..21, 2)).await;
+    let landed = identity.read_landed(21).await;
+    bridge.stop();
+    assert_exactly_once(&landed, 21, true, &identity.log());
+    let log = std::fs::read_to_string(identity.log()).unwrap_or_default();
+    assert!(
+        log.contains("kept no session for the bridge"),
+        "the loss was not said:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_crash_matrix_loses_and_duplicates_nothing() {
     fault_matrix(Fault::Crash, 2).await;

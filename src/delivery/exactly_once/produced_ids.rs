@@ -212,6 +212,17 @@ impl ProducedIds {
         removed
     }
 
+    /// The broker kept no session for us: nothing it sent before will be
+    /// resent, so every entry goes (and every bucket is written again).
+    pub fn forget_all(&mut self) {
+        for (b, entries) in self.buckets.iter_mut().enumerate() {
+            if !entries.is_empty() {
+                entries.clear();
+                self.dirty |= 1 << b;
+            }
+        }
+    }
+
     /// The buckets changed since the last call, encoded, as (bucket, bytes).
     pub fn take_dirty(&mut self) -> Vec<(usize, Vec<u8>)> {
         let dirty = std::mem::take(&mut self.dirty);
@@ -273,6 +284,23 @@ mod tests {
 
     const Q1: Qos = Qos::AtLeastOnce;
     const Q2: Qos = Qos::ExactlyOnce;
+
+    #[test]
+    fn a_lost_session_forgets_every_id_and_rewrites_their_buckets() {
+        let mut s = ProducedIds::default();
+        s.record(7, Q2, 1);
+        s.record(301, Q1, 2);
+        s.take_dirty();
+        s.forget_all();
+        // A new session's message may reuse the id: new, not a duplicate.
+        assert_eq!(s.check(7, Q2, false, || 1), Verdict::New);
+        assert!(s.is_empty());
+        let written: Vec<usize> = s.take_dirty().into_iter().map(|(b, _)| b).collect();
+        let mut expected = vec![bucket(7), bucket(301)];
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(written, expected);
+    }
 
     #[test]
     fn qos2_resend_is_a_duplicate_until_released() {
