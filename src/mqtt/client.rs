@@ -36,6 +36,15 @@ pub enum PublishRefused {
     /// broker's window (or hold the bytes allowed), and the queue is bounded.
     #[error("not sent: {queued} publishes already wait for the broker's window")]
     Backlog { queued: usize },
+    /// Not sent: above the broker's Maximum QoS (MQTT 5 CONNACK). QoS 2 is
+    /// sent at QoS 1 to a broker whose maximum is 1; this is QoS 1 or 2 to
+    /// a broker that takes only QoS 0, where nothing would confirm it.
+    #[error("not sent: QoS {qos} is above the broker's Maximum QoS of {max}")]
+    QosNotSupported { qos: u8, max: u8 },
+    /// Not sent: retained, and the broker does not take retained messages
+    /// (MQTT 5 CONNACK Retain Available 0).
+    #[error("not sent: retained, and the broker does not take retained messages")]
+    RetainNotAvailable,
 }
 
 impl PublishRefused {

@@ -119,6 +119,9 @@ struct Accepted {
     session_present: bool,
     receive_maximum: Option<u16>,
     max_packet_size: Option<u32>,
+    server_keep_alive: Option<u16>,
+    max_qos: Option<u8>,
+    retain_available: Option<bool>,
 }
 
 impl MqttSession {
@@ -374,6 +377,8 @@ impl MqttSession {
             .state
             .connected(accepted.receive_maximum, accepted.max_packet_size);
         self.state
+            .broker_limits(accepted.max_qos, accepted.retain_available);
+        self.state
             .resend_unfinished(accepted.session_present, &mut out)?;
 
         // Subscribe on every connect, also to a resumed session: routes may
@@ -389,7 +394,24 @@ impl MqttSession {
             subscribed.cancel();
         }
 
-        let interval = Duration::from_secs(self.config.keep_alive_s.max(1));
+        // MQTT 5: a Server Keep Alive replaces ours (a broker that allows
+        // less than we asked would otherwise drop an idle bridge, again
+        // and again). 0 turns the broker's check off; we keep pinging at
+        // our own pace, which is harmless.
+        let keep_alive_s = match accepted.server_keep_alive {
+            Some(server) if server > 0 => {
+                if u64::from(server) != self.config.keep_alive_s {
+                    tracing::info!(
+                        server_keep_alive_s = server,
+                        configured_s = self.config.keep_alive_s,
+                        "using the broker's keep-alive"
+                    );
+                }
+                u64::from(server)
+            }
+            _ => self.config.keep_alive_s,
+        };
+        let interval = Duration::from_secs(keep_alive_s.max(1));
         let mut keep_alive = KeepAlive::new(interval, self.state.acks_written(), Instant::now());
         let mut ticker = tokio::time::interval(keep_alive.check_period());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -622,12 +644,18 @@ async fn read_connack(
                     session_present,
                     receive_maximum,
                     max_packet_size,
+                    server_keep_alive,
+                    max_qos,
+                    retain_available,
                     ..
                 } => {
                     return Ok(Accepted {
                         session_present,
                         receive_maximum,
                         max_packet_size,
+                        server_keep_alive,
+                        max_qos,
+                        retain_available,
                     })
                 }
                 Inbound::Disconnect(reason) => return Err(MqttError::BrokerDisconnect(reason)),
@@ -1078,6 +1106,37 @@ mod tests {
         // answered: the connection outlived its keep-alive.
         assert_eq!(start.elapsed(), KEEP_ALIVE * 3 / 2);
         assert!(!session.is_finished());
+        session.abort();
+    }
+
+    /// A broker that holds us to a shorter keep-alive than we asked for
+    /// (MQTT 5 Server Keep Alive) is pinged at its pace, not ours.
+    #[tokio::test(start_paused = true)]
+    async fn the_brokers_server_keep_alive_replaces_ours() {
+        let start = Instant::now();
+        let config = config(MqttProtocol::V5, 1883, 60);
+        let mut session = MqttSession::new(&config, Vec::new());
+        let (ours, server) = tokio::io::duplex(64 * 1024);
+        let (tx, _intake) = mpsc::channel(16);
+        let session = tokio::spawn(async move {
+            let (stop_intake, subscribed) = (CancellationToken::new(), CancellationToken::new());
+            let mut connected = false;
+            session
+                .serve_stream(
+                    Box::new(ours),
+                    &tx,
+                    &stop_intake,
+                    &subscribed,
+                    &mut connected,
+                )
+                .await
+        });
+        let mut broker = Broker::new(server, MqttProtocol::V5);
+        assert_eq!(broker.read().await, Packet::Connect);
+        // Session Present, Server Keep Alive (0x13) of 4 s.
+        broker.send(&[0x20, 6, 1, 0, 3, 0x13, 0, 4]).await;
+        assert_eq!(broker.read().await, Packet::PingReq);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
         session.abort();
     }
 

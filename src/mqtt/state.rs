@@ -34,6 +34,10 @@ struct InFlight {
     publish: OutgoingPublish,
     /// QoS 2: PUBREC received, PUBREL sent.
     released: bool,
+    /// The connection it (or its PUBREL) last went out on: after a
+    /// reconnect to a broker with a smaller Receive Maximum, the rest go
+    /// out as the first complete.
+    sent_on: u64,
     done: Completion,
 }
 
@@ -61,6 +65,12 @@ pub(super) struct PacketState {
     window: usize,
     /// The broker's Maximum Packet Size on the current connection.
     broker_max_packet: usize,
+    /// The broker's Maximum QoS (MQTT 5 CONNACK; 2 when not announced).
+    max_qos: Qos,
+    /// Whether the broker takes retained messages (MQTT 5 CONNACK).
+    retain_available: bool,
+    /// Whether resends on this connection carry DUP (a resumed session).
+    resend_dup: bool,
 }
 
 impl PacketState {
@@ -76,7 +86,20 @@ impl PacketState {
             waiting_bytes: 0,
             window: DEFAULT_OUTGOING_WINDOW,
             broker_max_packet: MAX_PACKET_BYTES as usize,
+            max_qos: Qos::ExactlyOnce,
+            retain_available: true,
+            resend_dup: true,
         }
+    }
+
+    /// The rest of the broker's CONNACK limits on the new connection
+    /// (after [`Self::connected`]): MQTT 5 says a client must not publish
+    /// above its Maximum QoS, nor retained when Retain Available is 0; a
+    /// broker disconnects one that does, and the publish would be resent
+    /// first on every reconnect.
+    pub(super) fn broker_limits(&mut self, max_qos: Option<u8>, retain_available: Option<bool>) {
+        self.max_qos = max_qos.and_then(Qos::from_u8).unwrap_or(Qos::ExactlyOnce);
+        self.retain_available = retain_available.unwrap_or(true);
     }
 
     /// A new connection was accepted with these CONNACK limits; its number,
@@ -118,13 +141,35 @@ impl PacketState {
         session_present: bool,
         out: &mut BytesMut,
     ) -> Result<(), WireError> {
+        self.resend_dup = session_present;
+        if !session_present {
+            let (done, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.in_flight)
+                .into_iter()
+                .partition(|f| f.released);
+            self.in_flight = kept;
+            for f in done {
+                f.done.finish(Ok(()));
+            }
+        }
+        self.resend_in_window(out)
+    }
+
+    /// Sends what of our unfinished publishes (or their PUBRELs) has not
+    /// gone out on this connection yet, oldest first, as far as the
+    /// broker's window allows; one its limits no longer allow ends here,
+    /// refused.
+    fn resend_in_window(&mut self, out: &mut BytesMut) -> Result<(), WireError> {
+        let connection = self.connection;
+        let mut sent = self
+            .in_flight
+            .iter()
+            .filter(|f| f.sent_on == connection)
+            .count();
         let mut i = 0;
-        while i < self.in_flight.len() {
+        while i < self.in_flight.len() && sent < self.window {
             let f = &self.in_flight[i];
-            if f.released && !session_present {
-                if let Some(f) = self.in_flight.remove(i) {
-                    f.done.finish(Ok(()));
-                }
+            if f.sent_on == connection {
+                i += 1;
                 continue;
             }
             if f.released {
@@ -136,8 +181,10 @@ impl PacketState {
                 continue;
             } else {
                 self.wire
-                    .encode_publish(f.packet_id, &f.publish, session_present, out)?;
+                    .encode_publish(f.packet_id, &f.publish, self.resend_dup, out)?;
             }
+            self.in_flight[i].sent_on = connection;
+            sent += 1;
             i += 1;
         }
         Ok(())
@@ -173,11 +220,19 @@ impl PacketState {
 
     /// Encodes waiting publishes while the broker's window has room.
     pub(super) fn send_waiting(&mut self, out: &mut BytesMut) -> Result<(), WireError> {
+        // Older first: resends a smaller window held back after a reconnect.
+        self.resend_in_window(out)?;
         while self.in_flight.len() < self.window {
-            let Some((publish, done)) = self.waiting.pop_front() else {
+            let Some((mut publish, done)) = self.waiting.pop_front() else {
                 break;
             };
             self.waiting_bytes -= publish_bytes(&publish);
+            if publish.qos == Qos::ExactlyOnce && self.max_qos == Qos::AtLeastOnce {
+                // Still at least once, which is what relays and commands
+                // promise; the device may see a duplicate.
+                tracing::debug!(topic = %publish.topic, "the broker's Maximum QoS is 1: publishing at QoS 1");
+                publish.qos = Qos::AtLeastOnce;
+            }
             if let Err(refused) = self.check_outgoing(&publish) {
                 tracing::debug!(%refused, "publish refused before sending");
                 done.finish(Err(refused));
@@ -196,6 +251,7 @@ impl PacketState {
                 packet_id,
                 publish,
                 released: false,
+                sent_on: self.connection,
                 done,
             });
         }
@@ -211,6 +267,15 @@ impl PacketState {
         let max = self.broker_max_packet.min(MAX_PACKET_BYTES as usize);
         if size > max {
             return Err(PublishRefused::TooLarge { size, max });
+        }
+        if publish.qos > self.max_qos {
+            return Err(PublishRefused::QosNotSupported {
+                qos: publish.qos.as_u8(),
+                max: self.max_qos.as_u8(),
+            });
+        }
+        if publish.retain && !self.retain_available {
+            return Err(PublishRefused::RetainNotAvailable);
         }
         Ok(())
     }
@@ -691,6 +756,67 @@ mod tests {
             unanswered.try_recv().is_err(),
             "still waiting for its PUBACK"
         );
+    }
+
+    #[test]
+    fn the_brokers_maximum_qos_and_retain_available_are_kept_to() {
+        let mut state = connected(None, None);
+        state.broker_limits(Some(1), Some(false));
+        let mut out = BytesMut::new();
+        // QoS 2 goes out at QoS 1: still at least once.
+        let _downgraded = queue(&mut state, "a", Qos::ExactlyOnce);
+        let (done, mut retained) = oneshot::channel();
+        let mut publish = publish("r", Qos::AtLeastOnce);
+        publish.retain = true;
+        state.queue_publish(publish, Completion::Checked(done));
+        state.send_waiting(&mut out).unwrap();
+        let mut decoder = Decoder::new(MqttProtocol::V5, usize::MAX);
+        let Some(Inbound::Publish { message, .. }) = decoder.decode(&mut out).unwrap() else {
+            panic!("a PUBLISH");
+        };
+        assert_eq!(
+            (message.topic.as_str(), message.qos),
+            ("a", Qos::AtLeastOnce)
+        );
+        assert!(out.is_empty(), "the retained one is not sent");
+        assert_eq!(
+            retained.try_recv(),
+            Ok(Err(PublishRefused::RetainNotAvailable))
+        );
+
+        // A broker that takes QoS 0 only: nothing would confirm QoS 1.
+        state.connected(None, None);
+        state.broker_limits(Some(0), None);
+        let mut refused = queue(&mut state, "b", Qos::AtLeastOnce);
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(
+            refused.try_recv(),
+            Ok(Err(PublishRefused::QosNotSupported { qos: 1, max: 0 }))
+        );
+    }
+
+    #[test]
+    fn a_smaller_window_after_a_reconnect_resends_as_the_first_complete() {
+        let mut state = connected(Some(10), None);
+        let mut out = BytesMut::new();
+        let _outcomes: Vec<_> = (0..3)
+            .map(|_| queue(&mut state, "a", Qos::AtLeastOnce))
+            .collect();
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out).len(), 3);
+
+        // The new connection's broker takes one at a time.
+        state.connected(Some(1), None);
+        state.resend_unfinished(true, &mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 1)]);
+        state.send_waiting(&mut out).unwrap();
+        assert!(out.is_empty(), "over the broker's Receive Maximum");
+        state.pub_ack(1, 0);
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 2)]);
+        state.pub_ack(2, 0);
+        state.send_waiting(&mut out).unwrap();
+        assert_eq!(sent(&mut out), [("PUBLISH", 3)]);
     }
 
     const KEEP_ALIVE: Duration = Duration::from_secs(4);

@@ -329,6 +329,40 @@ async fn a_kafka_stall_longer_than_the_keep_alive_keeps_the_mqtt_connection() {
     rig.broker.assert_connected_once(&client_id);
 }
 
+/// mosquitto's `max_keepalive` below the bridge's keep-alive: an MQTT 5
+/// broker then answers with a Server Keep Alive, and a client that keeps
+/// its own (longer) one is disconnected when idle, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_bridge_keeps_to_the_brokers_shorter_keep_alive() {
+    let options = crate::common::mosquitto::Options {
+        extra_config: "max_keepalive 10\n".into(),
+        ..Default::default()
+    };
+    let rig = Rig::start_with_broker(TestKafka::mock(), &options).await;
+    let client_id = unique("bridge");
+    let config = rig
+        .bridge_config()
+        .client_id(&client_id)
+        .mqtt("keep_alive_s", 60)
+        .build();
+    let bridge = Bridge::start(config).await;
+    // Idle past the 15 s after which mosquitto drops a client silent for
+    // 1.5 x its keep-alive (its smallest `max_keepalive` is 10). The idle
+    // time is what is tested, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    publish_all(rig.broker.port, &telemetry_messages("k", 10, 2, 1)).await;
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        10,
+        Duration::from_secs(30),
+        SETTLE,
+    );
+    bridge.stop().await;
+    assert_eq!(distinct_seqs(&landed), ((0..10).collect(), 10));
+    rig.broker.assert_connected_once(&client_id);
+}
+
 async fn flood_through_a_small_window(keep_alive_s: u64) {
     let rig = Rig::start().await;
     let config = rig

@@ -244,6 +244,9 @@ fn inbound_v4(packet: v4::Packet) -> Inbound {
                 .then(|| format!("{:?}", ack.code)),
             receive_maximum: None,
             max_packet_size: None,
+            server_keep_alive: None,
+            max_qos: None,
+            retain_available: None,
         },
         v4::Packet::SubAck(ack) => Inbound::SubAck {
             refused: ack
@@ -267,6 +270,9 @@ fn inbound_v5(packet: v5::Packet) -> Inbound {
                     .then(|| format!("{:?}", ack.code)),
                 receive_maximum: properties.and_then(|p| p.receive_max),
                 max_packet_size: properties.and_then(|p| p.max_packet_size),
+                server_keep_alive: properties.and_then(|p| p.server_keep_alive),
+                max_qos: properties.and_then(|p| p.max_qos),
+                retain_available: properties.and_then(|p| p.retain_available).map(|r| r != 0),
             }
         }
         v5::Packet::SubAck(ack) => Inbound::SubAck {

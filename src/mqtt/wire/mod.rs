@@ -82,6 +82,12 @@ pub enum Inbound {
         /// MQTT 5: the largest packet the broker accepts; it disconnects a
         /// client that sends a larger one.
         max_packet_size: Option<u32>,
+        /// MQTT 5: the keep-alive the broker holds us to instead of ours.
+        server_keep_alive: Option<u16>,
+        /// MQTT 5: the highest QoS the broker takes in our publishes.
+        max_qos: Option<u8>,
+        /// MQTT 5: whether the broker takes retained publishes.
+        retain_available: Option<bool>,
     },
     Publish {
         packet_id: u16,
