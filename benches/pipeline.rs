@@ -7,6 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mqtt_kafka_bridge::config::{Config, MappingSource};
 use mqtt_kafka_bridge::mqtt::MqttMessage;
 use mqtt_kafka_bridge::route::{Outcome, RouteTable};
+use mqtt_kafka_bridge::sparkplug::Sessions;
 use std::hint::black_box;
 use std::path::Path;
 
@@ -32,6 +33,38 @@ fn forward(t: &RouteTable, m: &MqttMessage) {
         }
         other => panic!("benchmark message not forwarded: {other:?}"),
     }
+}
+
+/// An NBIRTH declaring `n` Double metrics with aliases, and an NDATA
+/// carrying all of them by alias.
+fn sparkplug_messages(n: u64) -> (MqttMessage, MqttMessage) {
+    use mqtt_kafka_bridge::sparkplug::proto::payload::{metric, Metric};
+    use mqtt_kafka_bridge::sparkplug::proto::{DataType, Payload};
+    use prost::Message;
+    let metric = |i: u64, named: bool| Metric {
+        name: named.then(|| format!("line3/press/sensor{i}")),
+        alias: Some(i + 1),
+        datatype: named.then_some(DataType::Double as u32),
+        timestamp: Some(1_764_000_000_000),
+        value: Some(metric::Value::DoubleValue(21.5 + i as f64)),
+        ..Metric::default()
+    };
+    let payload = |seq: u64, named: bool| Payload {
+        timestamp: Some(1_764_000_000_000),
+        seq: Some(seq),
+        metrics: (0..n).map(|i| metric(i, named)).collect(),
+        ..Payload::default()
+    };
+    (
+        MqttMessage::new(
+            "spBv1.0/plant1/NBIRTH/edge7",
+            payload(0, true).encode_to_vec(),
+        ),
+        MqttMessage::new(
+            "spBv1.0/plant1/NDATA/edge7",
+            payload(1, false).encode_to_vec(),
+        ),
+    )
 }
 
 fn bench(c: &mut Criterion) {
@@ -76,6 +109,30 @@ fn bench(c: &mut Criterion) {
     let last = MqttMessage::new("site/s1/line999/u7/telemetry", TELEMETRY);
     group.bench_function("1000_routes_last_matches", |b| {
         b.iter(|| forward(&many, black_box(&last)))
+    });
+
+    // Sparkplug B NDATA of 9 metrics by alias (the HVAC row's 9 fields),
+    // decoded with the aliases of a birth seen before.
+    let sparkplug = table(vec![MappingSource::parse(
+        Path::new("plant.yaml"),
+        "routes:\n  - name: plant\n    mqtt: { filter: 'spBv1.0/#' }\n    format: sparkplug_b\n    kafka: { topic: plant.metrics }\n",
+    )
+    .unwrap()]);
+    let (birth, data) = sparkplug_messages(9);
+    let mut sessions = Sessions::default();
+    assert!(matches!(
+        sparkplug.route_with(&birth, &mut sessions),
+        Outcome::Forward { .. }
+    ));
+    group.bench_function("sparkplug_ndata_9_metrics", |b| {
+        b.iter(
+            || match sparkplug.route_with(black_box(&data), &mut sessions) {
+                Outcome::Forward { record, .. } => {
+                    black_box(record);
+                }
+                other => panic!("NDATA not forwarded: {other:?}"),
+            },
+        )
     });
     group.finish();
 }

@@ -74,6 +74,11 @@ pub enum Command {
         /// MQTT QoS of the message.
         #[arg(long, default_value_t = 1)]
         qos: u8,
+        /// A message routed first, unprinted: a Sparkplug B birth whose
+        /// aliases the message is decoded with. `TOPIC=PAYLOAD` or
+        /// `TOPIC=@path` (split at the first `=`); repeatable, in order.
+        #[arg(long = "birth", value_name = "TOPIC=PAYLOAD")]
+        births: Vec<String>,
     },
     /// Run everything in-process: MQTT broker, Kafka mock cluster, a fleet
     /// of simulated HVAC units and the bridge with `mappings/hvac.yaml`.
@@ -95,7 +100,8 @@ pub fn execute(cli: Cli) -> ExitCode {
             payload,
             properties,
             qos,
-        } => match translate::run(&config, &topic, &payload, &properties, qos) {
+            births,
+        } => match translate::run(&config, &topic, &payload, &properties, qos, &births) {
             Ok(code) => code,
             Err(e) => match e.downcast_ref::<ConfigErrors>() {
                 Some(errors) => config_error(errors),

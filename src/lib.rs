@@ -29,7 +29,8 @@
 //! [`check`] and [`translate`] are the dry-run commands, [`cli`] the
 //! command line, [`telemetry`] the metrics, probes and logs, [`secret`]
 //! what never gets printed, [`tls`] the certificate and key files both
-//! sides use, [`backoff`] the one retry wait, [`fault`] the crash points the
+//! sides use, [`sparkplug`] the Sparkplug B payloads and edge-node sessions
+//! a `format: sparkplug_b` route decodes with, [`backoff`] the one retry wait, [`fault`] the crash points the
 //! exactly-once tests use (compiled in only with the `fault` feature), and
 //! `demo` runs it all in-process (the default-on `demo` feature).
 
@@ -48,6 +49,7 @@ pub mod mqtt;
 pub mod reload;
 pub mod route;
 pub mod secret;
+pub mod sparkplug;
 pub mod telemetry;
 pub mod tls;
 pub mod translate;

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::kafka;
 use crate::mqtt::{MqttMessage, Qos};
 use crate::route::{Outcome, RouteTable};
+use crate::sparkplug::Sessions;
 use anyhow::{bail, Context as _};
 use std::fmt::Write;
 use std::path::Path;
@@ -23,15 +24,26 @@ pub fn run(
     payload: &str,
     properties: &[String],
     qos: u8,
+    births: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
     let table = RouteTable::compile(&config)?;
-    let bytes = match payload.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("cannot read payload file {path}"))?
+    let bytes = read_payload(payload)?;
+    // Routed first, as the bridge would have: what they teach (Sparkplug
+    // aliases) is what the message is decoded with.
+    let mut sparkplug = Sessions::default();
+    for birth in births {
+        let Some((topic, payload)) = birth.split_once('=') else {
+            bail!("--birth {birth:?} must be TOPIC=PAYLOAD or TOPIC=@path");
+        };
+        let outcome = table.route_with(
+            &MqttMessage::new(topic, read_payload(payload)?),
+            &mut sparkplug,
+        );
+        if let Outcome::DeadLetter { rejection, .. } = &outcome {
+            bail!("--birth on {topic} would be dead-lettered: {rejection}");
         }
-        None => payload.as_bytes().to_vec(),
-    };
+    }
     let Some(qos) = Qos::from_u8(qos) else {
         bail!("--qos must be 0, 1 or 2");
     };
@@ -45,12 +57,23 @@ pub fn run(
             .user_properties
             .push((name.to_string(), value.to_string()));
     }
-    let outcome = table.route(&message);
+    let outcome = table.route_with(&message, &mut sparkplug);
     print!("{}", outcome_text(&table, &outcome));
     Ok(match outcome {
         Outcome::Forward { .. } | Outcome::Relay { .. } => ExitCode::SUCCESS,
         Outcome::DeadLetter { .. } => ExitCode::from(EXIT_DEAD_LETTER),
         Outcome::Unrouted | Outcome::KeptOnMqtt => ExitCode::from(EXIT_UNROUTED),
+    })
+}
+
+/// A payload given on the command line, or `@path` to read it from a file
+/// (binary payloads: Sparkplug B, raw).
+fn read_payload(payload: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(match payload.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read payload file {path}"))?
+        }
+        None => payload.as_bytes().to_vec(),
     })
 }
 

@@ -128,6 +128,10 @@ pub enum FormatConfig {
     Text,
     /// Bytes passed through untouched: no schema, no transform.
     Raw,
+    /// Sparkplug B protobuf on the `spBv1.0/...` namespace, decoded with
+    /// the aliases of each edge node's birth certificate.
+    #[serde(rename = "sparkplug_b")]
+    SparkplugB,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -16,9 +16,12 @@ use super::DeliveryError;
 use crate::config::DeliveryConfig;
 use crate::fault::{self, Point};
 use crate::kafka::{SinkError, TransactionalSink};
-use crate::mqtt::{Ack, AckKind, Delivery, Intake, MqttClient, MqttMessage, PublishRefused, Qos};
+use crate::mqtt::{
+    Ack, AckKind, Delivery, Intake, MqttClient, MqttMessage, OutgoingPublish, PublishRefused, Qos,
+};
 use crate::route::reject::Form;
 use crate::route::{Outcome, RejectReason, Rejection, RouteTable};
+use crate::sparkplug::{self, Sessions};
 use crate::telemetry::{self, Health};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +54,12 @@ pub struct CommitLoop {
     received_without_route: metrics::Counter,
     /// Dead-letter records of refused relays, for the next transaction.
     refused_relays: Vec<Entry>,
+    /// What Sparkplug B edge nodes told in their births (aliases, seq),
+    /// for routes with `format: sparkplug_b`. Here, beside the routes'
+    /// single reader, and kept across reloads: a new route table does not
+    /// make the nodes born again. In memory only: after a restart a node's
+    /// DATA is dead-lettered until its next birth.
+    sparkplug: Sessions,
     counters: telemetry::MessageCounters,
     /// Acks owed to the broker: taken into a batch, not yet handed to the
     /// session (`in_flight_messages`).
@@ -96,6 +105,7 @@ impl CommitLoop {
             client,
             acks_queued: 0,
             refused_relays: Vec::new(),
+            sparkplug: Sessions::default(),
             acks: AckQueue::default(),
             received,
             received_without_route: telemetry::received_counter(""),
@@ -381,6 +391,33 @@ impl CommitLoop {
         }
     }
 
+    /// What decoding Sparkplug left to do: count `seq` gaps, and ask edge
+    /// nodes whose messages needed a birth the bridge has not seen (after
+    /// a restart, or lost messages) to publish it again. QoS 0, as
+    /// Sparkplug sends commands; a lost request is asked again after
+    /// `sparkplug::REBIRTH_EVERY` by the next message that needs it.
+    async fn sparkplug_follow_ups(&mut self) -> Result<(), DeliveryError> {
+        let gaps = self.sparkplug.take_gaps();
+        if gaps > 0 {
+            telemetry::sparkplug_seq_gaps(gaps);
+        }
+        for (group, edge_node) in self.sparkplug.take_rebirths() {
+            telemetry::sparkplug_rebirth_requested(&group, &edge_node);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let publish = OutgoingPublish {
+                topic: sparkplug::rebirth_topic(&group, &edge_node),
+                payload: sparkplug::rebirth_payload(now_ms).into(),
+                qos: Qos::AtMostOnce,
+                retain: false,
+            };
+            // Done once written; nothing to wait for.
+            drop(self.client.publish(publish).await?);
+        }
+        Ok(())
+    }
+
     /// Routes one message into the batch, unless it is a resend of one
     /// already produced.
     async fn add_message(
@@ -420,7 +457,11 @@ impl CommitLoop {
             (None, _) => false,
         };
         let qos = delivery.message.qos;
-        let (route, record, reason) = match self.table.route(&delivery.message) {
+        let outcome = self
+            .table
+            .route_with(&delivery.message, &mut self.sparkplug);
+        self.sparkplug_follow_ups().await?;
+        let (route, record, reason) = match outcome {
             Outcome::Unrouted => {
                 telemetry::message_unrouted(&delivery.message.topic);
                 return Ok(());

@@ -11,8 +11,8 @@ use super::template::Template;
 use super::transform::Transform;
 use super::{headers, RouteTable, TopicFilter};
 use crate::config::{
-    locate_all, Config, ConfigError, ConfigErrors, Guarantee, MappingSource, RouteConfig,
-    RouteKafkaConfig,
+    locate_all, Config, ConfigError, ConfigErrors, FormatConfig, Guarantee, MappingSource,
+    RouteConfig, RouteKafkaConfig,
 };
 use crate::kafka;
 use crate::mqtt::Qos;
@@ -158,6 +158,7 @@ fn summary(config: &RouteConfig, route: &Route) -> RouteSummary {
             Format::Json => "json",
             Format::Text(_) => "text",
             Format::Raw => "raw",
+            Format::SparkplugB => "sparkplug_b",
         },
         schema: route.schema.is_some(),
         topic: match (&config.kafka, &config.publish) {
@@ -165,9 +166,20 @@ fn summary(config: &RouteConfig, route: &Route) -> RouteSummary {
             (None, Some(p)) => format!("MQTT {} (relay)", p.topic),
             (None, None) => String::new(),
         },
-        key: config.kafka.as_ref().and_then(|k| k.key.clone()),
+        key: config
+            .kafka
+            .as_ref()
+            .and_then(|k| k.key.clone())
+            .or_else(|| {
+                matches!(route.format, Format::SparkplugB).then(|| SPARKPLUG_KEY.to_string())
+            }),
     }
 }
+
+/// The key of a Sparkplug B route that sets none: the sender,
+/// `group/edge_node[/device]`, so one node's or device's records keep
+/// their order.
+const SPARKPLUG_KEY: &str = "{/descriptor}";
 
 /// A route is shadowed when an earlier route without a regex matches every
 /// topic it could match: it would never see a message.
@@ -279,13 +291,19 @@ fn compile_route(
             .ok()
     };
     let target = match (&route.kafka, &route.publish) {
-        (Some(kafka), None) => kafka_target(
-            kafka,
-            &template,
-            &mut problems,
-            structured,
-            &config.bridge.delivery.state_topic,
-        ),
+        (Some(kafka), None) => {
+            let mut kafka = kafka.clone();
+            if route.format == FormatConfig::SparkplugB && kafka.key.is_none() {
+                kafka.key = Some(SPARKPLUG_KEY.into());
+            }
+            kafka_target(
+                &kafka,
+                &template,
+                &mut problems,
+                structured,
+                &config.bridge.delivery.state_topic,
+            )
+        }
         (None, Some(publish)) => {
             let topic = template(&mut problems, "publish.topic", &publish.topic);
             if publish.topic.contains(['+', '#']) {

@@ -2,6 +2,8 @@
 
 use super::{RejectReason, Rejection};
 use crate::config::{FieldType, FormatConfig, TextFormatConfig};
+use crate::mqtt::MqttMessage;
+use crate::sparkplug::Sessions;
 use regex::Regex;
 use serde_json::{Map, Number, Value};
 
@@ -11,6 +13,8 @@ pub enum Format {
     Json,
     Text(TextFormat),
     Raw,
+    /// Sparkplug B: decoded with what `Sessions` knows of the edge node.
+    SparkplugB,
 }
 
 /// A legacy text format: a regex whose named groups become typed fields,
@@ -34,6 +38,7 @@ impl Format {
         Ok(match config {
             FormatConfig::Json => Self::Json,
             FormatConfig::Raw => Self::Raw,
+            FormatConfig::SparkplugB => Self::SparkplugB,
             FormatConfig::Text => {
                 let Some(text) = text else {
                     return Err((
@@ -75,10 +80,20 @@ impl Format {
         !matches!(self, Self::Raw)
     }
 
-    /// Parses a payload; `None` for raw.
-    pub fn parse(&self, payload: &[u8]) -> Result<Option<Value>, Rejection> {
+    /// Parses a message's payload; `None` for raw. Sparkplug B reads (and
+    /// updates) what `sparkplug` knows of the sender.
+    pub fn parse(
+        &self,
+        message: &MqttMessage,
+        sparkplug: &mut Sessions,
+    ) -> Result<Option<Value>, Rejection> {
+        let payload = &message.payload[..];
         match self {
             Self::Raw => Ok(None),
+            Self::SparkplugB => sparkplug
+                .decode(&message.topic, payload)
+                .map(Some)
+                .map_err(|e| Rejection::new(RejectReason::Sparkplug, e)),
             Self::Json => super::strict_json::from_slice(payload)
                 .map(Some)
                 .map_err(|e| {
@@ -184,6 +199,11 @@ mod tests {
     use serde_json::json;
     use std::collections::BTreeMap;
 
+    /// Parses `payload` as a message on a topic no format looks at.
+    fn parse(f: &Format, payload: &'static [u8]) -> Result<Option<Value>, Rejection> {
+        f.parse(&MqttMessage::new("t", payload), &mut Sessions::default())
+    }
+
     fn text(pattern: &str, fields: &[(&str, FieldType)]) -> Format {
         let text = TextFormatConfig {
             pattern: pattern.into(),
@@ -206,11 +226,11 @@ mod tests {
             ],
         );
         assert_eq!(
-            f.parse(b"T=21.5;H=40;ON=1;ID=u7\n").unwrap().unwrap(),
+            parse(&f, b"T=21.5;H=40;ON=1;ID=u7\n").unwrap().unwrap(),
             json!({"t": 21.5, "h": 40, "on": true, "id": "u7"})
         );
         assert_eq!(
-            f.parse(b"T=-3;H=40;ID=u7").unwrap().unwrap(),
+            parse(&f, b"T=-3;H=40;ID=u7").unwrap().unwrap(),
             json!({"t": -3.0, "h": 40, "id": "u7"})
         );
     }
@@ -218,35 +238,34 @@ mod tests {
     #[test]
     fn text_format_rejections() {
         let f = text(r"T=(?P<t>\S+)", &[("t", FieldType::Float)]);
-        let e = f.parse(b"T=warm").unwrap_err();
+        let e = parse(&f, b"T=warm").unwrap_err();
         assert_eq!(e.reason, RejectReason::Parse);
         assert_eq!(e.detail, "field `t`: \"warm\" is not a valid float");
         assert_eq!(e.path.as_deref(), Some("/t"));
-        assert!(f
-            .parse(b"X=1")
+        assert!(parse(&f, b"X=1")
             .unwrap_err()
             .detail
             .contains("does not match"));
         assert_eq!(
-            f.parse(b"T=\xff").unwrap_err().reason,
+            parse(&f, b"T=\xff").unwrap_err().reason,
             RejectReason::NotUtf8
         );
         // Anchored: trailing junk is not silently ignored.
-        assert!(f.parse(b"T=1 extra").is_err());
+        assert!(parse(&f, b"T=1 extra").is_err());
     }
 
     #[test]
     fn json_rejections_distinguish_utf8() {
         assert_eq!(
-            Format::Json.parse(b"{\"a\":").unwrap_err().reason,
+            parse(&Format::Json, b"{\"a\":").unwrap_err().reason,
             RejectReason::Parse
         );
         assert_eq!(
-            Format::Json.parse(b"\xff\xfe").unwrap_err().reason,
+            parse(&Format::Json, b"\xff\xfe").unwrap_err().reason,
             RejectReason::NotUtf8
         );
-        assert_eq!(Format::Json.parse(b"[1]").unwrap().unwrap(), json!([1]));
-        assert_eq!(Format::Raw.parse(b"\xff").unwrap(), None);
+        assert_eq!(parse(&Format::Json, b"[1]").unwrap().unwrap(), json!([1]));
+        assert_eq!(parse(&Format::Raw, b"\xff").unwrap(), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::transform::Transform;
 use super::{Outcome, RejectReason, Rejection, TopicFilter};
 use crate::kafka;
 use crate::mqtt::{Defect, MqttMessage, OutgoingPublish, Qos};
+use crate::sparkplug::Sessions;
 use bytes::Bytes;
 use regex::Regex;
 use serde_json::Value;
@@ -169,13 +170,14 @@ impl Route {
         message: &MqttMessage,
         captures: &[&str],
         limits: &Limits,
+        sparkplug: &mut Sessions,
     ) -> Result<Outcome, Rejection> {
         debug_assert_eq!(captures.len(), self.captures.len());
         if let Some(rejection) = defect_rejection(message, limits) {
             return Err(rejection);
         }
         check_size(message, self.max_payload_bytes, limits)?;
-        let parsed = self.format.parse(&message.payload)?;
+        let parsed = self.format.parse(message, sparkplug)?;
         if let (Some(schema), Some(value)) = (&self.schema, &parsed) {
             schema.validate(value)?;
         }

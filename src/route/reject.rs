@@ -34,10 +34,13 @@ pub enum RejectReason {
     /// The MQTT broker refused a publish (a reason code of 0x80 or more in
     /// its PUBACK or PUBREC).
     MqttRefused,
+    /// A Sparkplug B message that cannot be decoded: DATA before its
+    /// birth, an alias no birth declared, not Sparkplug protobuf.
+    Sparkplug,
 }
 
 impl RejectReason {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::TooLarge,
         Self::NotUtf8,
         Self::Parse,
@@ -49,6 +52,7 @@ impl RejectReason {
         Self::Timestamp,
         Self::KafkaRejected,
         Self::MqttRefused,
+        Self::Sparkplug,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +68,7 @@ impl RejectReason {
             Self::Timestamp => "timestamp",
             Self::KafkaRejected => "kafka_rejected",
             Self::MqttRefused => "mqtt_refused",
+            Self::Sparkplug => "sparkplug",
         }
     }
 }

@@ -9,6 +9,7 @@ use super::reject::{self, Evidence, Form};
 use super::{Outcome, Rejection, RouteSummary, TopicFilter};
 use crate::kafka;
 use crate::mqtt::{Defect, MqttMessage, Qos, Subscription};
+use crate::sparkplug::Sessions;
 
 /// Up to this many routes, matching scans them in order instead of using
 /// the index (measured: the index costs ~50 ns more for 3 routes and saves
@@ -124,9 +125,18 @@ impl RouteTable {
             .collect()
     }
 
-    /// Decides what happens to one message. Never panics on input: every
-    /// problem with the message becomes a dead-letter outcome.
+    /// [`Self::route_with`] knowing no Sparkplug session: for one message
+    /// on its own (tests, a dry run); a Sparkplug DATA message then has no
+    /// birth to be decoded with.
     pub fn route(&self, message: &MqttMessage) -> Outcome {
+        self.route_with(message, &mut Sessions::default())
+    }
+
+    /// Decides what happens to one message. Never panics on input: every
+    /// problem with the message becomes a dead-letter outcome. `sparkplug`
+    /// is what the bridge knows of Sparkplug edge nodes, read and updated
+    /// by routes with `format: sparkplug_b`.
+    pub fn route_with(&self, message: &MqttMessage, sparkplug: &mut Sessions) -> Outcome {
         let mut scratch = Vec::new();
         if self.m2m.iter().any(|(tree, _)| {
             scratch.clear();
@@ -136,11 +146,11 @@ impl RouteTable {
         }
         // A handful of routes is quicker to scan than to look up.
         if self.routes.len() <= LINEAR_SCAN_MAX {
-            return self.first_match(message, 0..self.routes.len());
+            return self.first_match(message, 0..self.routes.len(), sparkplug);
         }
         let mut candidates = Vec::with_capacity(4);
         self.index.candidates(&message.topic, &mut candidates);
-        self.first_match(message, candidates.into_iter())
+        self.first_match(message, candidates.into_iter(), sparkplug)
     }
 
     /// The outcome of the first candidate route (ascending) that matches.
@@ -148,13 +158,14 @@ impl RouteTable {
         &self,
         message: &MqttMessage,
         candidates: impl Iterator<Item = usize>,
+        sparkplug: &mut Sessions,
     ) -> Outcome {
         let mut captures: Vec<&str> = Vec::with_capacity(8);
         for index in candidates {
             let route = &self.routes[index];
             captures.clear();
             if route.matches(&message.topic, &mut captures) {
-                return match route.process(index, message, &captures, &self.limits) {
+                return match route.process(index, message, &captures, &self.limits, sparkplug) {
                     Ok(outcome) => outcome,
                     Err(rejection) => Outcome::DeadLetter {
                         route: Some(index),

@@ -780,3 +780,53 @@ fn a_dollar_route_keeps_its_subscription_beside_a_catch_all() {
     let r = forward(t.route(&MqttMessage::new("$aws/things/u1/shadow", "{}")));
     assert_eq!(r.topic, "aws");
 }
+
+/// A Sparkplug B route: births teach the aliases that later DATA needs,
+/// and what cannot be decoded is dead-lettered with reason `sparkplug`.
+/// Payloads by Eclipse Tahu's JavaScript library (`tests/sparkplug`).
+#[test]
+fn sparkplug_b_routes_decode_data_with_the_births_aliases() {
+    let t = table(
+        r#"
+routes:
+  - name: plant
+    mqtt: { filter: "spBv1.0/#", qos: 1 }
+    format: sparkplug_b
+    kafka: { topic: plant.metrics }
+"#,
+    )
+    .unwrap();
+    let fixtures: Value =
+        serde_json::from_str(include_str!("../../tests/sparkplug/fixtures.json")).unwrap();
+    let payload = |name: &str| -> Vec<u8> {
+        let hex = fixtures[name].as_str().unwrap();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let mut sessions = crate::sparkplug::Sessions::default();
+    let mut route = |topic: &str, name: &str| {
+        t.route_with(&MqttMessage::new(topic, payload(name)), &mut sessions)
+    };
+
+    // DATA before its birth: dead-lettered, not dropped.
+    let (_, rej) = rejection(route("spBv1.0/plant1/NDATA/edge7", "ndata"));
+    assert_eq!(rej.reason, RejectReason::Sparkplug);
+    assert!(rej.detail.contains("before its NBIRTH"), "{}", rej.detail);
+
+    let birth = forward(route("spBv1.0/plant1/NBIRTH/edge7", "nbirth"));
+    assert_eq!(birth.topic, "plant.metrics");
+    // Keyed by the sender unless the route says otherwise.
+    assert_eq!(birth.key.as_deref(), Some("plant1/edge7"));
+    let data = forward(route("spBv1.0/plant1/NDATA/edge7", "ndata"));
+    let value = json_of(&data);
+    assert_eq!(value["message_type"], "NDATA");
+    assert_eq!(value["metrics"][0]["name"], "press/count");
+    assert_eq!(value["metrics"][0]["value"], -7);
+    assert_eq!(
+        t.routes()[0].key.as_deref(),
+        Some("{/descriptor}"),
+        "check shows the default key"
+    );
+}

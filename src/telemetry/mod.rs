@@ -110,6 +110,21 @@ pub fn message_relayed(route: &str) {
     STATS.relayed.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Sparkplug `seq` gaps: messages of edge nodes were lost on the way.
+pub fn sparkplug_seq_gaps(gaps: u64) {
+    counter!(SPARKPLUG_SEQ_GAPS).increment(gaps);
+}
+
+/// An edge node was asked to publish its birth certificate again.
+pub fn sparkplug_rebirth_requested(group: &str, edge_node: &str) {
+    tracing::info!(
+        group,
+        edge_node,
+        "asking a Sparkplug edge node for a rebirth"
+    );
+    counter!(SPARKPLUG_REBIRTHS).increment(1);
+}
+
 /// A command from Kafka was acknowledged by the MQTT broker.
 pub fn command_delivered(route: &str) {
     counter!(COMMANDS_DELIVERED, "route" => route.to_string()).increment(1);

@@ -50,6 +50,8 @@ pub const COMMAND_CONSUMER_LAG: &str = name!("command_consumer_lag");
 pub const CONFIG_RELOADS: &str = name!("config_reloads_total");
 pub const CONFIG_RELOAD_OK: &str = name!("config_last_reload_successful");
 pub const TLS_CERT_EXPIRY: &str = name!("tls_cert_expiry_seconds");
+pub const SPARKPLUG_SEQ_GAPS: &str = name!("sparkplug_seq_gaps_total");
+pub const SPARKPLUG_REBIRTHS: &str = name!("sparkplug_rebirths_requested_total");
 
 /// Bucket bounds of the two latency histograms, in seconds: from a fast
 /// local commit (about 1 ms) to past the default commit timeout.
@@ -88,6 +90,8 @@ pub fn register(known: &KnownLabels) {
         MQTT_CONNECT_FAILURES,
         MQTT_RECEIVED_BYTES,
         KAFKA_PRODUCED_BYTES,
+        SPARKPLUG_SEQ_GAPS,
+        SPARKPLUG_REBIRTHS,
     ] {
         counter!(name).increment(0);
     }
@@ -261,6 +265,14 @@ pub(super) fn describe() {
     describe_counter!(
         CONFIG_RELOADS,
         "Configuration reloads, by result (success, error)"
+    );
+    describe_counter!(
+        SPARKPLUG_SEQ_GAPS,
+        "Sparkplug B seq gaps: messages of edge nodes lost before the bridge (each also asks for a rebirth)"
+    );
+    describe_counter!(
+        SPARKPLUG_REBIRTHS,
+        "Sparkplug B rebirth requests (NCMD Node Control/Rebirth) sent to edge nodes whose messages needed a birth the bridge had not seen"
     );
     describe_gauge!(
         TLS_CERT_EXPIRY,

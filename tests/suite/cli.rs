@@ -141,3 +141,55 @@ fn demo_runs_with_nothing_installed_and_data_reaches_kafka() {
     assert!(sent > 100 && in_kafka > 100, "{out}");
     assert!(dead > 0, "malformed messages were dead-lettered: {out}");
 }
+
+/// A Sparkplug B DATA message carries aliases only: `translate --birth`
+/// routes the birth first, and the DATA is decoded with its aliases.
+/// Without it the DATA would be dead-lettered (exit 3).
+#[test]
+fn translate_decodes_sparkplug_data_with_a_birth_given_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::repo_path("tests/sparkplug/fixtures.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for name in ["nbirth", "ndata"] {
+        let hex = fixtures[name].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("plant.yaml"),
+        "routes:\n  - name: plant\n    mqtt: { filter: 'spBv1.0/#' }\n    format: sparkplug_b\n    kafka: { topic: plant.metrics }\n",
+    )
+    .unwrap();
+    let config = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &config,
+        "mqtt: { host: h, client_id: c }\nkafka: { bootstrap_servers: b, transactional_id: t }\nmappings: ['plant.yaml']\n",
+    )
+    .unwrap();
+    let path = |name: &str| format!("@{}", dir.path().join(name).display());
+    let data = [
+        "translate",
+        "--config",
+        config.to_str().unwrap(),
+        "--topic",
+        "spBv1.0/plant1/NDATA/edge7",
+        "--payload",
+    ];
+    let birth = format!("spBv1.0/plant1/NBIRTH/edge7={}", path("nbirth.bin"));
+    let o = bridge(&[&data[..], &[&path("ndata.bin"), "--birth", &birth]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("key:       plant1/edge7"), "{out}");
+    assert!(out.contains("\"name\": \"press/pressure\""), "{out}");
+    assert!(out.contains("\"value\": 99.5"), "{out}");
+
+    let o = bridge(&[&data[..], &[&path("ndata.bin")]].concat());
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    assert!(stdout(&o).contains("before its NBIRTH"), "{}", stdout(&o));
+}

@@ -29,5 +29,6 @@ mod probes;
 mod prometheus;
 mod properties;
 mod reload;
+mod sparkplug;
 mod state_store;
 mod tls;

@@ -1,0 +1,513 @@
+//! What the bridge knows of each edge node: whether it is online, its
+//! birth certificate's metrics (name, alias, datatype) and the last `seq`,
+//! so that DATA messages, which carry aliases and values only, can be
+//! decoded.
+//!
+//! Sparkplug's rules as the bridge applies them:
+//! - NBIRTH starts a node's session: its metrics (and `bdSeq`) replace
+//!   what was known, and its devices are forgotten until their DBIRTH.
+//! - NDEATH ends it, unless its `bdSeq` is not the one of the birth (a late
+//!   will message of an older session).
+//! - DBIRTH/DDEATH do the same for one device, within its node's session.
+//! - NDATA/DDATA resolve each metric by alias (or name) from the birth.
+//! - `seq` counts 0..=255 over every message of a node's session but its
+//!   death; a gap means messages were lost (counted, logged at debug).
+//!
+//! A message that cannot be decoded (DATA before any birth, an alias no
+//! birth declared, a value its datatype cannot hold) is an error, which the
+//! route turns into a dead letter with reason `sparkplug`.
+//!
+//! Memory is bounded whatever devices publish: at most [`MAX_NODES`] edge
+//! nodes and [`MAX_METRICS`] known metrics in all; a birth past either is
+//! refused.
+
+use super::decode::metric_json;
+use super::proto::{payload::Metric, Payload};
+use super::topic::{MessageType, SparkplugTopic};
+use fnv::FnvHashMap;
+use prost::Message;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Edge nodes tracked at most.
+pub const MAX_NODES: usize = 10_000;
+/// How often one edge node is asked to be born again, at most: a node that
+/// keeps sending what cannot be decoded is not flooded with requests.
+pub const REBIRTH_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a message cannot be decoded: for want of a birth (a rebirth request
+/// can mend it), or for good.
+enum Failure {
+    Rebirth(String),
+    Refused(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Self::Refused(why)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(why: &str) -> Self {
+        Self::Refused(why.to_string())
+    }
+}
+/// Metrics known from births, over all nodes and devices, at most.
+pub const MAX_METRICS: usize = 1_000_000;
+
+/// A metric declared in a birth certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Known {
+    name: String,
+    datatype: u32,
+    /// The device that declared it; `None` for the node's own metrics.
+    device: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    online: bool,
+    bd_seq: Option<u64>,
+    seq: Option<u8>,
+    /// By alias: unique over the node and all its devices (Sparkplug 3.0).
+    aliases: HashMap<u64, Known>,
+    /// Datatypes by name, for metrics sent without an alias: the node's
+    /// under `None`, each device's under its id.
+    names: HashMap<Option<String>, HashMap<String, u32>>,
+}
+
+impl Node {
+    fn metrics(&self) -> usize {
+        self.aliases.len() + self.names.values().map(HashMap::len).sum::<usize>()
+    }
+
+    fn forget_device(&mut self, device: &str) {
+        self.aliases
+            .retain(|_, k| k.device.as_deref() != Some(device));
+        self.names.remove(&Some(device.to_string()));
+    }
+}
+
+/// Edge nodes by group, then by id: looked up by the topic's `&str` levels
+/// without building a key (every message does it, more than once).
+#[derive(Debug, Default)]
+struct Nodes {
+    groups: FnvHashMap<String, FnvHashMap<String, Node>>,
+    len: usize,
+}
+
+impl Nodes {
+    fn get(&self, group: &str, edge_node: &str) -> Option<&Node> {
+        self.groups.get(group)?.get(edge_node)
+    }
+
+    fn get_mut(&mut self, group: &str, edge_node: &str) -> Option<&mut Node> {
+        self.groups.get_mut(group)?.get_mut(edge_node)
+    }
+
+    fn insert(&mut self, group: &str, edge_node: &str, node: Node) {
+        let nodes = self.groups.entry(group.to_string()).or_default();
+        if nodes.insert(edge_node.to_string(), node).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, group: &str, edge_node: &str) {
+        if let Some(nodes) = self.groups.get_mut(group) {
+            if nodes.remove(edge_node).is_some() {
+                self.len -= 1;
+            }
+            if nodes.is_empty() {
+                self.groups.remove(group);
+            }
+        }
+    }
+}
+
+/// Every edge node's session, as far as its messages told.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    nodes: Nodes,
+    /// Metrics known over all nodes (for [`MAX_METRICS`]).
+    metrics: usize,
+    /// `seq` gaps seen and not yet taken ([`Self::take_gaps`]).
+    gaps: u64,
+    /// The message being decoded showed a `seq` gap.
+    gap: bool,
+    /// Edge nodes to ask for a rebirth, (group, edge node), not yet taken.
+    rebirths: Vec<(String, String)>,
+    /// When each node was last asked (bounded like `nodes`).
+    asked: HashMap<(String, String), Instant>,
+}
+
+impl Sessions {
+    /// Decodes one Sparkplug message into JSON, updating what is known of
+    /// its node. The error says why it cannot be decoded. A message that
+    /// needs a birth the bridge has not seen (DATA before it, an unknown
+    /// alias, a `seq` gap) also queues a rebirth request for its node:
+    /// [`Self::take_rebirths`].
+    pub fn decode(&mut self, topic: &str, payload: &[u8]) -> Result<Value, String> {
+        self.decode_at(topic, payload, Instant::now())
+    }
+
+    /// `seq` gaps seen since the last call.
+    pub fn take_gaps(&mut self) -> u64 {
+        std::mem::take(&mut self.gaps)
+    }
+
+    /// The edge nodes to ask for a rebirth now, (group, edge node): at
+    /// most one request per node per [`REBIRTH_EVERY`].
+    pub fn take_rebirths(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.rebirths)
+    }
+
+    fn want_rebirth(&mut self, topic: &SparkplugTopic<'_>, now: Instant) {
+        let key = (topic.group.to_string(), topic.edge_node.to_string());
+        if let Some(last) = self.asked.get(&key) {
+            if now.saturating_duration_since(*last) < REBIRTH_EVERY {
+                return;
+            }
+        } else if self.asked.len() >= MAX_NODES {
+            // Nodes asked long ago make room; if none, no request now.
+            self.asked
+                .retain(|_, last| now.saturating_duration_since(*last) < REBIRTH_EVERY);
+            if self.asked.len() >= MAX_NODES {
+                return;
+            }
+        }
+        self.asked.insert(key.clone(), now);
+        self.rebirths.push(key);
+    }
+
+    /// [`Self::decode`] at `now` (for the rebirth rate limit).
+    pub fn decode_at(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<Value, String> {
+        let topic = SparkplugTopic::parse(topic)?;
+        if topic.message_type == MessageType::State {
+            return Ok(state_message(&topic, payload));
+        }
+        let message =
+            Payload::decode(payload).map_err(|e| format!("not a Sparkplug B payload: {e}"))?;
+        let decoded = match topic.message_type {
+            MessageType::NBirth => self.node_birth(&topic, &message),
+            MessageType::DBirth => self.device_birth(&topic, &message),
+            MessageType::NDeath => self.node_death(&topic, &message),
+            MessageType::DDeath => self.device_death(&topic, &message),
+            MessageType::NData | MessageType::DData => self.data(&topic, &message),
+            // Commands from host applications name their metrics.
+            MessageType::NCmd | MessageType::DCmd | MessageType::State => {
+                declared(&message.metrics).map_err(Failure::from)
+            }
+        };
+        let gap = std::mem::take(&mut self.gap);
+        let metrics = match decoded {
+            Ok(metrics) => {
+                if gap {
+                    self.want_rebirth(&topic, now);
+                }
+                metrics
+            }
+            Err(Failure::Rebirth(why)) => {
+                self.want_rebirth(&topic, now);
+                return Err(why);
+            }
+            Err(Failure::Refused(why)) => return Err(why),
+        };
+        let mut out = Map::with_capacity(10);
+        out.insert("group".into(), json!(topic.group));
+        out.insert("message_type".into(), json!(topic.message_type.as_str()));
+        out.insert("edge_node".into(), json!(topic.edge_node));
+        if let Some(device) = topic.device {
+            out.insert("device".into(), json!(device));
+        }
+        out.insert("descriptor".into(), json!(topic.descriptor()));
+        if let Some(ts) = message.timestamp {
+            out.insert("timestamp".into(), json!(ts));
+        }
+        if let Some(seq) = message.seq {
+            out.insert("seq".into(), json!(seq));
+        }
+        if let Some(uuid) = &message.uuid {
+            out.insert("uuid".into(), json!(uuid));
+        }
+        out.insert("metrics".into(), Value::Array(metrics));
+        Ok(Value::Object(out))
+    }
+
+    /// Whether the node is online (born, not dead).
+    pub fn is_online(&self, group: &str, edge_node: &str) -> bool {
+        self.nodes.get(group, edge_node).is_some_and(|n| n.online)
+    }
+
+    fn node_birth(
+        &mut self,
+        topic: &SparkplugTopic<'_>,
+        message: &Payload,
+    ) -> Result<Vec<Value>, Failure> {
+        let known = self.nodes.get(topic.group, topic.edge_node);
+        if known.is_none() && self.nodes.len >= MAX_NODES {
+            return Err(format!(
+                "NBIRTH of a new edge node past the {MAX_NODES} the bridge tracks"
+            )
+            .into());
+        }
+        let previous = known.map_or(0, Node::metrics);
+        let mut node = Node {
+            online: true,
+            seq: message.seq.map(|s| s as u8),
+            ..Node::default()
+        };
+        let metrics = register(&mut node, None, &message.metrics)?;
+        node.bd_seq = bd_seq(message);
+        let total = self.metrics - previous + node.metrics();
+        if total > MAX_METRICS {
+            return Err(format!(
+                "NBIRTH past the {MAX_METRICS} metrics the bridge tracks over all edge nodes"
+            )
+            .into());
+        }
+        self.metrics = total;
+        self.nodes.insert(topic.group, topic.edge_node, node);
+        Ok(metrics)
+    }
+
+    fn device_birth(
+        &mut self,
+        topic: &SparkplugTopic<'_>,
+        message: &Payload,
+    ) -> Result<Vec<Value>, Failure> {
+        let device = topic.device.expect("a device message").to_string();
+        let node = self.online_node(topic)?;
+        let before = node.metrics();
+        // Staged on a copy, so that a refused birth leaves the node as it
+        // was (births are rare; the copy is one node's tables).
+        let mut staged = Node {
+            aliases: node.aliases.clone(),
+            names: node.names.clone(),
+            ..Node::default()
+        };
+        staged.forget_device(&device);
+        let metrics = register(&mut staged, Some(&device), &message.metrics)?;
+        let after = staged.metrics();
+        if self.metrics - before + after > MAX_METRICS {
+            return Err(format!(
+                "DBIRTH past the {MAX_METRICS} metrics the bridge tracks over all edge nodes"
+            )
+            .into());
+        }
+        let node = self.online_node(topic)?;
+        node.aliases = staged.aliases;
+        node.names = staged.names;
+        self.metrics = self.metrics - before + after;
+        self.sequence(topic, message);
+        Ok(metrics)
+    }
+
+    fn node_death(
+        &mut self,
+        topic: &SparkplugTopic<'_>,
+        message: &Payload,
+    ) -> Result<Vec<Value>, Failure> {
+        let metrics = declared(&message.metrics)?;
+        let bd_seq = bd_seq(message);
+        if let Some(node) = self.nodes.get(topic.group, topic.edge_node) {
+            // A will message of an older session (its bdSeq is not the
+            // birth's) says nothing about the session now.
+            let stale = matches!((node.bd_seq, bd_seq), (Some(born), Some(died)) if born != died);
+            if !stale {
+                let gone = node.metrics();
+                self.metrics -= gone;
+                self.nodes.remove(topic.group, topic.edge_node);
+            }
+        }
+        Ok(metrics)
+    }
+
+    fn device_death(
+        &mut self,
+        topic: &SparkplugTopic<'_>,
+        message: &Payload,
+    ) -> Result<Vec<Value>, Failure> {
+        let device = topic.device.expect("a device message");
+        let node = self.online_node(topic)?;
+        let before = node.metrics();
+        node.forget_device(device);
+        let after = node.metrics();
+        self.metrics -= before - after;
+        self.sequence(topic, message);
+        Ok(declared(&message.metrics)?)
+    }
+
+    fn data(
+        &mut self,
+        topic: &SparkplugTopic<'_>,
+        message: &Payload,
+    ) -> Result<Vec<Value>, Failure> {
+        let node = self.online_node(topic)?;
+        // A born device has an entry here (`register` makes it), aliases
+        // or not.
+        let device = topic.device.map(str::to_string);
+        if let Some(d) = topic.device {
+            if !node.names.contains_key(&device) {
+                return Err(Failure::Rebirth(format!(
+                    "DDATA from device `{d}` before its DBIRTH"
+                )));
+            }
+        }
+        let mut out = Vec::with_capacity(message.metrics.len());
+        for m in &message.metrics {
+            let (name, datatype) = match (m.alias, &m.name) {
+                (Some(alias), _) => {
+                    let known = node.aliases.get(&alias).ok_or_else(|| {
+                        Failure::Rebirth(format!("alias {alias} is not in the birth certificate"))
+                    })?;
+                    if known.device.as_deref() != topic.device {
+                        return Err(Failure::Rebirth(format!(
+                            "alias {alias} belongs to {}, not to this {}",
+                            known
+                                .device
+                                .as_deref()
+                                .map_or("the node".into(), |d| format!("device `{d}`")),
+                            if topic.device.is_some() {
+                                "device"
+                            } else {
+                                "node"
+                            }
+                        )));
+                    }
+                    (known.name.clone(), m.datatype.unwrap_or(known.datatype))
+                }
+                (None, Some(name)) => {
+                    let datatype = node
+                        .names
+                        .get(&device)
+                        .and_then(|names| names.get(name))
+                        .copied()
+                        .or(m.datatype)
+                        .ok_or_else(|| {
+                            Failure::Rebirth(format!(
+                                "metric `{name}` is not in the birth certificate"
+                            ))
+                        })?;
+                    (name.clone(), datatype)
+                }
+                (None, None) => return Err("a metric with neither alias nor name".into()),
+            };
+            out.push(metric_json(m, Some(name), datatype)?);
+        }
+        self.sequence(topic, message);
+        Ok(out)
+    }
+
+    fn online_node(&mut self, topic: &SparkplugTopic<'_>) -> Result<&mut Node, Failure> {
+        self.nodes
+            .get_mut(topic.group, topic.edge_node)
+            .filter(|n| n.online)
+            .ok_or_else(|| {
+                Failure::Rebirth(format!(
+                    "{} from edge node `{}/{}` before its NBIRTH",
+                    topic.message_type, topic.group, topic.edge_node
+                ))
+            })
+    }
+
+    /// Notes the message's `seq`: the next after the node's last, or a gap.
+    fn sequence(&mut self, topic: &SparkplugTopic<'_>, message: &Payload) {
+        let Some(seq) = message.seq else { return };
+        let seq = seq as u8;
+        if let Some(node) = self.nodes.get_mut(topic.group, topic.edge_node) {
+            if let Some(last) = node.seq {
+                if seq != last.wrapping_add(1) {
+                    self.gaps += 1;
+                    self.gap = true;
+                    tracing::debug!(
+                        descriptor = %topic.descriptor(),
+                        expected = last.wrapping_add(1),
+                        got = seq,
+                        "Sparkplug seq gap: messages of this edge node were lost"
+                    );
+                }
+            }
+            node.seq = Some(seq);
+        }
+    }
+}
+
+/// Records a birth's metrics in `node` (as `device`'s) and returns them as
+/// JSON. Every metric of a birth must name itself and its datatype.
+fn register(
+    node: &mut Node,
+    device: Option<&str>,
+    metrics: &[Metric],
+) -> Result<Vec<Value>, String> {
+    let mut out = Vec::with_capacity(metrics.len());
+    let names = node.names.entry(device.map(str::to_string)).or_default();
+    for m in metrics {
+        let name = m
+            .name
+            .clone()
+            .ok_or("a birth certificate metric without a name")?;
+        let datatype = m
+            .datatype
+            .ok_or_else(|| format!("birth certificate metric `{name}` has no datatype"))?;
+        if let Some(alias) = m.alias {
+            if let Some(other) = node.aliases.get(&alias) {
+                if other.name != name || other.device.as_deref() != device {
+                    return Err(format!(
+                        "alias {alias} is declared for `{}` and `{name}`",
+                        other.name
+                    ));
+                }
+            }
+            node.aliases.insert(
+                alias,
+                Known {
+                    name: name.clone(),
+                    datatype,
+                    device: device.map(str::to_string),
+                },
+            );
+        } else {
+            names.insert(name.clone(), datatype);
+        }
+        out.push(metric_json(m, Some(name), datatype)?);
+    }
+    Ok(out)
+}
+
+/// The `bdSeq` metric of a birth or death: which session of the node's
+/// MQTT connection it belongs to.
+fn bd_seq(message: &Payload) -> Option<u64> {
+    use super::proto::payload::metric::Value as V;
+    let metric = message
+        .metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some("bdSeq"))?;
+    match metric.value {
+        Some(V::LongValue(v)) => Some(v),
+        Some(V::IntValue(v)) => Some(u64::from(v)),
+        _ => None,
+    }
+}
+
+/// Metrics that name themselves and their datatype (deaths, commands).
+fn declared(metrics: &[Metric]) -> Result<Vec<Value>, String> {
+    metrics
+        .iter()
+        .map(|m| metric_json(m, m.name.clone(), m.datatype.unwrap_or(0)))
+        .collect()
+}
+
+/// `spBv1.0/STATE/<host>`: Sparkplug 3.0 sends JSON (`{"online": true,
+/// "timestamp": ...}`), 2.2 the text `ONLINE`/`OFFLINE`.
+fn state_message(topic: &SparkplugTopic<'_>, payload: &[u8]) -> Value {
+    let body = serde_json::from_slice::<Value>(payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+    json!({"message_type": "STATE", "host": topic.edge_node, "state": body})
+}

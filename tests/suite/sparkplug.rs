@@ -1,0 +1,213 @@
+//! Sparkplug B from an independent encoder (Eclipse Tahu's JavaScript
+//! library, `tests/sparkplug/fixtures.js`) through real mosquitto and the
+//! real binary into real Kafka: births teach the aliases, DATA is decoded
+//! by alias, each sender's records keep their order under its key, and what
+//! cannot be decoded is dead-lettered with reason `sparkplug`.
+
+use crate::common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn fixture(name: &str) -> Vec<u8> {
+    let all: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("tests/sparkplug/fixtures.json")).expect("fixtures"),
+    )
+    .expect("fixtures are JSON");
+    let hex = all[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("fixture {name}"));
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+const MAPPING: &str = r#"
+routes:
+  - name: plant
+    mqtt: { filter: "spBv1.0/#", qos: 1 }
+    format: sparkplug_b
+    kafka: { topic: hvac.telemetry }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tahu_births_data_and_deaths_land_decoded_in_order_per_sender() {
+    let rig = Rig::start().await;
+    let files = BridgeFiles::new(&rig.bridge_config().mapping_text(MAPPING));
+    let mut bridge = files.start(None);
+    bridge.await_connected(WAIT).await;
+
+    let node = |kind: &str| format!("spBv1.0/plant1/{kind}/edge7");
+    let device = |kind: &str| format!("spBv1.0/plant1/{kind}/edge7/press3");
+    let messages = [
+        (node("NDATA"), "ndata"), // before its birth: dead letter
+        (node("NBIRTH"), "nbirth"),
+        (node("NDATA"), "ndata"),
+        (device("DBIRTH"), "dbirth"),
+        (device("DDATA"), "ddata"),
+        (node("NDATA"), "ndata_unknown_alias"), // dead letter
+        (node("NDEATH"), "ndeath"),
+    ];
+    let publishes: Vec<Publish> = messages
+        .iter()
+        .map(|(topic, name)| Publish::new(topic.clone(), fixture(name), 1))
+        .collect();
+    publish_all(rig.broker.port, &publishes).await;
+
+    let (data, dlq) = (rig.topics.telemetry(), rig.topics.dead_letter());
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&data, &dlq],
+        7,
+        WAIT,
+        Duration::from_secs(2),
+    );
+    bridge.stop();
+    assert_eq!(landed.len(), 7, "every message once");
+
+    let decoded: Vec<(String, String, Value)> = landed
+        .iter()
+        .filter(|l| l.topic == data)
+        .map(|l| {
+            (
+                l.key.clone().expect("key"),
+                l.json()["message_type"].as_str().unwrap().to_string(),
+                l.json(),
+            )
+        })
+        .collect();
+    let node_records: Vec<&str> = decoded
+        .iter()
+        .filter(|(key, _, _)| key == "plant1/edge7")
+        .map(|(_, kind, _)| kind.as_str())
+        .collect();
+    assert_eq!(
+        node_records,
+        ["NBIRTH", "NDATA", "NDEATH"],
+        "in order under the node's key"
+    );
+    let device_records: Vec<&str> = decoded
+        .iter()
+        .filter(|(key, _, _)| key == "plant1/edge7/press3")
+        .map(|(_, kind, _)| kind.as_str())
+        .collect();
+    assert_eq!(device_records, ["DBIRTH", "DDATA"]);
+
+    // NDATA by alias, with the birth's names and datatypes.
+    let ndata = &decoded
+        .iter()
+        .find(|(_, kind, _)| kind == "NDATA")
+        .unwrap()
+        .2;
+    assert_eq!(
+        ndata["metrics"],
+        serde_json::json!([
+            {"name": "press/count", "alias": 1, "datatype": "Int32", "value": -7},
+            {"name": "press/pressure", "alias": 2, "datatype": "Double", "value": 99.5},
+        ])
+    );
+    let ddata = &decoded
+        .iter()
+        .find(|(_, kind, _)| kind == "DDATA")
+        .unwrap()
+        .2;
+    assert_eq!(ddata["metrics"][1]["name"], "speed");
+    assert_eq!(ddata["metrics"][1]["value"], 2.25);
+
+    let dead: Vec<(&str, &str)> = landed
+        .iter()
+        .filter(|l| l.topic == dlq)
+        .map(|l| {
+            (
+                l.header("bridge.error.reason"),
+                l.header("bridge.error.detail"),
+            )
+        })
+        .collect();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(
+        dead.iter().all(|(reason, _)| *reason == "sparkplug"),
+        "{dead:?}"
+    );
+    assert!(dead[0].1.contains("before its NBIRTH"), "{dead:?}");
+    assert!(
+        dead[1]
+            .1
+            .contains("alias 99 is not in the birth certificate"),
+        "{dead:?}"
+    );
+}
+
+/// The bridge restarts between a node's birth and its next DATA (what it
+/// knew of the node is gone): the DATA is dead-lettered, not dropped, and
+/// the node is asked for a rebirth on its NCMD topic; once the node
+/// answers with its NBIRTH, its DATA is decoded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_bridge_asks_for_a_rebirth_and_decodes_again() {
+    let rig = Rig::start().await;
+    let files = BridgeFiles::new(&rig.bridge_config().mapping_text(MAPPING));
+    let birth = Publish::new("spBv1.0/plant1/NBIRTH/edge7", fixture("nbirth"), 1);
+    let data = Publish::new("spBv1.0/plant1/NDATA/edge7", fixture("ndata"), 1);
+    let (topic, dlq) = (rig.topics.telemetry(), rig.topics.dead_letter());
+
+    let mut bridge = files.start(None);
+    bridge.await_connected(WAIT).await;
+    publish_all(rig.broker.port, &[birth.clone(), data.clone()]).await;
+    read_committed(&rig.bootstrap, &[&topic], 2, WAIT, Duration::ZERO);
+    bridge.stop();
+
+    // The edge node listens for commands, as Sparkplug nodes do.
+    let mut node = Device::subscribe(
+        rig.broker.port,
+        "spBv1.0/plant1/NCMD/+",
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+    )
+    .await;
+    let mut bridge = files.start(None);
+    bridge.await_connected(WAIT).await;
+    publish_all(rig.broker.port, std::slice::from_ref(&data)).await;
+    let request = node.receive(1).await;
+    assert_eq!(request[0].0, "spBv1.0/plant1/NCMD/edge7");
+    assert!(request[0].1.contains("Node Control/Rebirth"), "{request:?}");
+    // The node answers with its birth, then goes on.
+    publish_all(rig.broker.port, &[birth, data]).await;
+
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&topic, &dlq],
+        5,
+        WAIT,
+        Duration::from_secs(2),
+    );
+    let kinds: Vec<(String, String)> = landed
+        .iter()
+        .map(|l| {
+            let kind = if l.topic == dlq {
+                "dead letter".to_string()
+            } else {
+                l.json()["message_type"].as_str().unwrap().to_string()
+            };
+            (l.topic.clone(), kind)
+        })
+        .collect();
+    let on = |t: &str| -> Vec<&str> {
+        kinds
+            .iter()
+            .filter(|(topic, _)| topic == t)
+            .map(|(_, kind)| kind.as_str())
+            .collect()
+    };
+    assert_eq!(on(&topic), ["NBIRTH", "NDATA", "NBIRTH", "NDATA"]);
+    assert_eq!(on(&dlq), ["dead letter"]);
+    bridge
+        .await_metric(
+            mqtt_kafka_bridge::telemetry::SPARKPLUG_REBIRTHS,
+            &[],
+            |n| n == 1.0,
+            WAIT,
+        )
+        .await;
+    bridge.stop();
+}
