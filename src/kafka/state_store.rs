@@ -173,12 +173,34 @@ fn read_last(
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
             .map_err(kafka)?;
+        // Missing only when the broker says so. A topic whose partitions
+        // have no leader (a broker paused or restarting, a failover), or
+        // metadata that came back with another error, is waited for:
+        // taking it for missing sent a settle, with a broker paused, into
+        // creating the topic and waiting out that call (found by the
+        // paused-broker test under load).
+        let missing = metadata.topics().first().is_none_or(|t| {
+            t.error().is_some_and(|e| {
+                matches!(
+                    RDKafkaErrorCode::from(e),
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+                )
+            })
+        });
+        let known = !missing;
         match super::ready_partitions(&metadata) {
             Some(n) => break n,
-            None if wait && Instant::now() < deadline => {
+            None if (wait || known) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100))
             }
-            _ => return Err(StateStoreError::Missing(topic.to_string())),
+            None if known => {
+                return Err(StateStoreError::Timeout {
+                    topic: topic.to_string(),
+                    timeout,
+                    waiting: "a leader for every partition".into(),
+                })
+            }
+            None => return Err(StateStoreError::Missing(topic.to_string())),
         }
     };
     tracing::debug!(topic, partitions, "state topic found");

@@ -178,13 +178,23 @@ async fn commits_left_unknown_by_a_paused_broker_are_settled_exactly_once() {
     }
     publisher.await.expect("publisher");
     let landed = tokio::task::block_in_place(|| {
-        read_committed(
-            &cluster.bootstrap,
-            &[&rig.topics.telemetry()],
-            count as usize,
-            Duration::from_secs(120),
-            Duration::from_secs(2),
-        )
+        std::panic::catch_unwind(|| {
+            read_committed(
+                &cluster.bootstrap,
+                &[&rig.topics.telemetry()],
+                count as usize,
+                Duration::from_secs(120),
+                Duration::from_secs(2),
+            )
+        })
+    })
+    .unwrap_or_else(|panic| {
+        // What the bridge was doing says more than the count.
+        eprintln!(
+            "bridge log:\n{}",
+            crate::common::process::tail(&files.log())
+        );
+        std::panic::resume_unwind(panic)
     });
     assert_eq!(
         assert_every_seq(&landed, count.into()),
