@@ -16,6 +16,7 @@ use crate::config::{
 };
 use crate::kafka;
 use crate::mqtt::Qos;
+use crate::sparkplug;
 use regex::Regex;
 use std::collections::HashMap;
 use std::path::Path;
@@ -371,6 +372,7 @@ fn compile_route(
     let (Some(filter), Some(format), Some(target)) = (filter, format, target) else {
         unreachable!("every None above recorded a problem");
     };
+    let sparkplug_form = sparkplug_form(&schema, &transform, &target);
     Ok(Route {
         name: route.name.clone(),
         origin: String::new(),
@@ -385,7 +387,30 @@ fn compile_route(
         transform,
         target,
         dead_letter_topic,
+        sparkplug_form,
     })
+}
+
+/// How a Sparkplug B route wants its messages: as bytes with a header-only
+/// value unless something reads the metrics (a schema, a transform, a
+/// template pointer past the header fields, a relay).
+fn sparkplug_form(
+    schema: &Option<super::schema::Schema>,
+    transform: &Option<Transform>,
+    target: &Target,
+) -> sparkplug::Form {
+    let header_only = match target {
+        Target::Kafka(kafka) => kafka.pointers().iter().all(|pointer| {
+            let field = pointer.trim_start_matches('/');
+            sparkplug::HEADER_FIELDS.contains(&field)
+        }),
+        Target::Mqtt(_) => false,
+    };
+    if schema.is_none() && transform.is_none() && header_only {
+        sparkplug::Form::Bytes
+    } else {
+        sparkplug::Form::Value
+    }
 }
 
 /// The Kafka side of an ingest route.

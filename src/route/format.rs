@@ -3,7 +3,7 @@
 use super::{RejectReason, Rejection};
 use crate::config::{FieldType, FormatConfig, TextFormatConfig};
 use crate::mqtt::MqttMessage;
-use crate::sparkplug::Sessions;
+use crate::sparkplug::{self, Sessions};
 use regex::Regex;
 use serde_json::{Map, Number, Value};
 
@@ -82,30 +82,45 @@ impl Format {
 
     /// Parses a message's payload; `None` for raw. Sparkplug B reads (and
     /// updates) what `sparkplug` knows of the sender.
+    #[cfg(test)]
     pub fn parse(
         &self,
         message: &MqttMessage,
         sparkplug: &mut Sessions,
     ) -> Result<Option<Value>, Rejection> {
+        Ok(self
+            .parse_as(message, sparkplug, sparkplug::Form::Value)?
+            .map(|parsed| parsed.value))
+    }
+
+    /// [`Self::parse`]; for Sparkplug B in `form`, which may give the
+    /// record's bytes ready and a value of the header fields alone.
+    pub fn parse_as(
+        &self,
+        message: &MqttMessage,
+        sparkplug: &mut Sessions,
+        form: sparkplug::Form,
+    ) -> Result<Option<sparkplug::Decoded>, Rejection> {
         let payload = &message.payload[..];
-        match self {
-            Self::Raw => Ok(None),
-            Self::SparkplugB => sparkplug
-                .decode(&message.topic, payload)
-                .map(Some)
-                .map_err(|e| Rejection::new(RejectReason::Sparkplug, e)),
-            Self::Json => super::strict_json::from_slice(payload)
-                .map(Some)
-                .map_err(|e| {
-                    let reason = if std::str::from_utf8(payload).is_err() {
-                        RejectReason::NotUtf8
-                    } else {
-                        RejectReason::Parse
-                    };
-                    Rejection::new(reason, format!("invalid JSON: {e}"))
-                }),
-            Self::Text(text) => text.parse(payload).map(Some),
-        }
+        let value = match self {
+            Self::Raw => return Ok(None),
+            Self::SparkplugB => {
+                return sparkplug
+                    .decode_at(&message.topic, payload, std::time::Instant::now(), form)
+                    .map(Some)
+                    .map_err(|e| Rejection::new(RejectReason::Sparkplug, e))
+            }
+            Self::Json => super::strict_json::from_slice(payload).map_err(|e| {
+                let reason = if std::str::from_utf8(payload).is_err() {
+                    RejectReason::NotUtf8
+                } else {
+                    RejectReason::Parse
+                };
+                Rejection::new(reason, format!("invalid JSON: {e}"))
+            })?,
+            Self::Text(text) => text.parse(payload)?,
+        };
+        Ok(Some(sparkplug::Decoded { value, bytes: None }))
     }
 }
 

@@ -12,7 +12,7 @@ use super::transform::Transform;
 use super::{Outcome, RejectReason, Rejection, TopicFilter};
 use crate::kafka;
 use crate::mqtt::{Defect, MqttMessage, OutgoingPublish, Qos};
-use crate::sparkplug::Sessions;
+use crate::sparkplug::{self, Sessions};
 use bytes::Bytes;
 use regex::Regex;
 use serde_json::Value;
@@ -42,6 +42,28 @@ pub(super) struct Route {
     pub(super) transform: Option<Transform>,
     pub(super) target: Target,
     pub(super) dead_letter_topic: String,
+    /// How a Sparkplug B message is wanted: as bytes with a header-only
+    /// value when nothing reads its metrics (no schema, no transform, no
+    /// template pointer past the header fields), else as a whole value.
+    pub(super) sparkplug_form: sparkplug::Form,
+}
+
+impl KafkaTarget {
+    /// Every `{/pointer}` its templates read (topic, key, headers) and its
+    /// timestamp field.
+    pub(super) fn pointers(&self) -> Vec<&str> {
+        let mut pointers: Vec<&str> = self.topic.pointers().collect();
+        if let Some(key) = &self.key {
+            pointers.extend(key.pointers());
+        }
+        for (_, header) in &self.headers {
+            pointers.extend(header.pointers());
+        }
+        if let Timestamp::Field(field) = &self.timestamp {
+            pointers.push(field);
+        }
+        pointers
+    }
 }
 
 /// Where a route sends what it made of a message.
@@ -177,11 +199,20 @@ impl Route {
             return Err(rejection);
         }
         check_size(message, self.max_payload_bytes, limits)?;
-        let parsed = self.format.parse(message, sparkplug)?;
+        let (parsed, ready) = match self
+            .format
+            .parse_as(message, sparkplug, self.sparkplug_form)?
+        {
+            Some(decoded) => (Some(decoded.value), decoded.bytes.map(Bytes::from)),
+            None => (None, None),
+        };
         if let (Some(schema), Some(value)) = (&self.schema, &parsed) {
             schema.validate(value)?;
         }
         let (value, bytes) = match (parsed, &self.transform) {
+            // Serialised by the format itself (Sparkplug B, nothing reading
+            // its metrics): the value holds what templates may read.
+            (Some(value), None) if ready.is_some() => (Some(value), ready.expect("guarded")),
             (Some(value), Some(transform)) => {
                 let out = transform
                     .apply(value, captures, message)

@@ -91,6 +91,14 @@ pub fn topic_level_problem(value: &str) -> Option<&'static str> {
 }
 
 impl Template {
+    /// The JSON pointers its `{/pointer}` placeholders read.
+    pub fn pointers(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Pointer(pointer) => Some(pointer.as_str()),
+            _ => None,
+        })
+    }
+
     /// Parses `text`; `captures` are the names the route's topic filter and
     /// regex define. `pointers` is false for raw payloads, which have no fields.
     pub fn parse(text: &str, captures: &[String], pointers: bool) -> Result<Self, String> {

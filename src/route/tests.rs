@@ -829,4 +829,27 @@ routes:
         Some("{/descriptor}"),
         "check shows the default key"
     );
+
+    // A template that reads a metric gets the whole message to read.
+    let t = table(
+        r#"
+routes:
+  - name: plant
+    mqtt: { filter: "spBv1.0/#", qos: 1 }
+    format: sparkplug_b
+    kafka: { topic: plant.metrics, key: "{/edge_node}.{/metrics/0/name}" }
+"#,
+    )
+    .unwrap();
+    let mut sessions = crate::sparkplug::Sessions::default();
+    forward(t.route_with(
+        &MqttMessage::new("spBv1.0/plant1/NBIRTH/edge7", payload("nbirth")),
+        &mut sessions,
+    ));
+    let data = forward(t.route_with(
+        &MqttMessage::new("spBv1.0/plant1/NDATA/edge7", payload("ndata")),
+        &mut sessions,
+    ));
+    assert_eq!(data.key.as_deref(), Some("edge7.press/count"));
+    assert_eq!(json_of(&data)["metrics"][1]["value"], 99.5);
 }

@@ -12,7 +12,57 @@
 use super::proto::payload::{self, data_set, metric, property_value, template};
 use super::proto::DataType;
 use base64::Engine;
+use serde::Serialize;
 use serde_json::{json, Map, Number, Value};
+
+/// A metric's value on its way out: the common kinds as themselves (a
+/// record is serialised straight from them, without a `Value` tree), the
+/// structured ones (arrays, DataSet, Template) as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Out {
+    Null,
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+    Json(Value),
+}
+
+impl From<Out> for Value {
+    fn from(out: Out) -> Self {
+        match out {
+            Out::Null => Value::Null,
+            Out::Int(v) => json!(v),
+            Out::UInt(v) => json!(v),
+            Out::Float(v) => json!(v),
+            Out::Bool(v) => Value::Bool(v),
+            Out::Text(v) => Value::String(v),
+            Out::Json(v) => v,
+        }
+    }
+}
+
+/// One metric as the record shows it, borrowing its name from the message
+/// or the birth certificate.
+#[derive(Debug, Serialize)]
+pub struct MetricOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    pub datatype: &'static str,
+    pub value: Out,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_historical: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_transient: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Value>,
+}
 
 /// The datatype's name as the specification writes it (`Int32`, `Double`).
 pub fn datatype_name(datatype: u32) -> &'static str {
@@ -25,25 +75,27 @@ pub fn datatype_name(datatype: u32) -> &'static str {
 /// A metric's value as JSON, read as `datatype` says. An error says what
 /// does not fit (a value of another kind than the datatype, a packed array
 /// of the wrong length).
-pub fn metric_value(datatype: u32, value: Option<&metric::Value>) -> Result<Value, String> {
+pub fn metric_value(datatype: u32, value: Option<&metric::Value>) -> Result<Out, String> {
     use metric::Value as V;
     let Some(value) = value else {
-        return Ok(Value::Null);
+        return Ok(Out::Null);
     };
     let kind = data_type(datatype);
     Ok(match (kind, value) {
-        (Some(DataType::DataSet), V::DatasetValue(set)) => data_set(set)?,
-        (Some(DataType::Template), V::TemplateValue(t)) => template_value(t)?,
-        (Some(array), V::BytesValue(bytes)) if is_array(array) => packed_array(array, bytes)?,
+        (Some(DataType::DataSet), V::DatasetValue(set)) => Out::Json(data_set(set)?),
+        (Some(DataType::Template), V::TemplateValue(t)) => Out::Json(template_value(t)?),
+        (Some(array), V::BytesValue(bytes)) if is_array(array) => {
+            Out::Json(packed_array(array, bytes)?)
+        }
         (Some(DataType::Bytes | DataType::File), V::BytesValue(bytes)) => base64(bytes),
         (_, V::IntValue(v)) => int_value(kind, datatype, *v)?,
         (_, V::LongValue(v)) => long_value(kind, datatype, *v)?,
         (_, V::FloatValue(v)) => float(f64::from(*v)),
         (_, V::DoubleValue(v)) => float(*v),
-        (_, V::BooleanValue(v)) => Value::Bool(*v),
-        (_, V::StringValue(v)) => Value::String(v.clone()),
+        (_, V::BooleanValue(v)) => Out::Bool(*v),
+        (_, V::StringValue(v)) => Out::Text(v.clone()),
         (None, V::BytesValue(bytes)) => base64(bytes),
-        (_, V::ExtensionValue(_)) => Value::Null,
+        (_, V::ExtensionValue(_)) => Out::Null,
         (_, other) => {
             return Err(format!(
                 "datatype {} cannot hold a {}",
@@ -80,15 +132,17 @@ fn value_kind(value: &metric::Value) -> &'static str {
 /// Int8/Int16/Int32 arrive as uint32 two's complement; some encoders
 /// zero-extend the narrow types instead (Int8 -5 as 251), which is taken
 /// too when it fits the type.
-fn int_value(kind: Option<DataType>, datatype: u32, v: u32) -> Result<Value, String> {
+fn int_value(kind: Option<DataType>, datatype: u32, v: u32) -> Result<Out, String> {
     let signed = v as i32;
-    let narrow = |bits: u32| -> Result<Value, String> {
+    let narrow = |bits: u32| -> Result<Out, String> {
         let (min, max) = (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1);
         if (min..=max).contains(&signed) {
-            Ok(json!(signed))
+            Ok(Out::Int(signed.into()))
         } else if v < (1u32 << bits) {
             // Zero-extended two's complement of the narrow type.
-            Ok(json!(((v << (32 - bits)) as i32) >> (32 - bits)))
+            Ok(Out::Int(
+                (((v << (32 - bits)) as i32) >> (32 - bits)).into(),
+            ))
         } else {
             Err(format!("{v} does not fit {}", datatype_name(datatype)))
         }
@@ -96,33 +150,44 @@ fn int_value(kind: Option<DataType>, datatype: u32, v: u32) -> Result<Value, Str
     match kind {
         Some(DataType::Int8) => narrow(8),
         Some(DataType::Int16) => narrow(16),
-        Some(DataType::Int32) => Ok(json!(signed)),
+        Some(DataType::Int32) => Ok(Out::Int(signed.into())),
         Some(DataType::UInt8) if v > u32::from(u8::MAX) => Err(format!("{v} does not fit UInt8")),
         Some(DataType::UInt16) if v > u32::from(u16::MAX) => {
             Err(format!("{v} does not fit UInt16"))
         }
-        _ => Ok(json!(v)),
+        _ => Ok(Out::UInt(v.into())),
     }
 }
 
-fn long_value(kind: Option<DataType>, _datatype: u32, v: u64) -> Result<Value, String> {
+fn long_value(kind: Option<DataType>, _datatype: u32, v: u64) -> Result<Out, String> {
     Ok(match kind {
-        Some(DataType::Int64) => json!(v as i64),
-        _ => json!(v),
+        Some(DataType::Int64) => Out::Int(v as i64),
+        _ => Out::UInt(v),
     })
 }
 
-fn float(v: f64) -> Value {
-    match Number::from_f64(v) {
-        Some(n) => Value::Number(n),
-        None if v.is_nan() => Value::String("NaN".into()),
-        None if v > 0.0 => Value::String("Infinity".into()),
-        None => Value::String("-Infinity".into()),
+fn float(v: f64) -> Out {
+    if v.is_finite() {
+        Out::Float(v)
+    } else if v.is_nan() {
+        Out::Text("NaN".into())
+    } else if v > 0.0 {
+        Out::Text("Infinity".into())
+    } else {
+        Out::Text("-Infinity".into())
     }
 }
 
-fn base64(bytes: &[u8]) -> Value {
-    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+/// [`float`] for the places that build JSON directly.
+fn float_json(v: f64) -> Value {
+    match Number::from_f64(v) {
+        Some(n) => Value::Number(n),
+        None => float(v).into(),
+    }
+}
+
+fn base64(bytes: &[u8]) -> Out {
+    Out::Text(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 fn is_array(kind: DataType) -> bool {
@@ -176,13 +241,13 @@ fn packed_array(kind: DataType, bytes: &[u8]) -> Result<Value, String> {
         DataType::FloatArray => Value::Array(
             chunks::<4>(bytes, name)?
                 .into_iter()
-                .map(|c| float(f64::from(f32::from_le_bytes(c))))
+                .map(|c| float_json(f64::from(f32::from_le_bytes(c))))
                 .collect(),
         ),
         DataType::DoubleArray => Value::Array(
             chunks::<8>(bytes, name)?
                 .into_iter()
-                .map(|c| float(f64::from_le_bytes(c)))
+                .map(|c| float_json(f64::from_le_bytes(c)))
                 .collect(),
         ),
         DataType::BooleanArray => {
@@ -225,16 +290,16 @@ fn data_set(set: &payload::DataSet) -> Result<Value, String> {
         for (i, element) in row.elements.iter().enumerate() {
             let datatype = types.get(i).copied().unwrap_or(0);
             let kind = data_type(datatype);
-            values.push(match &element.value {
-                None => Value::Null,
+            values.push(Value::from(match &element.value {
+                None => Out::Null,
                 Some(D::IntValue(v)) => int_value(kind, datatype, *v)?,
                 Some(D::LongValue(v)) => long_value(kind, datatype, *v)?,
                 Some(D::FloatValue(v)) => float(f64::from(*v)),
                 Some(D::DoubleValue(v)) => float(*v),
-                Some(D::BooleanValue(v)) => Value::Bool(*v),
-                Some(D::StringValue(v)) => Value::String(v.clone()),
-                Some(D::ExtensionValue(_)) => Value::Null,
-            });
+                Some(D::BooleanValue(v)) => Out::Bool(*v),
+                Some(D::StringValue(v)) => Out::Text(v.clone()),
+                Some(D::ExtensionValue(_)) => Out::Null,
+            }));
         }
         rows.push(Value::Array(values));
     }
@@ -252,21 +317,22 @@ fn template_value(t: &payload::Template) -> Result<Value, String> {
         let datatype = p.r#type.unwrap_or(0);
         let kind = data_type(datatype);
         let value = match &p.value {
-            None => Value::Null,
+            None => Out::Null,
             Some(P::IntValue(v)) => int_value(kind, datatype, *v)?,
             Some(P::LongValue(v)) => long_value(kind, datatype, *v)?,
             Some(P::FloatValue(v)) => float(f64::from(*v)),
             Some(P::DoubleValue(v)) => float(*v),
-            Some(P::BooleanValue(v)) => Value::Bool(*v),
-            Some(P::StringValue(v)) => Value::String(v.clone()),
-            Some(P::ExtensionValue(_)) => Value::Null,
+            Some(P::BooleanValue(v)) => Out::Bool(*v),
+            Some(P::StringValue(v)) => Out::Text(v.clone()),
+            Some(P::ExtensionValue(_)) => Out::Null,
         };
-        parameters.insert(p.name.clone().unwrap_or_default(), value);
+        parameters.insert(p.name.clone().unwrap_or_default(), value.into());
     }
     let mut metrics = Vec::with_capacity(t.metrics.len());
     for m in &t.metrics {
         // Template members carry their own names and datatypes.
-        metrics.push(metric_json(m, m.name.clone(), m.datatype.unwrap_or(0))?);
+        let out = metric_out(m, m.name.as_deref(), m.datatype.unwrap_or(0))?;
+        metrics.push(serde_json::to_value(&out).expect("a metric serialises"));
     }
     let mut out = Map::new();
     if let Some(r) = &t.template_ref {
@@ -284,46 +350,32 @@ fn template_value(t: &payload::Template) -> Result<Value, String> {
     Ok(Value::Object(out))
 }
 
-/// One metric as JSON, with the name and datatype resolved (from the
-/// metric itself, or its birth certificate for an alias).
-pub fn metric_json(
-    m: &payload::Metric,
-    name: Option<String>,
+/// One metric as the record shows it, with the name and datatype
+/// resolved (from the metric itself, or its birth certificate for an
+/// alias).
+pub fn metric_out<'a>(
+    m: &'a payload::Metric,
+    name: Option<&'a str>,
     datatype: u32,
-) -> Result<Value, String> {
-    let mut out = Map::with_capacity(8);
-    if let Some(name) = &name {
-        out.insert("name".into(), json!(name));
-    }
-    if let Some(alias) = m.alias {
-        out.insert("alias".into(), json!(alias));
-    }
-    if let Some(ts) = m.timestamp {
-        out.insert("timestamp".into(), json!(ts));
-    }
-    out.insert("datatype".into(), json!(datatype_name(datatype)));
+) -> Result<MetricOut<'a>, String> {
     let value = if m.is_null.unwrap_or(false) {
-        Value::Null
+        Out::Null
     } else {
-        metric_value(datatype, m.value.as_ref()).map_err(|e| {
-            format!(
-                "metric `{}`: {e}",
-                name.as_deref()
-                    .map_or_else(|| format!("alias {}", m.alias.unwrap_or(0)), str::to_string)
-            )
+        metric_value(datatype, m.value.as_ref()).map_err(|e| match name {
+            Some(name) => format!("metric `{name}`: {e}"),
+            None => format!("metric with alias {}: {e}", m.alias.unwrap_or(0)),
         })?
     };
-    out.insert("value".into(), value);
-    if m.is_historical == Some(true) {
-        out.insert("is_historical".into(), json!(true));
-    }
-    if m.is_transient == Some(true) {
-        out.insert("is_transient".into(), json!(true));
-    }
-    if let Some(properties) = &m.properties {
-        out.insert("properties".into(), property_set(properties));
-    }
-    Ok(Value::Object(out))
+    Ok(MetricOut {
+        name,
+        alias: m.alias,
+        timestamp: m.timestamp,
+        datatype: datatype_name(datatype),
+        value,
+        is_historical: m.is_historical == Some(true),
+        is_transient: m.is_transient == Some(true),
+        properties: m.properties.as_ref().map(property_set),
+    })
 }
 
 fn property_set(set: &payload::PropertySet) -> Value {
@@ -337,10 +389,14 @@ fn property_set(set: &payload::PropertySet) -> Value {
         } else {
             match &value.value {
                 None => Value::Null,
-                Some(P::IntValue(v)) => int_value(kind, datatype, *v).unwrap_or(json!(v)),
-                Some(P::LongValue(v)) => long_value(kind, datatype, *v).unwrap_or(json!(v)),
-                Some(P::FloatValue(v)) => float(f64::from(*v)),
-                Some(P::DoubleValue(v)) => float(*v),
+                Some(P::IntValue(v)) => int_value(kind, datatype, *v)
+                    .map(Value::from)
+                    .unwrap_or(json!(v)),
+                Some(P::LongValue(v)) => long_value(kind, datatype, *v)
+                    .map(Value::from)
+                    .unwrap_or(json!(v)),
+                Some(P::FloatValue(v)) => float_json(f64::from(*v)),
+                Some(P::DoubleValue(v)) => float_json(*v),
                 Some(P::BooleanValue(v)) => Value::Bool(*v),
                 Some(P::StringValue(v)) => Value::String(v.clone()),
                 Some(P::PropertysetValue(s)) => property_set(s),
@@ -366,7 +422,7 @@ mod tests {
 
     #[test]
     fn integers_keep_width_and_sign() {
-        let v = |d, value| metric_value(dt(d), Some(&value)).unwrap();
+        let v = |d, value| Value::from(metric_value(dt(d), Some(&value)).unwrap());
         // Tahu's encoders: uint32 two's complement.
         assert_eq!(v(DataType::Int32, V::IntValue(4_294_967_254)), json!(-42));
         assert_eq!(v(DataType::Int8, V::IntValue((-5i32) as u32)), json!(-5));
@@ -386,7 +442,7 @@ mod tests {
 
     #[test]
     fn floats_bytes_and_mismatches() {
-        let v = |d, value| metric_value(dt(d), Some(&value));
+        let v = |d, value| metric_value(dt(d), Some(&value)).map(Value::from);
         assert_eq!(
             v(DataType::Double, V::DoubleValue(101.325)).unwrap(),
             json!(101.325)
@@ -411,7 +467,8 @@ mod tests {
 
     #[test]
     fn packed_arrays_become_json_arrays() {
-        let v = |d, bytes: Vec<u8>| metric_value(dt(d), Some(&V::BytesValue(bytes)));
+        let v =
+            |d, bytes: Vec<u8>| metric_value(dt(d), Some(&V::BytesValue(bytes))).map(Value::from);
         assert_eq!(
             v(DataType::Int16Array, vec![0xfe, 0xff, 2, 0]).unwrap(),
             json!([-2, 2])
@@ -451,7 +508,7 @@ mod tests {
             }],
         };
         assert_eq!(
-            metric_value(dt(DataType::DataSet), Some(&V::DatasetValue(set))).unwrap(),
+            Value::from(metric_value(dt(DataType::DataSet), Some(&V::DatasetValue(set))).unwrap()),
             json!({"columns": ["t", "ok"], "types": ["Int32", "Boolean"], "rows": [[-1, true]]})
         );
         let t = payload::Template {
@@ -465,7 +522,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            metric_value(dt(DataType::Template), Some(&V::TemplateValue(t))).unwrap(),
+            Value::from(metric_value(dt(DataType::Template), Some(&V::TemplateValue(t))).unwrap()),
             json!({"template_ref": "Motor", "is_definition": false, "parameters": {},
                    "metrics": [{"name": "rpm", "datatype": "Double", "value": 1500.0}]})
         );

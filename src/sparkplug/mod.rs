@@ -14,7 +14,7 @@ pub mod proto;
 mod sessions;
 pub mod topic;
 
-pub use sessions::{Sessions, MAX_METRICS, MAX_NODES, REBIRTH_EVERY};
+pub use sessions::{Decoded, Form, Sessions, HEADER_FIELDS, MAX_METRICS, MAX_NODES, REBIRTH_EVERY};
 pub use topic::{MessageType, SparkplugTopic};
 
 /// Where a rebirth request for an edge node goes: its NCMD topic.
@@ -192,12 +192,15 @@ mod tests {
         let mut s = Sessions::default();
         let t0 = Instant::now();
         let node = |kind: &str| format!("spBv1.0/plant1/{kind}/edge7");
-        assert!(s.decode_at(&node("NDATA"), &fixture("ndata"), t0).is_err());
+        assert!(s
+            .decode_at(&node("NDATA"), &fixture("ndata"), t0, Form::Value)
+            .is_err());
         assert!(s
             .decode_at(
                 &node("NDATA"),
                 &fixture("ndata"),
-                t0 + Duration::from_secs(1)
+                t0 + Duration::from_secs(1),
+                Form::Value
             )
             .is_err());
         assert_eq!(
@@ -206,12 +209,22 @@ mod tests {
             "one request, not one per message"
         );
         assert!(s
-            .decode_at(&node("NDATA"), &fixture("ndata"), t0 + REBIRTH_EVERY)
+            .decode_at(
+                &node("NDATA"),
+                &fixture("ndata"),
+                t0 + REBIRTH_EVERY,
+                Form::Value
+            )
             .is_err());
         assert_eq!(s.take_rebirths().len(), 1);
         // Garbage is no reason to ask: a birth would not mend it.
         assert!(s
-            .decode_at(&node("NDATA"), b"\xff\xff", t0 + REBIRTH_EVERY * 3)
+            .decode_at(
+                &node("NDATA"),
+                b"\xff\xff",
+                t0 + REBIRTH_EVERY * 3,
+                Form::Value
+            )
             .is_err());
         assert!(s.take_rebirths().is_empty());
 
@@ -228,6 +241,35 @@ mod tests {
             rebirth_topic("plant1", "edge7"),
             "spBv1.0/plant1/NCMD/edge7"
         );
+    }
+
+    #[test]
+    fn the_bytes_form_is_the_value_form_serialised_with_a_header_value() {
+        let (mut a, mut b) = (Sessions::default(), Sessions::default());
+        let now = std::time::Instant::now();
+        for s in [&mut a, &mut b] {
+            s.decode(&node("NBIRTH"), &fixture("nbirth")).unwrap();
+        }
+        let full = a
+            .decode_at(&node("NDATA"), &fixture("ndata"), now, Form::Value)
+            .unwrap();
+        let fast = b
+            .decode_at(&node("NDATA"), &fixture("ndata"), now, Form::Bytes)
+            .unwrap();
+        assert_eq!(full.bytes, None);
+        assert_eq!(
+            fast.bytes.unwrap(),
+            serde_json::to_vec(&full.value).unwrap()
+        );
+        let mut header = full.value.clone();
+        header.as_object_mut().unwrap().remove("metrics");
+        assert_eq!(fast.value, header);
+        assert!(fast
+            .value
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| HEADER_FIELDS.contains(&k.as_str())));
     }
 
     #[test]
