@@ -328,9 +328,19 @@ impl BridgeProcess {
 }
 
 impl Drop for BridgeProcess {
+    /// Kills the bridge; when the test is failing, prints the end of its
+    /// log first: a count that did not arrive says less than what the
+    /// bridge was doing meanwhile.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- end of the bridge's log ({}) ---\n{}",
+                self.log.display(),
+                tail(&self.log)
+            );
+        }
     }
 }
 

@@ -14,7 +14,10 @@ const KAFKA_SECRET: &str = "hunter2-kafka-secret";
 /// neither secret appears, in the log or in `check`'s report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_lifecycle_events_and_no_secret() {
-    let rig = Rig::start_with(TestKafka::mock()).await;
+    // The real broker: a mock cluster lives in the test process, and
+    // under the whole suite's load its group coordinator once timed
+    // out the reader below.
+    let rig = Rig::start_with(TestKafka::real()).await;
     let config = rig
         .bridge_config()
         .mqtt("username", "bridge")

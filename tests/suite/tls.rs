@@ -125,7 +125,7 @@ async fn a_subscription_the_acl_refuses_for_the_certificates_identity_shows_in_r
             ..Options::default()
         },
     );
-    let rig = Rig::start_with_broker(TestKafka::mock(), &options).await;
+    let rig = Rig::start_with_broker(TestKafka::real(), &options).await;
     let client = ca.client("bridge", "bridge-acl", 365);
     let files = BridgeFiles::new(&tls_config(&rig, &ca.ca_file, Some(&client), &[]));
     let mut bridge = files.start(None);
@@ -135,6 +135,10 @@ async fn a_subscription_the_acl_refuses_for_the_certificates_identity_shows_in_r
     assert!(body.contains("\"mqtt\":\""), "{body}");
     bridge.stop();
 }
+
+// The bridges here are refused before they read anything, but they still
+// start a producer: on the shared real broker, not on a mock cluster per
+// test in the test process (which loads it; see `logs.rs`).
 
 /// What a refused bridge must show: the explanation in its log, and
 /// connection attempts that slow down (100 ms doubling to 1 s here; a
@@ -166,7 +170,7 @@ async fn assert_refused_and_backing_off(bridge: &mut BridgeProcess, explanation:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_client_certificate_the_broker_refuses_and_the_bridge_says_so() {
     let ca = TestCa::new("mqtt");
-    let rig = Rig::start_with_broker(TestKafka::mock(), &broker(&ca, Options::default())).await;
+    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
     let files = BridgeFiles::new(&tls_config(&rig, &ca.ca_file, None, &[]));
     let mut bridge = files.start(None);
     assert_refused_and_backing_off(&mut bridge, "the broker requires a client certificate").await;
@@ -177,7 +181,7 @@ async fn without_a_client_certificate_the_broker_refuses_and_the_bridge_says_so(
 async fn a_client_certificate_from_another_ca_is_refused_and_said_so() {
     let ca = TestCa::new("mqtt");
     let stranger = TestCa::new("stranger");
-    let rig = Rig::start_with_broker(TestKafka::mock(), &broker(&ca, Options::default())).await;
+    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
     let client = stranger.client("bridge", "bridge-stranger", 365);
     let files = BridgeFiles::new(&tls_config(&rig, &ca.ca_file, Some(&client), &[]));
     let mut bridge = files.start(None);
@@ -188,7 +192,7 @@ async fn a_client_certificate_from_another_ca_is_refused_and_said_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_client_certificate_is_refused_and_a_renewed_one_is_taken_on_reload() {
     let ca = TestCa::new("mqtt");
-    let rig = Rig::start_with_broker(TestKafka::mock(), &broker(&ca, Options::default())).await;
+    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
     let expired = ca.client("bridge", "bridge-expired", -2);
     let files = BridgeFiles::new(&tls_config(&rig, &ca.ca_file, Some(&expired), &[]));
     let mut bridge = files.start(None);
@@ -228,7 +232,7 @@ async fn an_expired_client_certificate_is_refused_and_a_renewed_one_is_taken_on_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_certificate_for_another_name_is_refused_and_said_so() {
     let ca = TestCa::new("mqtt");
-    let rig = Rig::start_with_broker(TestKafka::mock(), &broker(&ca, Options::default())).await;
+    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
     let client = ca.client("bridge", "bridge-name", 365);
     let config = tls_config(
         &rig,
@@ -246,7 +250,7 @@ async fn a_broker_certificate_for_another_name_is_refused_and_said_so() {
 async fn a_broker_certificate_from_an_untrusted_ca_is_refused_and_said_so() {
     let ca = TestCa::new("mqtt");
     let other = TestCa::new("other");
-    let rig = Rig::start_with_broker(TestKafka::mock(), &broker(&ca, Options::default())).await;
+    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
     let client = ca.client("bridge", "bridge-untrusting", 365);
     let files = BridgeFiles::new(&tls_config(&rig, &other.ca_file, Some(&client), &[]));
     let mut bridge = files.start(None);
