@@ -1052,7 +1052,26 @@ mod tests {
         intake_capacity: usize,
         pipe_bytes: usize,
     ) -> InMemory {
-        let config = config(MqttProtocol::V311, 1883, keep_alive_s);
+        serve_in_memory_as(
+            MqttProtocol::V311,
+            CONNACK_V4,
+            keep_alive_s,
+            intake_capacity,
+            pipe_bytes,
+        )
+        .await
+    }
+
+    /// A session speaking `protocol` over an in-memory pipe to a scripted
+    /// broker that answered its CONNECT with `connack`.
+    async fn serve_in_memory_as(
+        protocol: MqttProtocol,
+        connack: &[u8],
+        keep_alive_s: u64,
+        intake_capacity: usize,
+        pipe_bytes: usize,
+    ) -> InMemory {
+        let config = config(protocol, 1883, keep_alive_s);
         let mut session = MqttSession::new(&config, Vec::new());
         let client = session.client();
         let (ours, server) = tokio::io::duplex(pipe_bytes);
@@ -1070,9 +1089,9 @@ mod tests {
                 )
                 .await
         });
-        let mut broker = Broker::new(server, MqttProtocol::V311);
+        let mut broker = Broker::new(server, protocol);
         assert_eq!(broker.read().await, Packet::Connect);
-        broker.send(CONNACK_V4).await;
+        broker.send(connack).await;
         InMemory {
             broker,
             client,
@@ -1114,27 +1133,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_brokers_server_keep_alive_replaces_ours() {
         let start = Instant::now();
-        let config = config(MqttProtocol::V5, 1883, 60);
-        let mut session = MqttSession::new(&config, Vec::new());
-        let (ours, server) = tokio::io::duplex(64 * 1024);
-        let (tx, _intake) = mpsc::channel(16);
-        let session = tokio::spawn(async move {
-            let (stop_intake, subscribed) = (CancellationToken::new(), CancellationToken::new());
-            let mut connected = false;
-            session
-                .serve_stream(
-                    Box::new(ours),
-                    &tx,
-                    &stop_intake,
-                    &subscribed,
-                    &mut connected,
-                )
-                .await
-        });
-        let mut broker = Broker::new(server, MqttProtocol::V5);
-        assert_eq!(broker.read().await, Packet::Connect);
-        // Session Present, Server Keep Alive (0x13) of 4 s.
-        broker.send(&[0x20, 6, 1, 0, 3, 0x13, 0, 4]).await;
+        // Session Present, Server Keep Alive (0x13) of 4 s; ours is 60.
+        let connack = [0x20, 6, 1, 0, 3, 0x13, 0, 4];
+        let InMemory {
+            mut broker,
+            session,
+            ..
+        } = serve_in_memory_as(MqttProtocol::V5, &connack, 60, 16, 64 * 1024).await;
         assert_eq!(broker.read().await, Packet::PingReq);
         assert_eq!(start.elapsed(), Duration::from_secs(2));
         session.abort();

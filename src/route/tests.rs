@@ -796,15 +796,7 @@ routes:
 "#,
     )
     .unwrap();
-    let fixtures: Value =
-        serde_json::from_str(include_str!("../../tests/sparkplug/fixtures.json")).unwrap();
-    let payload = |name: &str| -> Vec<u8> {
-        let hex = fixtures[name].as_str().unwrap();
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect()
-    };
+    let payload = crate::sparkplug::fixture;
     let mut sessions = crate::sparkplug::Sessions::default();
     let mut route = |topic: &str, name: &str| {
         t.route_with(&MqttMessage::new(topic, payload(name)), &mut sessions)

@@ -40,6 +40,22 @@ pub fn rebirth_payload(timestamp_ms: u64) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A payload by Eclipse Tahu's JavaScript library (an independent
+/// encoder), from `tests/sparkplug/fixtures.json`, for unit tests here and
+/// in `route`.
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
+    let all: serde_json::Value =
+        serde_json::from_str(include_str!("../../tests/sparkplug/fixtures.json")).unwrap();
+    let hex = all[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no Sparkplug fixture {name}"));
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     //! Payloads made by Eclipse Tahu's JavaScript library (an independent
@@ -49,17 +65,7 @@ mod tests {
     use prost::Message;
     use serde_json::{json, Value};
 
-    fn fixture(name: &str) -> Vec<u8> {
-        let all: Value =
-            serde_json::from_str(include_str!("../../tests/sparkplug/fixtures.json")).unwrap();
-        let hex = all[name]
-            .as_str()
-            .unwrap_or_else(|| panic!("fixture {name}"));
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use super::fixture;
 
     const NODE: &str = "spBv1.0/plant1/{}/edge7";
     fn node(kind: &str) -> String {

@@ -17,6 +17,7 @@ pub mod prometheus;
 pub mod publish;
 pub mod repo;
 pub mod rig;
+pub mod sparkplug;
 pub mod topics;
 
 pub use bridge::{await_token, Bridge};

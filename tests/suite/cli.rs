@@ -148,17 +148,8 @@ fn demo_runs_with_nothing_installed_and_data_reaches_kafka() {
 #[test]
 fn translate_decodes_sparkplug_data_with_a_birth_given_first() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(crate::common::repo_path("tests/sparkplug/fixtures.json"))
-            .unwrap(),
-    )
-    .unwrap();
     for name in ["nbirth", "ndata"] {
-        let hex = fixtures[name].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
+        let bytes = crate::common::sparkplug::fixture(name);
         std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
     }
     std::fs::write(

@@ -4,25 +4,12 @@
 //! by alias, each sender's records keep their order under its key, and what
 //! cannot be decoded is dead-lettered with reason `sparkplug`.
 
+use crate::common::sparkplug::fixture;
 use crate::common::*;
 use serde_json::Value;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn fixture(name: &str) -> Vec<u8> {
-    let all: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_path("tests/sparkplug/fixtures.json")).expect("fixtures"),
-    )
-    .expect("fixtures are JSON");
-    let hex = all[name]
-        .as_str()
-        .unwrap_or_else(|| panic!("fixture {name}"));
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-        .collect()
-}
 
 const MAPPING: &str = r#"
 routes:

@@ -167,26 +167,66 @@ async fn assert_refused_and_backing_off(bridge: &mut BridgeProcess, explanation:
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_client_certificate_the_broker_refuses_and_the_bridge_says_so() {
-    let ca = TestCa::new("mqtt");
-    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
-    let files = BridgeFiles::new(&tls_config(&rig, &ca.ca_file, None, &[]));
+/// A bridge that mosquitto (requiring certificates from `ca`) and the
+/// bridge's TLS settings (trusting `trusted`, showing `client`, with
+/// `extra`) cannot agree on: refused, said as `explanation`, retried at a
+/// growing interval.
+async fn assert_refused(
+    ca: &TestCa,
+    trusted: &std::path::Path,
+    client: Option<&Identity>,
+    extra: &[(&str, &str)],
+    explanation: &str,
+) {
+    let rig = Rig::start_with_broker(TestKafka::real(), &broker(ca, Options::default())).await;
+    let files = BridgeFiles::new(&tls_config(&rig, trusted, client, extra));
     let mut bridge = files.start(None);
-    assert_refused_and_backing_off(&mut bridge, "the broker requires a client certificate").await;
+    assert_refused_and_backing_off(&mut bridge, explanation).await;
     bridge.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_certificate_from_another_ca_is_refused_and_said_so() {
+async fn without_a_client_certificate_the_broker_refuses_and_the_bridge_says_so() {
     let ca = TestCa::new("mqtt");
-    let stranger = TestCa::new("stranger");
-    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
+    let explanation = "the broker requires a client certificate";
+    assert_refused(&ca, &ca.ca_file, None, &[], explanation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused_and_said_so() {
+    let (ca, stranger) = (TestCa::new("mqtt"), TestCa::new("stranger"));
     let client = stranger.client("bridge", "bridge-stranger", 365);
-    let files = BridgeFiles::new(&tls_config(&rig, &ca.ca_file, Some(&client), &[]));
-    let mut bridge = files.start(None);
-    assert_refused_and_backing_off(&mut bridge, "the broker refused our client certificate").await;
-    bridge.stop();
+    let explanation = "the broker refused our client certificate";
+    assert_refused(&ca, &ca.ca_file, Some(&client), &[], explanation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_for_another_name_is_refused_and_said_so() {
+    let ca = TestCa::new("mqtt");
+    let client = ca.client("bridge", "bridge-name", 365);
+    let name = [("server_name", "broker.example.com")];
+    assert_refused(
+        &ca,
+        &ca.ca_file,
+        Some(&client),
+        &name,
+        "does not name the host",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_from_an_untrusted_ca_is_refused_and_said_so() {
+    let (ca, other) = (TestCa::new("mqtt"), TestCa::new("other"));
+    let client = ca.client("bridge", "bridge-untrusting", 365);
+    assert_refused(
+        &ca,
+        &other.ca_file,
+        Some(&client),
+        &[],
+        "not signed by a trusted CA",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,34 +266,5 @@ async fn an_expired_client_certificate_is_refused_and_a_renewed_one_is_taken_on_
             WAIT,
         )
         .await;
-    bridge.stop();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_certificate_for_another_name_is_refused_and_said_so() {
-    let ca = TestCa::new("mqtt");
-    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
-    let client = ca.client("bridge", "bridge-name", 365);
-    let config = tls_config(
-        &rig,
-        &ca.ca_file,
-        Some(&client),
-        &[("server_name", "broker.example.com")],
-    );
-    let files = BridgeFiles::new(&config);
-    let mut bridge = files.start(None);
-    assert_refused_and_backing_off(&mut bridge, "does not name the host").await;
-    bridge.stop();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_certificate_from_an_untrusted_ca_is_refused_and_said_so() {
-    let ca = TestCa::new("mqtt");
-    let other = TestCa::new("other");
-    let rig = Rig::start_with_broker(TestKafka::real(), &broker(&ca, Options::default())).await;
-    let client = ca.client("bridge", "bridge-untrusting", 365);
-    let files = BridgeFiles::new(&tls_config(&rig, &other.ca_file, Some(&client), &[]));
-    let mut bridge = files.start(None);
-    assert_refused_and_backing_off(&mut bridge, "not signed by a trusted CA").await;
     bridge.stop();
 }
