@@ -138,7 +138,17 @@ fn read_committed_until(
             );
         }
         if let Some(result) = consumer.poll(Duration::from_millis(100)) {
-            let m = result.expect("consume");
+            // librdkafka reports connection trouble (a broker paused or
+            // restarting: AllBrokersDown, transport failures) through the
+            // consumer and goes on retrying; so does the reader, until its
+            // deadline says what did not arrive.
+            let m = match result {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("reader: {e} (retrying)");
+                    continue;
+                }
+            };
             let headers = m
                 .headers()
                 .map(|h| {
