@@ -71,6 +71,11 @@ pub(super) struct PacketState {
     retain_available: bool,
     /// Whether resends on this connection carry DUP (a resumed session).
     resend_dup: bool,
+    /// In-flight publishes not yet sent on this connection (held back by a
+    /// smaller Receive Maximum after a reconnect): 0 almost always, which
+    /// spares `send_waiting`, called on every turn of the session loop, a
+    /// scan of the in-flight list.
+    unsent: usize,
 }
 
 impl PacketState {
@@ -89,6 +94,7 @@ impl PacketState {
             max_qos: Qos::ExactlyOnce,
             retain_available: true,
             resend_dup: true,
+            unsent: 0,
         }
     }
 
@@ -151,6 +157,8 @@ impl PacketState {
                 f.done.finish(Ok(()));
             }
         }
+        // None has gone out on this new connection yet.
+        self.unsent = self.in_flight.len();
         self.resend_in_window(out)
     }
 
@@ -159,6 +167,9 @@ impl PacketState {
     /// broker's window allows; one its limits no longer allow ends here,
     /// refused.
     fn resend_in_window(&mut self, out: &mut BytesMut) -> Result<(), WireError> {
+        if self.unsent == 0 {
+            return Ok(());
+        }
         let connection = self.connection;
         let mut sent = self
             .in_flight
@@ -178,14 +189,20 @@ impl PacketState {
                 if let Some(f) = self.in_flight.remove(i) {
                     f.done.finish(Err(refused));
                 }
+                self.unsent = self.unsent.saturating_sub(1);
                 continue;
             } else {
                 self.wire
                     .encode_publish(f.packet_id, &f.publish, self.resend_dup, out)?;
             }
             self.in_flight[i].sent_on = connection;
+            self.unsent = self.unsent.saturating_sub(1);
             sent += 1;
             i += 1;
+        }
+        if i >= self.in_flight.len() {
+            // Walked to the end: everything left went out on this connection.
+            self.unsent = 0;
         }
         Ok(())
     }

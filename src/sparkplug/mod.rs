@@ -14,7 +14,9 @@ pub mod proto;
 mod sessions;
 pub mod topic;
 
-pub use sessions::{Decoded, Form, Sessions, HEADER_FIELDS, MAX_METRICS, MAX_NODES, REBIRTH_EVERY};
+pub use sessions::{
+    Decoded, Form, Sessions, HEADER_FIELDS, MAX_HELD_BYTES, MAX_NODES, REBIRTH_EVERY,
+};
 pub use topic::{MessageType, SparkplugTopic};
 
 /// Where a rebirth request for an edge node goes: its NCMD topic.
@@ -300,5 +302,38 @@ mod tests {
         assert!(error.contains("past the 10000"), "{error}");
         // A node already known may be born again.
         s.decode("spBv1.0/g/NBIRTH/n0", &birth).unwrap();
+    }
+
+    #[test]
+    fn births_of_long_names_are_bounded_by_their_bytes() {
+        // 800 KiB of metric names per birth (under the payload limit): a
+        // count of metrics alone would let 10 000 nodes hold 8 GB.
+        let birth = proto::Payload {
+            metrics: (0..8)
+                .map(|i| proto::payload::Metric {
+                    name: Some(format!("{i}{}", "x".repeat(100 * 1024))),
+                    alias: Some(i),
+                    datatype: Some(proto::DataType::Boolean as u32),
+                    value: Some(proto::payload::metric::Value::BooleanValue(true)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut s = Sessions::default();
+        let mut born = 0;
+        let error = loop {
+            match s.decode(&format!("spBv1.0/g/NBIRTH/n{born}"), &birth) {
+                Ok(_) => born += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            error.contains("MiB the bridge keeps of birth certificates"),
+            "{error}"
+        );
+        // 64 MiB of 800 KiB births: 81 of them, far from 10 000.
+        assert_eq!(born, MAX_HELD_BYTES / (8 * (100 * 1024 + 1 + 64)));
     }
 }

@@ -18,8 +18,9 @@
 //! route turns into a dead letter with reason `sparkplug`.
 //!
 //! Memory is bounded whatever devices publish: at most [`MAX_NODES`] edge
-//! nodes and [`MAX_METRICS`] known metrics in all; a birth past either is
-//! refused.
+//! nodes, and [`MAX_HELD_BYTES`] of birth tables over all of them (metric
+//! names count by their length: a count alone would let a few births of
+//! long names take gigabytes); a birth past either is refused.
 
 use super::decode::{metric_out, MetricOut};
 use super::proto::{payload::Metric, Payload};
@@ -56,7 +57,9 @@ impl From<&str> for Failure {
     }
 }
 /// Metrics known from births, over all nodes and devices, at most.
-pub const MAX_METRICS: usize = 1_000_000;
+pub const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+/// The cost of one known metric besides its name (map entry, datatype).
+const ENTRY_BYTES: usize = 64;
 
 /// A metric declared in a birth certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +83,23 @@ struct Node {
 }
 
 impl Node {
-    fn metrics(&self) -> usize {
-        self.aliases.len() + self.names.values().map(HashMap::len).sum::<usize>()
+    /// What the node's birth tables hold, in bytes: names (which devices
+    /// choose, up to the payload limit each) and a fixed cost per entry.
+    fn held(&self) -> usize {
+        let aliases: usize = self
+            .aliases
+            .values()
+            .map(|k| ENTRY_BYTES + k.name.len() + k.device.as_ref().map_or(0, String::len))
+            .sum();
+        let names: usize = self
+            .names
+            .iter()
+            .map(|(device, names)| {
+                device.as_ref().map_or(0, String::len)
+                    + names.keys().map(|n| ENTRY_BYTES + n.len()).sum::<usize>()
+            })
+            .sum();
+        aliases + names
     }
 
     fn forget_device(&mut self, device: &str) {
@@ -217,8 +235,8 @@ fn output(
 #[derive(Debug, Default)]
 pub struct Sessions {
     nodes: Nodes,
-    /// Metrics known over all nodes (for [`MAX_METRICS`]).
-    metrics: usize,
+    /// Bytes the birth tables of all nodes hold (for [`MAX_HELD_BYTES`]).
+    held: usize,
     /// `seq` gaps seen and not yet taken ([`Self::take_gaps`]).
     gaps: u64,
     /// The message being decoded showed a `seq` gap.
@@ -339,7 +357,7 @@ impl Sessions {
             )
             .into());
         }
-        let previous = known.map_or(0, Node::metrics);
+        let previous = known.map_or(0, Node::held);
         let mut node = Node {
             online: true,
             seq: message.seq.map(|s| s as u8),
@@ -347,14 +365,15 @@ impl Sessions {
         };
         let metrics = register(&mut node, None, &message.metrics)?;
         node.bd_seq = bd_seq(message);
-        let total = self.metrics - previous + node.metrics();
-        if total > MAX_METRICS {
+        let total = self.held - previous + node.held();
+        if total > MAX_HELD_BYTES {
             return Err(format!(
-                "NBIRTH past the {MAX_METRICS} metrics the bridge tracks over all edge nodes"
+                "NBIRTH past the {} MiB the bridge keeps of birth certificates over all edge nodes",
+                MAX_HELD_BYTES >> 20
             )
             .into());
         }
-        self.metrics = total;
+        self.held = total;
         self.nodes.insert(topic.group, topic.edge_node, node);
         Ok(metrics)
     }
@@ -366,7 +385,7 @@ impl Sessions {
     ) -> Result<Vec<MetricOut<'m>>, Failure> {
         let device = topic.device.expect("a device message").to_string();
         let node = self.online_node(topic)?;
-        let before = node.metrics();
+        let before = node.held();
         // Staged on a copy, so that a refused birth leaves the node as it
         // was (births are rare; the copy is one node's tables).
         let mut staged = Node {
@@ -376,17 +395,18 @@ impl Sessions {
         };
         staged.forget_device(&device);
         let metrics = register(&mut staged, Some(&device), &message.metrics)?;
-        let after = staged.metrics();
-        if self.metrics - before + after > MAX_METRICS {
+        let after = staged.held();
+        if self.held - before + after > MAX_HELD_BYTES {
             return Err(format!(
-                "DBIRTH past the {MAX_METRICS} metrics the bridge tracks over all edge nodes"
+                "DBIRTH past the {} MiB the bridge keeps of birth certificates over all edge nodes",
+                MAX_HELD_BYTES >> 20
             )
             .into());
         }
         let node = self.online_node(topic)?;
         node.aliases = staged.aliases;
         node.names = staged.names;
-        self.metrics = self.metrics - before + after;
+        self.held = self.held - before + after;
         Ok(metrics)
     }
 
@@ -402,8 +422,8 @@ impl Sessions {
             // birth's) says nothing about the session now.
             let stale = matches!((node.bd_seq, bd_seq), (Some(born), Some(died)) if born != died);
             if !stale {
-                let gone = node.metrics();
-                self.metrics -= gone;
+                let gone = node.held();
+                self.held -= gone;
                 self.nodes.remove(topic.group, topic.edge_node);
             }
         }
@@ -417,10 +437,10 @@ impl Sessions {
     ) -> Result<Vec<MetricOut<'m>>, Failure> {
         let device = topic.device.expect("a device message");
         let node = self.online_node(topic)?;
-        let before = node.metrics();
+        let before = node.held();
         node.forget_device(device);
-        let after = node.metrics();
-        self.metrics -= before - after;
+        let after = node.held();
+        self.held -= before - after;
         Ok(declared(&message.metrics)?)
     }
 
