@@ -87,7 +87,11 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
         Outcome::KeptOnMqtt => {
             out.push_str("KEPT ON MQTT: the topic is in a declared M2M tree; the message would be acknowledged and never produced to Kafka\n");
         }
-        Outcome::Forward { route, record } => {
+        Outcome::Forward {
+            route,
+            record,
+            also,
+        } => {
             let summary = &table.routes()[*route];
             let _ = writeln!(
                 out,
@@ -95,6 +99,7 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
                 summary.name, summary.origin
             );
             record_text(&mut out, record);
+            also_text(&mut out, also);
         }
         Outcome::Relay { route, publish } => {
             let summary = &table.routes()[*route];
@@ -113,6 +118,7 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
             route,
             record,
             rejection,
+            also,
         } => {
             let route = route.map_or("(none)".to_string(), |r| {
                 let s = &table.routes()[r];
@@ -125,9 +131,18 @@ pub fn outcome_text(table: &RouteTable, outcome: &Outcome) -> String {
                 let _ = writeln!(out, "path:      {path}");
             }
             record_text(&mut out, record);
+            also_text(&mut out, also);
         }
     }
     out
+}
+
+/// The further records of an outcome, in the same transaction.
+fn also_text(out: &mut String, also: &[kafka::Record]) {
+    for (n, record) in also.iter().enumerate() {
+        let _ = writeln!(out, "AND PRODUCE ({} of {}):", n + 1, also.len());
+        record_text(out, record);
+    }
 }
 
 fn record_text(out: &mut String, record: &kafka::Record) {

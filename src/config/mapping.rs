@@ -86,6 +86,34 @@ pub struct RouteConfig {
     /// ...or, instead, the MQTT message it becomes (a relay route, for local
     /// machine-to-machine rules).
     pub publish: Option<RoutePublishConfig>,
+    /// What a `format: sparkplug_b` route makes of its messages besides
+    /// the records: one record per metric, an online-state topic.
+    pub sparkplug: Option<SparkplugRouteConfig>,
+}
+
+/// Options of a `format: sparkplug_b` route.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugRouteConfig {
+    /// One record per message (the default) or per metric.
+    #[serde(default)]
+    pub records: SparkplugRecords,
+    /// A (compacted) topic that gets one record per node or device coming
+    /// online or going offline, keyed `group/edge_node[/device]`, in the
+    /// transaction of the birth or death that told it.
+    pub online_topic: Option<String>,
+}
+
+/// How many records one Sparkplug message becomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SparkplugRecords {
+    /// One record holding every metric.
+    #[default]
+    PerMessage,
+    /// One record per metric, with the message's header fields; a message
+    /// without metrics (a STATE, an empty DATA) is still one record.
+    PerMetric,
 }
 
 /// A relay route's output: one MQTT message.

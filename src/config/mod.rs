@@ -19,7 +19,8 @@ pub use files::{TlsInUse, FILE_SUFFIX};
 pub use locate::locate_all;
 pub use mapping::{
     CommandConfig, CommandKafkaConfig, CommandMqttConfig, FieldType, FormatConfig, MappingFile,
-    RouteConfig, RouteKafkaConfig, RouteMqttConfig, TextFormatConfig, TransformConfig,
+    RouteConfig, RouteKafkaConfig, RouteMqttConfig, SparkplugRecords, SparkplugRouteConfig,
+    TextFormatConfig, TransformConfig,
 };
 
 use crate::mqtt::Qos;

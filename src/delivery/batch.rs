@@ -28,6 +28,9 @@ pub(super) struct Entry {
     /// `None` for the exactly-once state and head records, which are the
     /// bridge's own and never replaced.
     origin: Option<Origin>,
+    /// Sent with a null value (the record's is ignored): a state record
+    /// that compaction should remove.
+    tombstone: bool,
 }
 
 impl Entry {
@@ -49,6 +52,7 @@ impl Entry {
                 suspect: false,
                 lost: false,
             }),
+            tombstone: false,
         }
     }
 
@@ -57,6 +61,16 @@ impl Entry {
         Self {
             record,
             origin: None,
+            tombstone: false,
+        }
+    }
+
+    /// A tombstone of the bridge's own: its key's state is gone.
+    pub fn own_tombstone(record: kafka::Record) -> Self {
+        Self {
+            record,
+            origin: None,
+            tombstone: true,
         }
     }
 }
@@ -132,7 +146,7 @@ impl Batch {
             if entry.origin.as_ref().is_some_and(|o| o.lost) {
                 return Ok(());
             }
-            match sink.send(&entry.record, id).await {
+            match sink.send(&entry.record, entry.tombstone, id).await {
                 Ok(()) | Err(SinkError::Abortable(_)) => return Ok(()),
                 Err(SinkError::Rejected(code)) if entry.origin.is_some() => {
                     self.replace(table, id, code);

@@ -57,8 +57,9 @@ pub struct CommitLoop {
     /// What Sparkplug B edge nodes told in their births (aliases, seq),
     /// for routes with `format: sparkplug_b`. Here, beside the routes'
     /// single reader, and kept across reloads: a new route table does not
-    /// make the nodes born again. In memory only: after a restart a node's
-    /// DATA is dead-lettered until its next birth.
+    /// make the nodes born again. With exactly once, the birth tables are
+    /// written with the state in the transaction of the birth that changed
+    /// them, and restored at start-up, so a restart needs no rebirth.
     sparkplug: Sessions,
     counters: telemetry::MessageCounters,
     /// Acks owed to the broker: taken into a batch, not yet handed to the
@@ -93,9 +94,13 @@ impl CommitLoop {
         sink: TransactionalSink,
         client: MqttClient,
         delivery: &DeliveryConfig,
-        exactly_once: Option<ExactlyOnce>,
+        mut exactly_once: Option<ExactlyOnce>,
         health: Arc<Health>,
     ) -> Self {
+        let sparkplug = match &mut exactly_once {
+            Some(eo) => Sessions::restore(std::mem::take(&mut eo.sparkplug)),
+            None => Sessions::default(),
+        };
         let received = (0..table.routes().len())
             .map(|r| telemetry::received_counter(table.route_name(r)))
             .collect();
@@ -105,7 +110,7 @@ impl CommitLoop {
             client,
             acks_queued: 0,
             refused_relays: Vec::new(),
-            sparkplug: Sessions::default(),
+            sparkplug,
             acks: AckQueue::default(),
             received,
             received_without_route: telemetry::received_counter(""),
@@ -461,7 +466,7 @@ impl CommitLoop {
             .table
             .route_with(&delivery.message, &mut self.sparkplug);
         self.sparkplug_follow_ups().await?;
-        let (route, record, reason) = match outcome {
+        let (route, record, reason, also) = match outcome {
             Outcome::Unrouted => {
                 telemetry::message_unrouted(&delivery.message.topic);
                 return Ok(());
@@ -480,15 +485,20 @@ impl CommitLoop {
                 });
                 return Ok(());
             }
-            Outcome::Forward { route, record } => (Some(route), record, None),
+            Outcome::Forward {
+                route,
+                record,
+                also,
+            } => (Some(route), record, None, also),
             Outcome::DeadLetter {
                 route,
                 record,
                 rejection,
+                also,
             } => {
                 let name = route.map_or("", |r| self.table.route_name(r));
                 tracing::debug!(route = name, topic = %delivery.message.topic, %rejection, "dead-lettering message");
-                (route, record, Some(rejection.reason))
+                (route, record, Some(rejection.reason), also)
             }
         };
         telemetry::message_received_on(
@@ -499,6 +509,12 @@ impl CommitLoop {
         } else {
             0
         };
+        // The route's further records of the message (each can be
+        // replaced by the message's dead letter if Kafka refuses it).
+        for record in also {
+            let entry = Entry::message(record, delivery.message.clone(), route, None);
+            batch.produce(entry, &mut self.sink, &self.table).await?;
+        }
         let entry = Entry::message(record, delivery.message, route, reason);
         batch.produce(entry, &mut self.sink, &self.table).await?;
         fault::point(Point::AfterProduce);
@@ -526,16 +542,15 @@ impl CommitLoop {
             // batch (and are produced again with it).
             let (records, token) = eo.transaction_records(
                 batch.state_changed,
+                self.sparkplug.take_changes(),
                 batch.force_head || !batch.records.is_empty(),
                 batch.messages,
             );
             if token.is_some() {
                 batch.token = token;
             }
-            for record in records {
-                batch
-                    .produce(Entry::own(record), &mut self.sink, &self.table)
-                    .await?;
+            for entry in records {
+                batch.produce(entry, &mut self.sink, &self.table).await?;
             }
         }
         if batch.records.is_empty() {

@@ -389,10 +389,15 @@ impl TransactionalSink {
         Ok(())
     }
 
-    /// Enqueues one record in the open transaction; `id` comes back in a
-    /// [`Refusal`] if the broker refuses it. Delivery is confirmed by the
-    /// commit.
-    pub async fn send(&mut self, record: &Record, id: usize) -> Result<(), SinkError> {
+    /// Enqueues one record in the open transaction (with a null value if
+    /// `tombstone`); `id` comes back in a [`Refusal`] if the broker
+    /// refuses it. Delivery is confirmed by the commit.
+    pub async fn send(
+        &mut self,
+        record: &Record,
+        tombstone: bool,
+        id: usize,
+    ) -> Result<(), SinkError> {
         self.begin()?;
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
@@ -401,10 +406,12 @@ impl TransactionalSink {
                 value: Some(value),
             });
         }
-        let mut base = BaseRecord::with_opaque_to(&record.topic, id)
-            .payload(record.value.as_ref())
+        let mut base = BaseRecord::<str, [u8], usize>::with_opaque_to(&record.topic, id)
             .headers(headers)
             .timestamp(record.timestamp_ms);
+        if !tombstone {
+            base = base.payload(record.value.as_ref());
+        }
         if let Some(key) = &record.key {
             base = base.key(key.as_str());
         }

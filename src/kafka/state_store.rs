@@ -86,12 +86,33 @@ pub fn head_key(id: &str) -> String {
     format!("{id}#head")
 }
 
+/// The prefix of the record keys of a bridge's Sparkplug birth tables.
+fn sparkplug_prefix(id: &str) -> String {
+    format!("{id}#spb/")
+}
+
+/// The record key of one Sparkplug birth table of a bridge (`table` is
+/// `group/edge_node[/device]`).
+pub fn sparkplug_key(id: &str, table: &str) -> String {
+    format!("{}{table}", sparkplug_prefix(id))
+}
+
 /// One bridge's state as last committed.
 #[derive(Debug, Default)]
 pub struct Stored {
     /// The value of each bucket that has one.
     pub buckets: HashMap<usize, Vec<u8>>,
     pub head: Option<Vec<u8>>,
+    /// Sparkplug birth tables by `group/edge_node[/device]`.
+    pub sparkplug: HashMap<String, Vec<u8>>,
+}
+
+/// What a read keeps: the last value of each exact key (by slot), and of
+/// each key below a prefix (by the rest of the key).
+#[derive(Debug, Default)]
+struct Last {
+    slots: HashMap<usize, Vec<u8>>,
+    prefixed: HashMap<String, Vec<u8>>,
 }
 
 /// The last committed values of bridge `id`'s `buckets` and head. Creates
@@ -115,12 +136,20 @@ pub async fn load(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
+    let prefix = sparkplug_prefix(id);
     let read = |wait: bool| {
-        let (config, topic, keys) = (config.clone(), topic.to_string(), keys.clone());
+        let (config, topic, keys, prefix) = (
+            config.clone(),
+            topic.to_string(),
+            keys.clone(),
+            prefix.clone(),
+        );
         async move {
-            tokio::task::spawn_blocking(move || read_last(&config, &topic, &keys, timeout, wait))
-                .await
-                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+            tokio::task::spawn_blocking(move || {
+                read_last(&config, &topic, &keys, &prefix, timeout, wait)
+            })
+            .await
+            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
         }
     };
     tracing::info!(
@@ -128,17 +157,18 @@ pub async fn load(
         bound_ms = timeout.as_millis() as u64,
         "reading the exactly-once state (waits for transactions still open on the topic)"
     );
-    let mut values = match read(false).await {
+    let mut last = match read(false).await {
         Err(StateStoreError::Missing(_)) => {
             create_topic(kafka, topic, timeout).await?;
             read(true).await
         }
         other => other,
     }?;
-    let head = values.remove(&buckets);
+    let head = last.slots.remove(&buckets);
     Ok(Stored {
-        buckets: values,
+        buckets: last.slots,
         head,
+        sparkplug: last.prefixed,
     })
 }
 
@@ -153,15 +183,17 @@ fn consumer_position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i6
 }
 
 /// Reads every partition of `topic` to its end, keeping the last value of
-/// each of `keys`. A missing topic is an error at once, or after `timeout`
-/// if `wait` (just created: its metadata may lag).
+/// each of `keys` and of each key starting with `prefix`. A missing topic
+/// is an error at once, or after `timeout` if `wait` (just created: its
+/// metadata may lag).
 fn read_last(
     config: &rdkafka::ClientConfig,
     topic: &str,
     keys: &HashMap<Vec<u8>, usize>,
+    prefix: &str,
     timeout: Duration,
     wait: bool,
-) -> Result<HashMap<usize, Vec<u8>>, StateStoreError> {
+) -> Result<Last, StateStoreError> {
     let kafka = |error| StateStoreError::Kafka {
         topic: topic.to_string(),
         error,
@@ -259,7 +291,7 @@ fn read_last(
         targets.insert(p, high);
     }
     drop(watermarks);
-    let mut last = HashMap::new();
+    let mut last = Last::default();
     let mut done: HashSet<i32> = HashSet::new();
     let mut last_error = None;
     let mut next_report = Instant::now() + Duration::from_secs(5);
@@ -302,10 +334,17 @@ fn read_last(
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                if let Some(&bucket) = m.key().and_then(|k| keys.get(k)) {
+                let key = m.key().unwrap_or_default();
+                if let Some(&bucket) = keys.get(key) {
                     match m.payload() {
-                        Some(value) => last.insert(bucket, value.to_vec()),
-                        None => last.remove(&bucket),
+                        Some(value) => last.slots.insert(bucket, value.to_vec()),
+                        None => last.slots.remove(&bucket),
+                    };
+                } else if let Some(rest) = key.strip_prefix(prefix.as_bytes()) {
+                    let rest = String::from_utf8_lossy(rest).into_owned();
+                    match m.payload() {
+                        Some(value) => last.prefixed.insert(rest, value.to_vec()),
+                        None => last.prefixed.remove(&rest),
                     };
                 }
             }

@@ -4,7 +4,7 @@
 
 use super::format::{regex_error, Format};
 use super::index::RouteIndex;
-use super::record::{KafkaTarget, Limits, MqttTarget, Route, Target, Timestamp};
+use super::record::{KafkaTarget, Limits, MqttTarget, Route, SparkplugOptions, Target, Timestamp};
 use super::reject::DeadLetterLimits;
 use super::schema::Schemas;
 use super::template::Template;
@@ -12,7 +12,7 @@ use super::transform::Transform;
 use super::{headers, RouteTable, TopicFilter};
 use crate::config::{
     locate_all, Config, ConfigError, ConfigErrors, FormatConfig, Guarantee, MappingSource,
-    RouteConfig, RouteKafkaConfig,
+    RouteConfig, RouteKafkaConfig, SparkplugRecords,
 };
 use crate::kafka;
 use crate::mqtt::Qos;
@@ -366,13 +366,19 @@ fn compile_route(
     let max_payload_bytes = route
         .max_payload_bytes
         .unwrap_or(config.bridge.limits.max_payload_bytes);
+    let sparkplug = sparkplug_options(route, &config.bridge.delivery.state_topic, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
     let (Some(filter), Some(format), Some(target)) = (filter, format, target) else {
         unreachable!("every None above recorded a problem");
     };
-    let sparkplug_form = sparkplug_form(&schema, &transform, &target);
+    let sparkplug_form = if sparkplug.per_metric {
+        // Split from the whole value.
+        sparkplug::Form::Value
+    } else {
+        sparkplug_form(&schema, &transform, &target)
+    };
     Ok(Route {
         name: route.name.clone(),
         origin: String::new(),
@@ -388,7 +394,49 @@ fn compile_route(
         target,
         dead_letter_topic,
         sparkplug_form,
+        sparkplug,
     })
+}
+
+/// A route's `sparkplug:` options: only on a `format: sparkplug_b` ingest
+/// route, with an online topic the bridge may write to.
+fn sparkplug_options(
+    route: &RouteConfig,
+    state_topic: &str,
+    problems: &mut Problems,
+) -> SparkplugOptions {
+    let Some(options) = &route.sparkplug else {
+        return SparkplugOptions::default();
+    };
+    if route.format != FormatConfig::SparkplugB {
+        problems.push((
+            "sparkplug".into(),
+            "is for `format: sparkplug_b` routes only".into(),
+        ));
+    }
+    if route.publish.is_some() {
+        problems.push((
+            "sparkplug".into(),
+            "is for ingest routes (`kafka`), not relays".into(),
+        ));
+    }
+    if let Some(topic) = &options.online_topic {
+        if !kafka::is_valid_topic_name(topic) {
+            problems.push((
+                "sparkplug.online_topic".into(),
+                format!("`{topic}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
+            ));
+        } else if topic == state_topic || topic.starts_with("__") {
+            problems.push((
+                "sparkplug.online_topic".into(),
+                format!("`{topic}` is the exactly-once state topic or an internal Kafka topic"),
+            ));
+        }
+    }
+    SparkplugOptions {
+        per_metric: options.records == SparkplugRecords::PerMetric,
+        online_topic: options.online_topic.clone(),
+    }
 }
 
 /// How a Sparkplug B route wants its messages: as bytes with a header-only

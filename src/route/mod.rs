@@ -15,6 +15,7 @@ mod index;
 mod record;
 pub mod reject;
 pub mod schema;
+mod sparkplug;
 pub(crate) mod strict_json;
 mod table;
 mod template;
@@ -32,8 +33,14 @@ use crate::mqtt::OutgoingPublish;
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Produce this record; `route` indexes [`RouteTable::routes`].
-    Forward { route: usize, record: kafka::Record },
+    /// Produce this record, and the route's records in `also` (more
+    /// metrics of a Sparkplug message, its node's online state) in the
+    /// same transaction; `route` indexes [`RouteTable::routes`].
+    Forward {
+        route: usize,
+        record: kafka::Record,
+        also: Vec<kafka::Record>,
+    },
     /// A relay route: publish this back to MQTT; nothing goes to Kafka.
     Relay {
         route: usize,
@@ -44,6 +51,9 @@ pub enum Outcome {
         route: Option<usize>,
         record: kafka::Record,
         rejection: Rejection,
+        /// The route's records that stand whatever became of the message:
+        /// a Sparkplug node's online state, which decoding it changed.
+        also: Vec<kafka::Record>,
     },
     /// No route matched; the message is acknowledged and dropped.
     Unrouted,

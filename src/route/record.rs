@@ -46,6 +46,15 @@ pub(super) struct Route {
     /// value when nothing reads its metrics (no schema, no transform, no
     /// template pointer past the header fields), else as a whole value.
     pub(super) sparkplug_form: sparkplug::Form,
+    /// `sparkplug:` options (records per metric, online topic).
+    pub(super) sparkplug: SparkplugOptions,
+}
+
+/// A `format: sparkplug_b` route's `sparkplug:` options, compiled.
+#[derive(Debug, Default)]
+pub(super) struct SparkplugOptions {
+    pub(super) per_metric: bool,
+    pub(super) online_topic: Option<String>,
 }
 
 impl KafkaTarget {
@@ -185,7 +194,10 @@ impl Route {
     }
 
     /// What this route makes of a message it matched; `index` is the
-    /// route's own position, which the outcome carries.
+    /// route's own position, which the outcome carries. Records that go
+    /// with the outcome whatever it is (a Sparkplug node's online state,
+    /// which decoding changed) are pushed to `also`; a
+    /// [`Outcome::Forward`] comes back with its own `also` empty.
     pub(super) fn process(
         &self,
         index: usize,
@@ -193,6 +205,7 @@ impl Route {
         captures: &[&str],
         limits: &Limits,
         sparkplug: &mut Sessions,
+        also: &mut Vec<kafka::Record>,
     ) -> Result<Outcome, Rejection> {
         debug_assert_eq!(captures.len(), self.captures.len());
         if let Some(rejection) = defect_rejection(message, limits) {
@@ -206,6 +219,52 @@ impl Route {
             Some(decoded) => (Some(decoded.value), decoded.bytes.map(Bytes::from)),
             None => (None, None),
         };
+        if let Some(topic) = &self.sparkplug.online_topic {
+            also.extend(super::sparkplug::online_records(
+                topic,
+                sparkplug.transitions(),
+                message,
+            ));
+        }
+        let parsed = match (self.sparkplug.per_metric, parsed) {
+            // Each metric is a record of its own, or the message is
+            // dead-lettered whole: never part of a message in Kafka.
+            (true, Some(value)) => {
+                let mut records = super::sparkplug::per_metric(value)
+                    .into_iter()
+                    .map(|value| {
+                        match self.finish(index, message, captures, limits, Some(value), None)? {
+                            Outcome::Forward { record, .. } => Ok(record),
+                            _ => unreachable!("a Sparkplug route is an ingest route"),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, Rejection>>()?
+                    .into_iter();
+                let record = records.next().expect("a message is at least one record");
+                also.splice(0..0, records);
+                return Ok(Outcome::Forward {
+                    route: index,
+                    record,
+                    also: Vec::new(),
+                });
+            }
+            (_, parsed) => parsed,
+        };
+        self.finish(index, message, captures, limits, parsed, ready)
+    }
+
+    /// The outcome of a parsed message (`ready`: its record's bytes if the
+    /// format serialised them already): schema, transform, then the record
+    /// or the relay publish.
+    fn finish(
+        &self,
+        index: usize,
+        message: &MqttMessage,
+        captures: &[&str],
+        limits: &Limits,
+        parsed: Option<Value>,
+        ready: Option<Bytes>,
+    ) -> Result<Outcome, Rejection> {
         if let (Some(schema), Some(value)) = (&self.schema, &parsed) {
             schema.validate(value)?;
         }
@@ -244,6 +303,7 @@ impl Route {
                 .map(|record| Outcome::Forward {
                     route: index,
                     record,
+                    also: Vec::new(),
                 }),
             Target::Mqtt(mqtt) => {
                 let topic = mqtt

@@ -165,7 +165,21 @@ impl RouteTable {
             let route = &self.routes[index];
             captures.clear();
             if route.matches(&message.topic, &mut captures) {
-                return match route.process(index, message, &captures, &self.limits, sparkplug) {
+                let mut also = Vec::new();
+                let outcome = route.process(
+                    index,
+                    message,
+                    &captures,
+                    &self.limits,
+                    sparkplug,
+                    &mut also,
+                );
+                return match outcome {
+                    Ok(Outcome::Forward { route, record, .. }) => Outcome::Forward {
+                        route,
+                        record,
+                        also,
+                    },
                     Ok(outcome) => outcome,
                     Err(rejection) => Outcome::DeadLetter {
                         route: Some(index),
@@ -177,6 +191,7 @@ impl RouteTable {
                             Form::Full,
                         ),
                         rejection,
+                        also,
                     },
                 };
             }
@@ -189,6 +204,7 @@ impl RouteTable {
                 route: None,
                 record: self.dead_letter(None, message, &rejection, None, Form::Full),
                 rejection,
+                also: Vec::new(),
             };
         }
         Outcome::Unrouted

@@ -845,3 +845,124 @@ routes:
     assert_eq!(data.key.as_deref(), Some("edge7.press/count"));
     assert_eq!(json_of(&data)["metrics"][1]["value"], 99.5);
 }
+
+/// `sparkplug.records: per_metric` makes one record per metric, each with
+/// the message's fields; `sparkplug.online_topic` gets each birth's and
+/// death's state, also when the message itself is dead-lettered.
+#[test]
+fn sparkplug_routes_split_per_metric_and_record_online_state() {
+    let t = table(
+        r#"
+routes:
+  - name: plant
+    mqtt: { filter: "spBv1.0/#", qos: 1 }
+    format: sparkplug_b
+    sparkplug: { records: per_metric, online_topic: plant.online }
+    kafka: { topic: plant.metrics, key: "{/descriptor}/{/metric/name}" }
+"#,
+    )
+    .unwrap();
+    let payload = crate::sparkplug::fixture;
+    let mut sessions = crate::sparkplug::Sessions::default();
+    let mut route = |topic: &str, name: &str| {
+        t.route_with(&MqttMessage::new(topic, payload(name)), &mut sessions)
+    };
+    let Outcome::Forward { record, also, .. } = route("spBv1.0/plant1/NBIRTH/edge7", "nbirth")
+    else {
+        panic!("the birth is produced")
+    };
+    // Five metrics, then the node's online state.
+    assert_eq!(also.len(), 5);
+    assert_eq!(record.key.as_deref(), Some("plant1/edge7/bdSeq"));
+    assert_eq!(json_of(&record)["metric"]["value"], 7);
+    assert_eq!(json_of(&record)["message_type"], "NBIRTH");
+    assert!(json_of(&record).get("metrics").is_none());
+    assert_eq!(also[3].key.as_deref(), Some("plant1/edge7/press/label"));
+    assert_eq!(also[3].topic, "plant.metrics");
+    let online = &also[4];
+    assert_eq!(online.topic, "plant.online");
+    assert_eq!(online.key.as_deref(), Some("plant1/edge7"));
+    assert_eq!(
+        json_of(online),
+        json!({"group": "plant1", "edge_node": "edge7", "descriptor": "plant1/edge7",
+               "online": true, "message_type": "NBIRTH", "timestamp": 1_764_000_000_000u64,
+               "bd_seq": 7})
+    );
+
+    let Outcome::Forward { record, also, .. } = route("spBv1.0/plant1/NDATA/edge7", "ndata") else {
+        panic!("the data is produced")
+    };
+    assert_eq!(record.key.as_deref(), Some("plant1/edge7/press/count"));
+    assert_eq!(also.len(), 1, "one more metric, no state change");
+    assert_eq!(json_of(&also[0])["metric"]["value"], 99.5);
+
+    route("spBv1.0/plant1/DBIRTH/edge7/press3", "dbirth");
+    let Outcome::Forward { also, .. } = route("spBv1.0/plant1/NDEATH/edge7", "ndeath") else {
+        panic!("the death is produced")
+    };
+    let offline: Vec<_> = also
+        .iter()
+        .filter(|r| r.topic == "plant.online")
+        .map(|r| (r.key.clone().unwrap(), json_of(r)["online"].clone()))
+        .collect();
+    assert_eq!(
+        offline,
+        [
+            ("plant1/edge7/press3".to_string(), json!(false)),
+            ("plant1/edge7".to_string(), json!(false))
+        ]
+    );
+
+    // A birth whose record cannot be made still changed the node's state:
+    // the online record goes with the dead letter.
+    let t = table(
+        r#"
+routes:
+  - name: plant
+    mqtt: { filter: "spBv1.0/#", qos: 1 }
+    format: sparkplug_b
+    sparkplug: { online_topic: plant.online }
+    kafka: { topic: plant.metrics, key: "{/metrics/9/name}" }
+"#,
+    )
+    .unwrap();
+    let mut sessions = crate::sparkplug::Sessions::default();
+    let Outcome::DeadLetter {
+        rejection, also, ..
+    } = t.route_with(
+        &MqttMessage::new("spBv1.0/plant1/NBIRTH/edge7", payload("nbirth")),
+        &mut sessions,
+    )
+    else {
+        panic!("no key: dead-lettered")
+    };
+    assert_eq!(rejection.reason, RejectReason::Key);
+    assert_eq!(also.len(), 1);
+    assert_eq!(also[0].topic, "plant.online");
+}
+
+#[test]
+fn config_error_sparkplug_options_out_of_place() {
+    let text = error_text(
+        r#"
+routes:
+  - name: j
+    mqtt: { filter: "a/#" }
+    sparkplug: { records: per_metric }
+    kafka: { topic: t }
+  - name: s
+    mqtt: { filter: "spBv1.0/#" }
+    format: sparkplug_b
+    sparkplug: { online_topic: "bad topic" }
+    kafka: { topic: t }
+"#,
+    );
+    assert!(
+        text.contains("sparkplug: is for `format: sparkplug_b` routes only"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sparkplug.online_topic: `bad topic` is not a valid Kafka topic name"),
+        "{text}"
+    );
+}

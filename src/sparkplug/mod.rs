@@ -6,16 +6,19 @@
 //! `proto` is the official protobuf definition as Rust types, `topic` the
 //! namespace, `decode` values by datatype as JSON, and `sessions` what the
 //! bridge knows of each edge node (births, aliases, `seq`), which a route
-//! with `format: sparkplug_b` decodes DATA messages with.
+//! with `format: sparkplug_b` decodes DATA messages with; `persist` keeps
+//! the birth tables in the exactly-once state across restarts.
 
 pub mod decode;
+mod persist;
 #[rustfmt::skip]
 pub mod proto;
 mod sessions;
 pub mod topic;
 
+pub use persist::{Change, MAX_RECORD_BYTES};
 pub use sessions::{
-    Decoded, Form, Sessions, HEADER_FIELDS, MAX_HELD_BYTES, MAX_NODES, REBIRTH_EVERY,
+    Decoded, Form, Sessions, Transition, HEADER_FIELDS, MAX_HELD_BYTES, MAX_NODES, REBIRTH_EVERY,
 };
 pub use topic::{MessageType, SparkplugTopic};
 

@@ -29,7 +29,7 @@ use fnv::FnvHashMap;
 use prost::Message;
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Edge nodes tracked at most.
@@ -63,29 +63,50 @@ const ENTRY_BYTES: usize = 64;
 
 /// A metric declared in a birth certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Known {
-    name: String,
-    datatype: u32,
+pub(super) struct Known {
+    pub(super) name: String,
+    pub(super) datatype: u32,
     /// The device that declared it; `None` for the node's own metrics.
-    device: Option<String>,
+    pub(super) device: Option<String>,
 }
 
 #[derive(Debug, Default)]
-struct Node {
-    online: bool,
-    bd_seq: Option<u64>,
+pub(super) struct Node {
+    pub(super) online: bool,
+    pub(super) bd_seq: Option<u64>,
     seq: Option<u8>,
     /// By alias: unique over the node and all its devices (Sparkplug 3.0).
-    aliases: HashMap<u64, Known>,
+    pub(super) aliases: HashMap<u64, Known>,
     /// Datatypes by name, for metrics sent without an alias: the node's
     /// under `None`, each device's under its id.
-    names: HashMap<Option<String>, HashMap<String, u32>>,
+    pub(super) names: HashMap<Option<String>, HashMap<String, u32>>,
+}
+
+/// A node or device coming online or going offline, as the message just
+/// decoded told: what a route's `sparkplug.online_topic` records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub group: String,
+    pub edge_node: String,
+    pub device: Option<String>,
+    pub online: bool,
+    /// The message's own timestamp (ms), if it had one.
+    pub timestamp: Option<u64>,
+    /// The node session's `bdSeq` (births and deaths of nodes).
+    pub bd_seq: Option<u64>,
+    /// The message that told it (`NBIRTH`, `NDEATH`, `DBIRTH`, `DDEATH`).
+    pub message_type: &'static str,
 }
 
 impl Node {
+    /// The devices born in this session.
+    pub(super) fn devices(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().filter_map(|d| d.as_deref())
+    }
+
     /// What the node's birth tables hold, in bytes: names (which devices
     /// choose, up to the payload limit each) and a fixed cost per entry.
-    fn held(&self) -> usize {
+    pub(super) fn held(&self) -> usize {
         let aliases: usize = self
             .aliases
             .values()
@@ -102,7 +123,7 @@ impl Node {
         aliases + names
     }
 
-    fn forget_device(&mut self, device: &str) {
+    pub(super) fn forget_device(&mut self, device: &str) {
         self.aliases
             .retain(|_, k| k.device.as_deref() != Some(device));
         self.names.remove(&Some(device.to_string()));
@@ -112,21 +133,21 @@ impl Node {
 /// Edge nodes by group, then by id: looked up by the topic's `&str` levels
 /// without building a key (every message does it, more than once).
 #[derive(Debug, Default)]
-struct Nodes {
+pub(super) struct Nodes {
     groups: FnvHashMap<String, FnvHashMap<String, Node>>,
-    len: usize,
+    pub(super) len: usize,
 }
 
 impl Nodes {
-    fn get(&self, group: &str, edge_node: &str) -> Option<&Node> {
+    pub(super) fn get(&self, group: &str, edge_node: &str) -> Option<&Node> {
         self.groups.get(group)?.get(edge_node)
     }
 
-    fn get_mut(&mut self, group: &str, edge_node: &str) -> Option<&mut Node> {
+    pub(super) fn get_mut(&mut self, group: &str, edge_node: &str) -> Option<&mut Node> {
         self.groups.get_mut(group)?.get_mut(edge_node)
     }
 
-    fn insert(&mut self, group: &str, edge_node: &str, node: Node) {
+    pub(super) fn insert(&mut self, group: &str, edge_node: &str, node: Node) {
         let nodes = self.groups.entry(group.to_string()).or_default();
         if nodes.insert(edge_node.to_string(), node).is_none() {
             self.len += 1;
@@ -234,9 +255,18 @@ fn output(
 /// Every edge node's session, as far as its messages told.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    nodes: Nodes,
+    pub(super) nodes: Nodes,
     /// Bytes the birth tables of all nodes hold (for [`MAX_HELD_BYTES`]).
-    held: usize,
+    pub(super) held: usize,
+    /// Online/offline changes the last message decoded made.
+    transitions: Vec<Transition>,
+    /// Whether birth tables are kept beyond this process (the exactly-once
+    /// state): only then are changes noted for [`Self::take_changes`],
+    /// which nothing would drain otherwise.
+    pub(super) persisting: bool,
+    /// Tables changed since [`Self::take_changes`]: (group, edge node,
+    /// device), `None` for the node's own.
+    pub(super) changed: HashSet<(String, String, Option<String>)>,
     /// `seq` gaps seen and not yet taken ([`Self::take_gaps`]).
     gaps: u64,
     /// The message being decoded showed a `seq` gap.
@@ -295,6 +325,7 @@ impl Sessions {
         now: Instant,
         form: Form,
     ) -> Result<Decoded, String> {
+        self.transitions.clear();
         let topic = SparkplugTopic::parse(topic)?;
         if topic.message_type == MessageType::State {
             let value = state_message(&topic, payload);
@@ -340,6 +371,43 @@ impl Sessions {
         }
     }
 
+    /// The nodes and devices the last message decoded brought online or
+    /// took offline, in the order it did.
+    pub fn transitions(&self) -> &[Transition] {
+        &self.transitions
+    }
+
+    /// Notes a transition, and the table it changed for persisting.
+    fn transition(
+        &mut self,
+        topic: &SparkplugTopic<'_>,
+        message: &Payload,
+        device: Option<&str>,
+        online: bool,
+        bd_seq: Option<u64>,
+    ) {
+        self.note_changed(topic.group, topic.edge_node, device);
+        self.transitions.push(Transition {
+            group: topic.group.to_string(),
+            edge_node: topic.edge_node.to_string(),
+            device: device.map(str::to_string),
+            online,
+            timestamp: message.timestamp,
+            bd_seq,
+            message_type: topic.message_type.as_str(),
+        });
+    }
+
+    fn note_changed(&mut self, group: &str, edge_node: &str, device: Option<&str>) {
+        if self.persisting {
+            self.changed.insert((
+                group.to_string(),
+                edge_node.to_string(),
+                device.map(str::to_string),
+            ));
+        }
+    }
+
     /// Whether the node is online (born, not dead).
     pub fn is_online(&self, group: &str, edge_node: &str) -> bool {
         self.nodes.get(group, edge_node).is_some_and(|n| n.online)
@@ -374,7 +442,19 @@ impl Sessions {
             .into());
         }
         self.held = total;
+        let bd_seq = node.bd_seq;
+        let earlier_devices = self
+            .nodes
+            .get(topic.group, topic.edge_node)
+            .map(|n| n.devices().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default();
         self.nodes.insert(topic.group, topic.edge_node, node);
+        // A new session: the devices of the last one are offline until
+        // their own births.
+        for device in earlier_devices {
+            self.transition(topic, message, Some(&device), false, None);
+        }
+        self.transition(topic, message, None, true, bd_seq);
         Ok(metrics)
     }
 
@@ -407,6 +487,7 @@ impl Sessions {
         node.aliases = staged.aliases;
         node.names = staged.names;
         self.held = self.held - before + after;
+        self.transition(topic, message, Some(&device), true, None);
         Ok(metrics)
     }
 
@@ -423,8 +504,13 @@ impl Sessions {
             let stale = matches!((node.bd_seq, bd_seq), (Some(born), Some(died)) if born != died);
             if !stale {
                 let gone = node.held();
+                let devices: Vec<String> = node.devices().map(str::to_string).collect();
                 self.held -= gone;
                 self.nodes.remove(topic.group, topic.edge_node);
+                for device in devices {
+                    self.transition(topic, message, Some(&device), false, None);
+                }
+                self.transition(topic, message, None, false, bd_seq);
             }
         }
         Ok(metrics)
@@ -441,7 +527,9 @@ impl Sessions {
         node.forget_device(device);
         let after = node.held();
         self.held -= before - after;
-        Ok(declared(&message.metrics)?)
+        let metrics = declared(&message.metrics)?;
+        self.transition(topic, message, Some(device), false, None);
+        Ok(metrics)
     }
 
     /// DATA metrics with names and datatypes from the birth: borrowed from

@@ -160,6 +160,12 @@ impl ConfigBuilder {
                     }
                 }
             }
+            if let Some(Value::String(topic)) = entry
+                .get_mut("sparkplug")
+                .and_then(|s| s.get_mut("online_topic"))
+            {
+                *topic = self.topics.named(topic);
+            }
             if let (true, Some(Value::String(schema))) = (absolute_schemas, entry.get_mut("schema"))
             {
                 *schema = repo_path("mappings").join(&*schema).display().to_string();

@@ -40,6 +40,9 @@ const out = {
     { alias: Long.fromNumber(3), booleanValue: false },
     { alias: Long.fromNumber(4), floatValue: 2.25 },
   ]),
+  // After ddata, continuing the node's seq: what follows a restart.
+  ndata_after: dataByAlias(4, [{ alias: Long.fromNumber(2), doubleValue: 100.25 }]),
+  ddeath_after: hex(spb.encodePayload({ timestamp: ts, seq: 5, metrics: [] })),
   ndata_gap: dataByAlias(9, [{ alias: Long.fromNumber(2), doubleValue: 1.0 }]),
   ndata_unknown_alias: dataByAlias(10, [{ alias: Long.fromNumber(99), intValue: 1 }]),
   ddeath: hex(spb.encodePayload({ timestamp: ts, seq: 11, metrics: [] })),

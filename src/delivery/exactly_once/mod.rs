@@ -16,9 +16,12 @@ mod produced_ids;
 pub(super) use produced_ids::{decode_head, fingerprint, Verdict};
 pub use produced_ids::{ProducedIds, StateError};
 
+use super::batch::Entry;
 use crate::config::{BridgeConfig, KafkaConfig};
 use crate::kafka::{self, state_store, StateStoreError};
+use crate::sparkplug;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Why the exactly-once state could not be loaded at start-up.
@@ -41,6 +44,9 @@ pub struct ExactlyOnce {
     /// start-up the predecessor's. An unknown outcome whose read-back head
     /// still shows it did not commit (see `delivery::settle`).
     pub(super) last_token: Option<u64>,
+    /// Sparkplug birth tables as loaded at start-up, until the commit loop
+    /// takes them (`group/edge_node[/device]` → table).
+    pub(super) sparkplug: HashMap<String, Vec<u8>>,
     /// To read the head back after an unknown outcome.
     kafka: KafkaConfig,
     read_timeout: Duration,
@@ -66,6 +72,7 @@ impl ExactlyOnce {
             topic: bridge.delivery.state_topic.clone(),
             key: bridge.kafka.transactional_id.clone(),
             last_token: None,
+            sparkplug: HashMap::new(),
             kafka: bridge.kafka.clone(),
             read_timeout,
         };
@@ -74,7 +81,13 @@ impl ExactlyOnce {
             loaded.ids.merge_bucket(bytes)?;
         }
         loaded.last_token = stored.head.as_deref().map(decode_head).transpose()?;
-        tracing::info!(topic = %loaded.topic, entries = loaded.ids.len(), "exactly-once state loaded");
+        loaded.sparkplug = stored.sparkplug;
+        tracing::info!(
+            topic = %loaded.topic,
+            entries = loaded.ids.len(),
+            sparkplug_tables = loaded.sparkplug.len(),
+            "exactly-once state loaded"
+        );
         Ok(loaded)
     }
 
@@ -101,7 +114,9 @@ impl ExactlyOnce {
     /// The state records a transaction must end with, and the token of its
     /// head record if it has one.
     ///
-    /// The buckets changed since the last call (if `changed`), then a head
+    /// The buckets changed since the last call (if `changed`), the
+    /// Sparkplug birth tables that `tables` says changed (a gone one as a
+    /// tombstone), then a head
     /// with a new token if any of them is written or `force_head` (the
     /// transaction has records of its own, or is the claim at start-up or
     /// the ownership proof before a reconnect): read back after an unknown
@@ -110,10 +125,12 @@ impl ExactlyOnce {
     pub(super) fn transaction_records(
         &mut self,
         changed: bool,
+        tables: Vec<sparkplug::Change>,
         force_head: bool,
         messages: usize,
-    ) -> (Vec<kafka::Record>, Option<u64>) {
-        let mut state: Vec<(String, Vec<u8>)> = Vec::new();
+    ) -> (Vec<Entry>, Option<u64>) {
+        // (key, value), `None` for a tombstone.
+        let mut state: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         if changed {
             let dirty = self.ids.take_dirty();
             tracing::trace!(
@@ -125,26 +142,39 @@ impl ExactlyOnce {
             state.extend(
                 dirty
                     .into_iter()
-                    .map(|(b, bytes)| (state_store::bucket_key(&self.key, b), bytes)),
+                    .map(|(b, bytes)| (state_store::bucket_key(&self.key, b), Some(bytes))),
             );
         }
+        state.extend(
+            tables
+                .into_iter()
+                .map(|(table, value)| (state_store::sparkplug_key(&self.key, &table), value)),
+        );
         let mut token = None;
         if !state.is_empty() || force_head {
             let new = fastrand::u64(..);
             state.push((
                 state_store::head_key(&self.key),
-                produced_ids::encode_head(new),
+                Some(produced_ids::encode_head(new)),
             ));
             token = Some(new);
         }
         let records = state
             .into_iter()
-            .map(|(key, bytes)| kafka::Record {
-                topic: self.topic.clone(),
-                key: Some(key),
-                value: Bytes::from(bytes),
-                headers: Vec::new(),
-                timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            .map(|(key, bytes)| {
+                let tombstone = bytes.is_none();
+                let record = kafka::Record {
+                    topic: self.topic.clone(),
+                    key: Some(key),
+                    value: bytes.map(Bytes::from).unwrap_or_default(),
+                    headers: Vec::new(),
+                    timestamp_ms: chrono::Utc::now().timestamp_millis(),
+                };
+                if tombstone {
+                    Entry::own_tombstone(record)
+                } else {
+                    Entry::own(record)
+                }
             })
             .collect();
         (records, token)
