@@ -420,18 +420,12 @@ fn sparkplug_options(
             "is for ingest routes (`kafka`), not relays".into(),
         ));
     }
-    if let Some(topic) = &options.online_topic {
-        if !kafka::is_valid_topic_name(topic) {
-            problems.push((
-                "sparkplug.online_topic".into(),
-                format!("`{topic}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
-            ));
-        } else if topic == state_topic || topic.starts_with("__") {
-            problems.push((
-                "sparkplug.online_topic".into(),
-                format!("`{topic}` is the exactly-once state topic or an internal Kafka topic"),
-            ));
-        }
+    if let Some(problem) = options
+        .online_topic
+        .as_deref()
+        .and_then(|topic| topic_name_problem(topic, state_topic))
+    {
+        problems.push(("sparkplug.online_topic".into(), problem));
     }
     SparkplugOptions {
         per_metric: options.records == SparkplugRecords::PerMetric,
@@ -486,18 +480,12 @@ fn kafka_target(
             headers.push((name.clone(), t));
         }
     }
-    if let Some(literal) = topic.as_ref().and_then(Template::as_literal) {
-        if !kafka::is_valid_topic_name(literal) {
-            problems.push((
-                "kafka.topic".into(),
-                format!("`{literal}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
-            ));
-        } else if literal == state_topic || literal.starts_with("__") {
-            problems.push((
-                "kafka.topic".into(),
-                format!("`{literal}` is the exactly-once state topic or an internal Kafka topic"),
-            ));
-        }
+    if let Some(problem) = topic
+        .as_ref()
+        .and_then(Template::as_literal)
+        .and_then(|literal| topic_name_problem(literal, state_topic))
+    {
+        problems.push(("kafka.topic".into(), problem));
     }
     let mut allowed_topics = Vec::new();
     for (i, pattern) in kafka.allowed_topics.iter().enumerate() {
@@ -543,6 +531,20 @@ fn kafka_target(
         timestamp,
         user_properties: kafka.user_properties,
     }))
+}
+
+/// What is wrong with a topic a route names outright, if anything: not a
+/// Kafka name, or one of the topics the bridge keeps for itself.
+fn topic_name_problem(topic: &str, state_topic: &str) -> Option<String> {
+    if !kafka::is_valid_topic_name(topic) {
+        Some(format!("`{topic}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"))
+    } else if topic == state_topic || topic.starts_with("__") {
+        Some(format!(
+            "`{topic}` is the exactly-once state topic or an internal Kafka topic"
+        ))
+    } else {
+        None
+    }
 }
 
 /// A topic template read as a filter: every level holding a placeholder

@@ -61,6 +61,18 @@ pub(crate) fn fixture(name: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The fixtures' edge node's topic for message type `kind`.
+#[cfg(test)]
+pub(crate) fn node(kind: &str) -> String {
+    format!("spBv1.0/plant1/{kind}/edge7")
+}
+
+/// The fixtures' device's topic for message type `kind`.
+#[cfg(test)]
+pub(crate) fn device(kind: &str) -> String {
+    format!("{}/press3", node(kind))
+}
+
 #[cfg(test)]
 mod tests {
     //! Payloads made by Eclipse Tahu's JavaScript library (an independent
@@ -70,15 +82,7 @@ mod tests {
     use prost::Message;
     use serde_json::{json, Value};
 
-    use super::fixture;
-
-    const NODE: &str = "spBv1.0/plant1/{}/edge7";
-    fn node(kind: &str) -> String {
-        NODE.replace("{}", kind)
-    }
-    fn device(kind: &str) -> String {
-        format!("{}/press3", node(kind))
-    }
+    use super::{device, fixture, node};
 
     fn values(decoded: &Value) -> Vec<(String, Value)> {
         decoded["metrics"]

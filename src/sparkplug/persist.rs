@@ -211,17 +211,9 @@ fn fill(node: &mut Node, device: Option<&str>, metrics: Vec<(Option<u64>, String
 mod tests {
     //! Births by Eclipse Tahu's JavaScript library (`tests/sparkplug`).
 
-    use super::super::fixture;
+    use super::super::{device, fixture, node};
     use super::*;
     use serde_json::json;
-
-    const NODE: &str = "spBv1.0/plant1/{}/edge7";
-    fn node(kind: &str) -> String {
-        NODE.replace("{}", kind)
-    }
-    fn device(kind: &str) -> String {
-        format!("{}/press3", node(kind))
-    }
 
     /// What a restart reads back: the last value of each key.
     fn store(stored: &mut HashMap<String, Vec<u8>>, changes: Vec<Change>) {
