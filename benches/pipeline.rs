@@ -35,6 +35,18 @@ fn forward(t: &RouteTable, m: &MqttMessage) {
     }
 }
 
+/// The HVAC readings as protobufjs encoded them (`tests/protobuf`).
+fn protobuf_telemetry() -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/protobuf/fixtures.json");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let hex = all["telemetry"].as_str().unwrap();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// An NBIRTH declaring `n` Double metrics with aliases, and an NDATA
 /// carrying all of them by alias.
 fn sparkplug_messages(n: u64) -> (MqttMessage, MqttMessage) {
@@ -80,6 +92,11 @@ fn bench(c: &mut Criterion) {
     let legacy = MqttMessage::new("site/s1/hvac-legacy/u7/telemetry", LEGACY);
     group.bench_function("hvac_legacy_text", |b| {
         b.iter(|| forward(&t, black_box(&legacy)))
+    });
+
+    let protobuf = MqttMessage::new("site/s1/hvac-pb/u7/telemetry", protobuf_telemetry());
+    group.bench_function("hvac_protobuf_validate_transform", |b| {
+        b.iter(|| forward(&t, black_box(&protobuf)))
     });
 
     let raw = MqttMessage::new("site/s1/hvac/u7/diagnostics", vec![0u8; 512]);

@@ -74,6 +74,8 @@ pub struct RouteConfig {
     pub format: FormatConfig,
     /// The pattern and field types for `format: text`.
     pub text: Option<TextFormatConfig>,
+    /// The `.proto` file and message type for `format: protobuf`.
+    pub protobuf: Option<ProtobufFormatConfig>,
     /// JSON Schema file, relative to the mapping file. Draft from `$schema`
     /// (2020-12 when absent); local `$ref`s resolve relative to the file.
     pub schema: Option<String>,
@@ -160,6 +162,22 @@ pub enum FormatConfig {
     /// the aliases of each edge node's birth certificate.
     #[serde(rename = "sparkplug_b")]
     SparkplugB,
+    /// Protobuf of a message type from a `.proto` file (`protobuf`).
+    Protobuf,
+}
+
+/// Where `format: protobuf` finds its message type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtobufFormatConfig {
+    /// The `.proto` file, relative to the mapping file.
+    pub file: String,
+    /// The message type's full name, with its package (`acme.v1.Reading`).
+    pub message: String,
+    /// More directories its imports are looked up in (relative to the
+    /// mapping file), after the file's own.
+    #[serde(default)]
+    pub include: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

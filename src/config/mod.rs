@@ -19,8 +19,8 @@ pub use files::{TlsInUse, FILE_SUFFIX};
 pub use locate::locate_all;
 pub use mapping::{
     CommandConfig, CommandKafkaConfig, CommandMqttConfig, FieldType, FormatConfig, MappingFile,
-    RouteConfig, RouteKafkaConfig, RouteMqttConfig, SparkplugRecords, SparkplugRouteConfig,
-    TextFormatConfig, TransformConfig,
+    ProtobufFormatConfig, RouteConfig, RouteKafkaConfig, RouteMqttConfig, SparkplugRecords,
+    SparkplugRouteConfig, TextFormatConfig, TransformConfig,
 };
 
 use crate::mqtt::Qos;
@@ -82,7 +82,18 @@ impl Config {
                 .commands
                 .iter()
                 .filter_map(|c| c.schema.as_ref());
-            files.extend(schemas.chain(command_schemas).map(|s| dir.join(s)));
+            // A route's .proto (its imports are not followed).
+            let protos = mapping
+                .file
+                .routes
+                .iter()
+                .filter_map(|r| r.protobuf.as_ref().map(|p| &p.file));
+            files.extend(
+                schemas
+                    .chain(command_schemas)
+                    .chain(protos)
+                    .map(|s| dir.join(s)),
+            );
         }
         files.sort();
         files.dedup();

@@ -23,11 +23,30 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The worked example, built in so the demo runs from any directory.
-const HVAC_YAML: &str = include_str!("../../mappings/hvac.yaml");
-const HVAC_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-telemetry.schema.json");
-const COMMON_SCHEMA: &str = include_str!("../../mappings/schemas/common.schema.json");
-const SETPOINT_SCHEMA: &str = include_str!("../../mappings/schemas/hvac-setpoint.schema.json");
-const DIAL_SCHEMA: &str = include_str!("../../mappings/schemas/wall-dial.schema.json");
+/// The shipped mapping and the files it refers to, by path relative to it.
+const MAPPING_FILES: [(&str, &str); 6] = [
+    ("hvac.yaml", include_str!("../../mappings/hvac.yaml")),
+    (
+        "schemas/hvac-telemetry.schema.json",
+        include_str!("../../mappings/schemas/hvac-telemetry.schema.json"),
+    ),
+    (
+        "schemas/common.schema.json",
+        include_str!("../../mappings/schemas/common.schema.json"),
+    ),
+    (
+        "schemas/hvac-setpoint.schema.json",
+        include_str!("../../mappings/schemas/hvac-setpoint.schema.json"),
+    ),
+    (
+        "schemas/wall-dial.schema.json",
+        include_str!("../../mappings/schemas/wall-dial.schema.json"),
+    ),
+    (
+        "protos/hvac.proto",
+        include_str!("../../mappings/protos/hvac.proto"),
+    ),
+];
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -253,7 +272,7 @@ fn demo_config(
 }
 
 /// The built-in mapping files, written to a temporary directory so that
-/// their schema references resolve like on disk.
+/// their schema and `.proto` references resolve like on disk.
 struct TempMappings(Option<tempfile::TempDir>);
 
 impl TempMappings {
@@ -262,21 +281,13 @@ impl TempMappings {
             return Ok(Self(None));
         }
         let dir = tempfile::tempdir()?;
-        std::fs::create_dir(dir.path().join("schemas"))?;
-        std::fs::write(dir.path().join("hvac.yaml"), HVAC_YAML)?;
-        std::fs::write(
-            dir.path().join("schemas/hvac-telemetry.schema.json"),
-            HVAC_SCHEMA,
-        )?;
-        std::fs::write(dir.path().join("schemas/common.schema.json"), COMMON_SCHEMA)?;
-        std::fs::write(
-            dir.path().join("schemas/hvac-setpoint.schema.json"),
-            SETPOINT_SCHEMA,
-        )?;
-        std::fs::write(
-            dir.path().join("schemas/wall-dial.schema.json"),
-            DIAL_SCHEMA,
-        )?;
+        for (path, text) in MAPPING_FILES {
+            let path = dir.path().join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, text)?;
+        }
         Ok(Self(Some(dir)))
     }
 

@@ -160,6 +160,7 @@ fn summary(config: &RouteConfig, route: &Route) -> RouteSummary {
             Format::Text(_) => "text",
             Format::Raw => "raw",
             Format::SparkplugB => "sparkplug_b",
+            Format::Protobuf(_) => "protobuf",
         },
         schema: route.schema.is_some(),
         topic: match (&config.kafka, &config.publish) {
@@ -254,7 +255,7 @@ fn compile_route(
                 .into(),
         ));
     }
-    let format = Format::compile(route.format, route.text.as_ref())
+    let format = Format::compile(route, base)
         .map_err(|e| problems.push(e))
         .ok();
     let structured = format.as_ref().is_none_or(Format::is_structured);

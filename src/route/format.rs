@@ -1,11 +1,13 @@
 //! Payload formats: how bytes from MQTT become a JSON value.
 
+use super::protobuf::ProtobufFormat;
 use super::{RejectReason, Rejection};
-use crate::config::{FieldType, FormatConfig, TextFormatConfig};
+use crate::config::{FieldType, FormatConfig, RouteConfig, TextFormatConfig};
 use crate::mqtt::MqttMessage;
 use crate::sparkplug::{self, Sessions};
 use regex::Regex;
 use serde_json::{Map, Number, Value};
+use std::path::Path;
 
 /// A compiled payload format.
 #[derive(Debug)]
@@ -15,6 +17,8 @@ pub enum Format {
     Raw,
     /// Sparkplug B: decoded with what `Sessions` knows of the edge node.
     SparkplugB,
+    /// A message type of the user's `.proto`.
+    Protobuf(ProtobufFormat),
 }
 
 /// A legacy text format: a regex whose named groups become typed fields,
@@ -27,18 +31,38 @@ pub struct TextFormat {
 }
 
 impl Format {
-    /// Compiles the configured format; errors name the field under `format`.
-    pub fn compile(
-        config: FormatConfig,
-        text: Option<&TextFormatConfig>,
-    ) -> Result<Self, (String, String)> {
+    /// Compiles a route's format (files relative to `base`, the mapping
+    /// file's directory); errors name the field.
+    pub fn compile(route: &RouteConfig, base: &Path) -> Result<Self, (String, String)> {
+        let (config, text) = (route.format, route.text.as_ref());
         if config != FormatConfig::Text && text.is_some() {
             return Err(("text".into(), "is only used with `format: text`".into()));
+        }
+        if config != FormatConfig::Protobuf && route.protobuf.is_some() {
+            return Err((
+                "protobuf".into(),
+                "is only used with `format: protobuf`".into(),
+            ));
         }
         Ok(match config {
             FormatConfig::Json => Self::Json,
             FormatConfig::Raw => Self::Raw,
             FormatConfig::SparkplugB => Self::SparkplugB,
+            FormatConfig::Protobuf => {
+                let Some(protobuf) = &route.protobuf else {
+                    return Err((
+                        "format".into(),
+                        "`format: protobuf` needs a `protobuf` field with `file` and `message`"
+                            .into(),
+                    ));
+                };
+                let include: Vec<_> = protobuf.include.iter().map(|d| base.join(d)).collect();
+                Self::Protobuf(ProtobufFormat::compile(
+                    &base.join(&protobuf.file),
+                    &include,
+                    &protobuf.message,
+                )?)
+            }
             FormatConfig::Text => {
                 let Some(text) = text else {
                     return Err((
@@ -46,31 +70,7 @@ impl Format {
                         "`format: text` needs a `text` field with `pattern` (and optional `fields`)".into(),
                     ));
                 };
-                // Anchored so a partial match cannot silently drop data.
-                let regex = Regex::new(&format!("^(?:{})$", text.pattern))
-                    .map_err(|e| ("text.pattern".to_string(), regex_error(&e)))?;
-                let mut fields = Vec::new();
-                for (index, name) in regex.capture_names().enumerate() {
-                    if let Some(name) = name {
-                        let kind = text.fields.get(name).copied().unwrap_or(FieldType::String);
-                        fields.push((index, name.to_string(), kind));
-                    }
-                }
-                if fields.is_empty() {
-                    return Err((
-                        "text.pattern".into(),
-                        "has no named groups `(?P<name>...)`, so it would produce no fields".into(),
-                    ));
-                }
-                for name in text.fields.keys() {
-                    if !fields.iter().any(|(_, n, _)| n == name) {
-                        return Err((
-                            format!("text.fields.{name}"),
-                            format!("`{name}` is not a named group of the pattern"),
-                        ));
-                    }
-                }
-                Self::Text(TextFormat { regex, fields })
+                Self::Text(TextFormat::compile(text)?)
             }
         })
     }
@@ -119,12 +119,42 @@ impl Format {
                 Rejection::new(reason, format!("invalid JSON: {e}"))
             })?,
             Self::Text(text) => text.parse(payload)?,
+            Self::Protobuf(protobuf) => protobuf.parse(payload)?,
         };
         Ok(Some(sparkplug::Decoded { value, bytes: None }))
     }
 }
 
 impl TextFormat {
+    /// Compiles `format: text`'s pattern and field types.
+    pub fn compile(text: &TextFormatConfig) -> Result<Self, (String, String)> {
+        // Anchored so a partial match cannot silently drop data.
+        let regex = Regex::new(&format!("^(?:{})$", text.pattern))
+            .map_err(|e| ("text.pattern".to_string(), regex_error(&e)))?;
+        let mut fields = Vec::new();
+        for (index, name) in regex.capture_names().enumerate() {
+            if let Some(name) = name {
+                let kind = text.fields.get(name).copied().unwrap_or(FieldType::String);
+                fields.push((index, name.to_string(), kind));
+            }
+        }
+        if fields.is_empty() {
+            return Err((
+                "text.pattern".into(),
+                "has no named groups `(?P<name>...)`, so it would produce no fields".into(),
+            ));
+        }
+        for name in text.fields.keys() {
+            if !fields.iter().any(|(_, n, _)| n == name) {
+                return Err((
+                    format!("text.fields.{name}"),
+                    format!("`{name}` is not a named group of the pattern"),
+                ));
+            }
+        }
+        Ok(Self { regex, fields })
+    }
+
     fn parse(&self, payload: &[u8]) -> Result<Value, Rejection> {
         let text = std::str::from_utf8(payload).map_err(|e| {
             Rejection::new(RejectReason::NotUtf8, format!("payload is not UTF-8: {e}"))
@@ -227,7 +257,7 @@ mod tests {
                 .map(|(n, t)| (n.to_string(), *t))
                 .collect::<BTreeMap<_, _>>(),
         };
-        Format::compile(FormatConfig::Text, Some(&text)).unwrap()
+        Format::Text(TextFormat::compile(&text).unwrap())
     }
 
     #[test]
@@ -293,7 +323,7 @@ mod tests {
                     .map(|n| (n.to_string(), FieldType::Integer))
                     .collect(),
             };
-            Format::compile(FormatConfig::Text, Some(&text)).unwrap_err()
+            TextFormat::compile(&text).unwrap_err()
         };
         assert_eq!(compile("(", &[]).0, "text.pattern");
         assert!(compile("(", &[]).1.starts_with("invalid regex"));

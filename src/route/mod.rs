@@ -12,6 +12,7 @@ mod compile;
 mod filter;
 mod format;
 mod index;
+mod protobuf;
 mod record;
 pub mod reject;
 pub mod schema;

@@ -111,8 +111,8 @@ impl ConfigBuilder {
 
     /// Writes `bridge.yaml` and `mapping.yaml` into `dir` for the binary
     /// and returns the bridge file's path. The bridge file serves metrics
-    /// on the port in [`METRICS_PORT_ENV`]; the mapping's schema paths are
-    /// made absolute, since `dir` has no `schemas/`.
+    /// on the port in [`METRICS_PORT_ENV`]; the mapping's schema and
+    /// `.proto` paths are made absolute, since `dir` has neither.
     pub fn write(&self, dir: &Path) -> PathBuf {
         let listen = format!("127.0.0.1:${{{METRICS_PORT_ENV}}}");
         let bridge = self
@@ -169,6 +169,12 @@ impl ConfigBuilder {
             if let (true, Some(Value::String(schema))) = (absolute_schemas, entry.get_mut("schema"))
             {
                 *schema = repo_path("mappings").join(&*schema).display().to_string();
+            }
+            if let (true, Some(Value::String(proto))) = (
+                absolute_schemas,
+                entry.get_mut("protobuf").and_then(|p| p.get_mut("file")),
+            ) {
+                *proto = repo_path("mappings").join(&*proto).display().to_string();
             }
         }
         serde_yaml_ng::to_string(&mapping).expect("serialise the mapping")

@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod certs;
 pub mod config;
 pub mod device;
+pub mod fixtures;
 pub mod kafka;
 pub mod landed;
 pub mod metrics;
@@ -17,7 +18,6 @@ pub mod prometheus;
 pub mod publish;
 pub mod repo;
 pub mod rig;
-pub mod sparkplug;
 pub mod topics;
 
 pub use bridge::{await_token, Bridge};

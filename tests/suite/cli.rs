@@ -149,7 +149,7 @@ fn demo_runs_with_nothing_installed_and_data_reaches_kafka() {
 fn translate_decodes_sparkplug_data_with_a_birth_given_first() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["nbirth", "ndata"] {
-        let bytes = crate::common::sparkplug::fixture(name);
+        let bytes = crate::common::fixtures::sparkplug(name);
         std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
     }
     std::fs::write(

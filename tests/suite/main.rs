@@ -28,6 +28,7 @@ mod metrics;
 mod probes;
 mod prometheus;
 mod properties;
+mod protobuf;
 mod reload;
 mod sparkplug;
 mod state_store;

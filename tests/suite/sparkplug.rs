@@ -4,7 +4,7 @@
 //! by alias, each sender's records keep their order under its key, and what
 //! cannot be decoded is dead-lettered with reason `sparkplug`.
 
-use crate::common::sparkplug::fixture;
+use crate::common::fixtures::sparkplug as fixture;
 use crate::common::*;
 use serde_json::Value;
 use std::time::Duration;
