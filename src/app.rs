@@ -8,6 +8,7 @@ use crate::mqtt::{MqttError, MqttSession};
 use crate::reload::{self, Reloader, Trigger};
 use crate::route::RouteTable;
 use crate::telemetry::{self, Health};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -30,6 +31,9 @@ pub enum AppError {
     ExactlyOnce(#[from] LoadError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// A route's schema has no id: the registry refused it, or is down.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryFailure),
     #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
     ShutdownTimeout(Duration),
     /// A task that runs for the bridge's whole life ended on its own (a
@@ -135,7 +139,22 @@ pub async fn run_with(
     let _on_sighup = options
         .reload_on_sighup
         .then(|| AbortOnDrop(tokio::spawn(reload_on_sighup(triggers.clone()))));
-    let table = Arc::new(RouteTable::compile(&config)?);
+    let mut table = RouteTable::compile(&config)?;
+    if table.has_encodings() {
+        // Schema ids before the first message: the registry's HTTP calls
+        // are blocking, and few.
+        let registry = config.bridge.schema_registry.clone();
+        let base = config.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        table = tokio::task::spawn_blocking(move || {
+            crate::registry::resolve_table(registry.as_ref(), &base, &mut table).map(|()| table)
+        })
+        .await
+        .map_err(|e| AppError::TaskEnded {
+            task: "schema registry",
+            why: e.to_string(),
+        })??;
+    }
+    let table = Arc::new(table);
     let commands = Arc::new(CommandTable::compile(&config)?);
     for warning in &table.warnings {
         tracing::warn!("{warning}");

@@ -1,10 +1,12 @@
 //! `check`: compiles every route and command route of a configuration
-//! without connecting to anything, and reports what the bridge would do
+//! without connecting to anything but a schema registry (asked whether the
+//! encoded routes' schemas are compatible, when one is configured and
+//! reachable), and reports what the bridge would do
 //! (routes in precedence order, M2M trees, subscriptions, command routes)
 //! or every problem with its file, line and field.
 
 use crate::command::CommandTable;
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::route::RouteTable;
 use std::fmt::Write;
 use std::path::Path;
@@ -13,7 +15,8 @@ use std::path::Path;
 /// and command errors together).
 pub fn run(path: &Path) -> Result<String, ConfigErrors> {
     let config = Config::load(path)?;
-    let (table, commands) = match (RouteTable::compile(&config), CommandTable::compile(&config)) {
+    let (mut table, commands) = match (RouteTable::compile(&config), CommandTable::compile(&config))
+    {
         (Ok(r), Ok(k)) => (r, k),
         (Err(mut a), Err(b)) => {
             a.0.extend(b.0);
@@ -35,6 +38,25 @@ pub fn run(path: &Path) -> Result<String, ConfigErrors> {
     }
     for warning in config.certificate_warnings(std::time::SystemTime::now()) {
         let _ = writeln!(out, "warning: {warning}");
+    }
+    // Against the registry, if it can be reached: an incompatible schema
+    // would stop the bridge at start-up, so it fails `check` too.
+    let base = config.path.parent().unwrap_or(Path::new("."));
+    let (lines, problems) = crate::registry::compatibility_report(
+        config.bridge.schema_registry.as_ref(),
+        base,
+        &mut table,
+    );
+    for line in lines {
+        let _ = writeln!(out, "schema registry: {line}");
+    }
+    if !problems.is_empty() {
+        return Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|p| ConfigError::field(&config.path, "schema_registry", p))
+                .collect(),
+        ));
     }
     Ok(out)
 }

@@ -46,6 +46,7 @@ pub mod demo;
 pub mod fault;
 pub mod kafka;
 pub mod mqtt;
+pub mod registry;
 pub mod reload;
 pub mod route;
 pub mod secret;

@@ -18,7 +18,7 @@
 //! unrouted, as they would be after it.
 
 use crate::command::CommandTable;
-use crate::config::{BridgeConfig, Config, ConfigErrors};
+use crate::config::{BridgeConfig, Config, ConfigError, ConfigErrors};
 use crate::delivery::RouteSwap;
 use crate::mqtt::MqttClient;
 use crate::route::{RejectReason, RouteTable};
@@ -190,7 +190,26 @@ fn load(path: &Path) -> Result<(Config, RouteTable, CommandTable), ConfigErrors>
     let table = RouteTable::compile(&config);
     let commands = CommandTable::compile(&config);
     match (table, commands) {
-        (Ok(table), Ok(commands)) => Ok((config, table, commands)),
+        (Ok(mut table), Ok(commands)) => {
+            // New or changed encodings get their schema ids before the
+            // table is used; a registry that refuses keeps the old routes.
+            let base = config.path.parent().unwrap_or(Path::new("."));
+            crate::registry::resolve_table(
+                config.bridge.schema_registry.as_ref(),
+                base,
+                &mut table,
+            )
+            .map_err(|failure| {
+                ConfigErrors(
+                    failure
+                        .0
+                        .into_iter()
+                        .map(|m| ConfigError::field(&config.path, "schema_registry", m))
+                        .collect(),
+                )
+            })?;
+            Ok((config, table, commands))
+        }
         (Err(mut a), Err(b)) => {
             a.extend(b);
             Err(a)

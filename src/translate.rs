@@ -27,7 +27,13 @@ pub fn run(
     births: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
-    let table = RouteTable::compile(&config)?;
+    let mut table = RouteTable::compile(&config)?;
+    let base = config.path.parent().unwrap_or(std::path::Path::new("."));
+    for note in
+        crate::registry::look_up_table(config.bridge.schema_registry.as_ref(), base, &mut table)
+    {
+        eprintln!("note: {note}");
+    }
     let bytes = read_payload(payload)?;
     // Routed first, as the bridge would have: what they teach (Sparkplug
     // aliases) is what the message is decoded with.
@@ -161,6 +167,18 @@ fn record_text(out: &mut String, record: &kafka::Record) {
         let _ = writeln!(out, "  {name}: {}", String::from_utf8_lossy(value));
     }
     let _ = writeln!(out, "value ({} bytes):", record.value.len());
+    // The schema registry's wire format: magic byte 0, the id, the body.
+    if let [0, a, b, c, d, body @ ..] = &record.value[..] {
+        let id = u32::from_be_bytes([*a, *b, *c, *d]);
+        let _ = writeln!(out, "  schema-registry wire format, schema id {id}");
+        let _ = writeln!(
+            out,
+            "  body ({} bytes): {}",
+            body.len(),
+            body.escape_ascii()
+        );
+        return;
+    }
     match serde_json::from_slice::<serde_json::Value>(&record.value) {
         Ok(json) => {
             let pretty = serde_json::to_string_pretty(&json).unwrap_or_default();

@@ -16,6 +16,8 @@ pub struct BridgeConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Where routes with `kafka.encoding` register their schemas.
+    pub schema_registry: Option<crate::registry::RegistryConfig>,
     /// Glob patterns of mapping files, relative to the bridge file. Files are
     /// loaded in sorted path order, which is also the route precedence order.
     pub mappings: Vec<String>,

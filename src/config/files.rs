@@ -49,6 +49,21 @@ pub fn load(path: &Path, bridge: &mut BridgeConfig, errors: &mut Vec<ConfigError
         }
     }
 
+    if let Some(registry) = &mut bridge.schema_registry {
+        if let Some(file) = &registry.password_file {
+            if registry.password.is_some() {
+                fail(
+                    "schema_registry.password_file",
+                    "is set together with `password`; keep one".into(),
+                );
+            }
+            match read_secret(&base.join(file)) {
+                Ok(secret) => registry.password = Some(Secret::new(secret)),
+                Err(message) => fail("schema_registry.password_file", message),
+            }
+        }
+    }
+
     let from_files: Vec<String> = bridge
         .kafka
         .properties

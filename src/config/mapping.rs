@@ -250,6 +250,52 @@ pub struct RouteKafkaConfig {
     /// internal `__` topic.
     #[serde(default)]
     pub allowed_topics: Vec<String>,
+    /// The record value's encoding: JSON (the default) or the schema
+    /// registry's wire format.
+    pub encoding: Option<EncodingConfig>,
+}
+
+/// `kafka.encoding` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodingConfig {
+    pub format: EncodingFormat,
+    /// The schema file (relative to the mapping file): `.avsc` for Avro,
+    /// `.proto` for protobuf, a JSON Schema for `json_schema` (default:
+    /// the route's `schema`).
+    pub schema: Option<String>,
+    /// For protobuf: the message type's full name.
+    pub message: Option<String>,
+    /// The subject, instead of the strategy's.
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub subject_strategy: SubjectStrategy,
+}
+
+/// How a record value is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodingFormat {
+    /// Plain JSON, no registry.
+    Json,
+    Avro,
+    Protobuf,
+    /// JSON, with the registry's header and a JSON Schema.
+    JsonSchema,
+}
+
+/// Which subject a route's schema goes under (Confluent's strategies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    /// `<topic>-value`.
+    #[default]
+    TopicName,
+    /// The record's full name (Avro record, protobuf message, JSON Schema
+    /// `title`).
+    RecordName,
+    /// `<topic>-<record name>`.
+    TopicRecordName,
 }
 
 fn default_true() -> bool {

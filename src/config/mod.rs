@@ -18,9 +18,10 @@ pub use error::{ConfigError, ConfigErrors};
 pub use files::{TlsInUse, FILE_SUFFIX};
 pub use locate::locate_all;
 pub use mapping::{
-    CommandConfig, CommandKafkaConfig, CommandMqttConfig, FieldType, FormatConfig, MappingFile,
-    ProtobufFormatConfig, RouteConfig, RouteKafkaConfig, RouteMqttConfig, SparkplugRecords,
-    SparkplugRouteConfig, TextFormatConfig, TransformConfig,
+    CommandConfig, CommandKafkaConfig, CommandMqttConfig, EncodingConfig, EncodingFormat,
+    FieldType, FormatConfig, MappingFile, ProtobufFormatConfig, RouteConfig, RouteKafkaConfig,
+    RouteMqttConfig, SparkplugRecords, SparkplugRouteConfig, SubjectStrategy, TextFormatConfig,
+    TransformConfig,
 };
 
 use crate::mqtt::Qos;

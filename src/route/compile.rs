@@ -16,6 +16,7 @@ use crate::config::{
 };
 use crate::kafka;
 use crate::mqtt::Qos;
+use crate::registry::Encoding;
 use crate::sparkplug;
 use regex::Regex;
 use std::collections::HashMap;
@@ -298,6 +299,25 @@ fn compile_route(
             if route.format == FormatConfig::SparkplugB && kafka.key.is_none() {
                 kafka.key = Some(SPARKPLUG_KEY.into());
             }
+            let encoding = kafka.encoding.as_ref().and_then(|encoding| {
+                if config.bridge.schema_registry.is_none() {
+                    problems.push((
+                        "kafka.encoding".into(),
+                        "needs `schema_registry` in the bridge file".into(),
+                    ));
+                }
+                if !structured {
+                    problems.push((
+                        "kafka.encoding".into(),
+                        "raw payloads cannot be encoded; use a structured format".into(),
+                    ));
+                }
+                let literal = (!kafka.topic.contains('{')).then_some(kafka.topic.as_str());
+                Encoding::compile(encoding, base, literal, route.schema.as_deref(), schemas)
+                    .map_err(|e| problems.push(e))
+                    .ok()
+                    .flatten()
+            });
             kafka_target(
                 &kafka,
                 &template,
@@ -305,6 +325,13 @@ fn compile_route(
                 structured,
                 &config.bridge.delivery.state_topic,
             )
+            .map(|target| match target {
+                Target::Kafka(mut kafka) => {
+                    kafka.encoding = encoding.map(Box::new);
+                    Target::Kafka(kafka)
+                }
+                relay => relay,
+            })
         }
         (None, Some(publish)) => {
             let topic = template(&mut problems, "publish.topic", &publish.topic);
@@ -443,6 +470,8 @@ fn sparkplug_form(
     target: &Target,
 ) -> sparkplug::Form {
     let header_only = match target {
+        // An encoding reads the whole value.
+        Target::Kafka(kafka) if kafka.encoding.is_some() => false,
         Target::Kafka(kafka) => kafka.pointers().iter().all(|pointer| {
             let field = pointer.trim_start_matches('/');
             sparkplug::HEADER_FIELDS.contains(&field)
@@ -531,6 +560,7 @@ fn kafka_target(
         headers,
         timestamp,
         user_properties: kafka.user_properties,
+        encoding: None,
     }))
 }
 

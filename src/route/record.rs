@@ -92,6 +92,8 @@ pub(super) struct KafkaTarget {
     pub(super) headers: Vec<(String, Template)>,
     pub(super) timestamp: Timestamp,
     pub(super) user_properties: bool,
+    /// The schema-registry wire format (`kafka.encoding`), if not JSON.
+    pub(super) encoding: Option<Box<crate::registry::Encoding>>,
 }
 
 #[derive(Debug)]
@@ -340,6 +342,14 @@ impl KafkaTarget {
         if self.topic.as_literal().is_none() {
             self.check_topic(&topic, limits)?;
         }
+        let bytes = match (&self.encoding, value) {
+            (Some(encoding), Some(value)) => Bytes::from(
+                encoding
+                    .encode(value)
+                    .map_err(|e| Rejection::new(RejectReason::Encode, e))?,
+            ),
+            _ => bytes,
+        };
         let key = match &self.key {
             Some(t) => Some(
                 t.render(ctx)

@@ -37,10 +37,13 @@ pub enum RejectReason {
     /// A Sparkplug B message that cannot be decoded: DATA before its
     /// birth, an alias no birth declared, not Sparkplug protobuf.
     Sparkplug,
+    /// The record does not fit the schema of the route's
+    /// `kafka.encoding` (Avro, protobuf, JSON Schema).
+    Encode,
 }
 
 impl RejectReason {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::TooLarge,
         Self::NotUtf8,
         Self::Parse,
@@ -53,6 +56,7 @@ impl RejectReason {
         Self::KafkaRejected,
         Self::MqttRefused,
         Self::Sparkplug,
+        Self::Encode,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +73,7 @@ impl RejectReason {
             Self::KafkaRejected => "kafka_rejected",
             Self::MqttRefused => "mqtt_refused",
             Self::Sparkplug => "sparkplug",
+            Self::Encode => "encode",
         }
     }
 }

@@ -4,11 +4,12 @@
 //! message into a record in `record.rs`; this file is the lookup alone.
 
 use super::index::RouteIndex;
-use super::record::{defect_rejection, Limits, Route};
+use super::record::{defect_rejection, Limits, Route, Target};
 use super::reject::{self, Evidence, Form};
 use super::{Outcome, Rejection, RouteSummary, TopicFilter};
 use crate::kafka;
 use crate::mqtt::{Defect, MqttMessage, Qos, Subscription};
+use crate::registry::Encoding;
 use crate::sparkplug::Sessions;
 
 /// Up to this many routes, matching scans them in order instead of using
@@ -78,6 +79,28 @@ impl RouteTable {
             &self.limits.dead_letter,
             form,
         )
+    }
+
+    /// Each route's registry encoding (`kafka.encoding`), with a label
+    /// naming the route and where it is defined, to be given its schema id
+    /// (see [`crate::registry`]).
+    pub fn encodings_mut(&mut self) -> impl Iterator<Item = (String, &mut Encoding)> {
+        self.routes
+            .iter_mut()
+            .filter_map(|route| match &mut route.target {
+                Target::Kafka(kafka) => kafka
+                    .encoding
+                    .as_mut()
+                    .map(|e| (format!("{}: route `{}`", route.origin, route.name), &mut **e)),
+                Target::Mqtt(_) => None,
+            })
+    }
+
+    /// Whether any route writes the registry's wire format.
+    pub fn has_encodings(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|r| matches!(&r.target, Target::Kafka(k) if k.encoding.is_some()))
     }
 
     /// The declared M2M trees (filter, `file:line`).

@@ -92,6 +92,11 @@ impl ConfigBuilder {
         self.set("metrics", key, value)
     }
 
+    /// Sets `schema_registry.<key>`.
+    pub fn schema_registry(self, key: &str, value: impl Into<Value>) -> Self {
+        self.set("schema_registry", key, value)
+    }
+
     /// Sets `limits.<key>`.
     pub fn limits(self, key: &str, value: impl Into<Value>) -> Self {
         self.set("limits", key, value)
@@ -170,11 +175,16 @@ impl ConfigBuilder {
             {
                 *schema = repo_path("mappings").join(&*schema).display().to_string();
             }
-            if let (true, Some(Value::String(proto))) = (
-                absolute_schemas,
-                entry.get_mut("protobuf").and_then(|p| p.get_mut("file")),
-            ) {
-                *proto = repo_path("mappings").join(&*proto).display().to_string();
+            for (section, field) in [("protobuf", "file"), ("kafka", "encoding")] {
+                let file = entry.get_mut(section).and_then(|s| s.get_mut(field));
+                // `kafka.encoding.schema` is one level further down.
+                let file = match (section, file) {
+                    ("kafka", Some(encoding)) => encoding.get_mut("schema"),
+                    (_, file) => file,
+                };
+                if let (true, Some(Value::String(path))) = (absolute_schemas, file) {
+                    *path = repo_path("mappings").join(&*path).display().to_string();
+                }
             }
         }
         serde_yaml_ng::to_string(&mapping).expect("serialise the mapping")

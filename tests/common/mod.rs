@@ -16,6 +16,7 @@ pub mod ports;
 pub mod process;
 pub mod prometheus;
 pub mod publish;
+pub mod registry;
 pub mod repo;
 pub mod rig;
 pub mod topics;

@@ -29,6 +29,7 @@ mod probes;
 mod prometheus;
 mod properties;
 mod protobuf;
+mod registry;
 mod reload;
 mod sparkplug;
 mod state_store;

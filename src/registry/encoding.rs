@@ -1,0 +1,530 @@
+//! `kafka.encoding`: a route's records in the schema-registry wire format
+//! (magic byte 0, the schema id as 4 bytes big endian, then the body), so
+//! that Kafka Connect, ksqlDB, Flink and Spark read them with their stock
+//! deserialisers.
+//!
+//! The schema is a file next to the mapping, compiled when the mapping
+//! loads; its id comes from the registry once per configuration
+//! ([`Encoding::set_id`]), never per message. A record that does not fit
+//! the schema is the route's to dead-letter (reason `encode`): a field the
+//! schema lacks is refused rather than dropped, since a projection would
+//! lose data without a word.
+
+use super::client::SchemaText;
+use crate::config::{EncodingConfig, EncodingFormat, SubjectStrategy};
+use crate::route::schema::Schemas;
+use prost_reflect::{DynamicMessage, MessageDescriptor};
+use serde_json::Value;
+use std::path::Path;
+
+/// How one route's records are encoded, and under which subject.
+#[derive(Debug)]
+pub struct Encoding {
+    body: Body,
+    subject: String,
+    schema: SchemaText,
+    id: Option<u32>,
+}
+
+#[derive(Debug)]
+enum Body {
+    Avro(Box<apache_avro::Schema>),
+    Protobuf {
+        message: MessageDescriptor,
+        /// Confluent's message indexes: the message's path in its file.
+        indexes: Vec<i32>,
+    },
+    JsonSchema(crate::route::schema::Schema),
+}
+
+/// A problem with the configuration: (field, message).
+type Problem = (String, String);
+
+impl Encoding {
+    /// Compiles a route's `kafka.encoding` (files relative to `base`);
+    /// `None` for JSON, which needs no registry. `topic` is the route's
+    /// literal topic, if it has one (the topic-name subject needs it);
+    /// `route_schema` its `schema` file, the default for `json_schema`.
+    pub fn compile(
+        config: &EncodingConfig,
+        base: &Path,
+        topic: Option<&str>,
+        route_schema: Option<&str>,
+        schemas: &mut Schemas,
+    ) -> Result<Option<Self>, Problem> {
+        let field = |name: &str| format!("kafka.encoding.{name}");
+        let schema_file = match (config.format, &config.schema, route_schema) {
+            (EncodingFormat::Json, _, _) => return Ok(None),
+            (_, Some(file), _) => file.clone(),
+            (EncodingFormat::JsonSchema, None, Some(file)) => file.to_string(),
+            (_, None, _) => {
+                return Err((
+                    field("schema"),
+                    "missing: the schema file the records are encoded with".into(),
+                ))
+            }
+        };
+        let path = base.join(&schema_file);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            (
+                field("schema"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        if config.message.is_some() && config.format != EncodingFormat::Protobuf {
+            return Err((
+                field("message"),
+                "is only used with `format: protobuf`".into(),
+            ));
+        }
+        let (body, kind, record_name) = match config.format {
+            EncodingFormat::Json => unreachable!("returned above"),
+            EncodingFormat::Avro => {
+                let schema = apache_avro::Schema::parse_str(&text).map_err(|e| {
+                    (
+                        field("schema"),
+                        format!("{}: not an Avro schema: {e}", path.display()),
+                    )
+                })?;
+                let name = match &schema {
+                    apache_avro::Schema::Record(record) => Some(record.name.fullname(None)),
+                    _ => None,
+                };
+                (Body::Avro(Box::new(schema)), "AVRO", name)
+            }
+            EncodingFormat::Protobuf => {
+                let Some(name) = &config.message else {
+                    return Err((
+                        field("message"),
+                        "missing: the message type's full name (`package.Message`)".into(),
+                    ));
+                };
+                let message = protobuf_message(&path, name).map_err(|e| (field("schema"), e))?;
+                let indexes = message_indexes(&message);
+                let record = message.full_name().to_string();
+                (
+                    Body::Protobuf { message, indexes },
+                    "PROTOBUF",
+                    Some(record),
+                )
+            }
+            EncodingFormat::JsonSchema => {
+                if has_file_ref(&serde_json::from_str(&text).unwrap_or(Value::Null)) {
+                    return Err((
+                        field("schema"),
+                        format!("{}: refers to other files (`$ref`), which the bridge does not register; give a self-contained schema", path.display()),
+                    ));
+                }
+                let schema = schemas.load(&path).map_err(|e| (field("schema"), e))?;
+                let title = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["title"].as_str().map(str::to_string));
+                (Body::JsonSchema(schema), "JSON", title)
+            }
+        };
+        let subject = subject(config, topic, record_name.as_deref())?;
+        Ok(Some(Self {
+            body,
+            subject,
+            schema: SchemaText { kind, text },
+            id: None,
+        }))
+    }
+
+    /// The subject the schema is registered under.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The schema as the registry takes it.
+    pub fn schema(&self) -> &SchemaText {
+        &self.schema
+    }
+
+    /// The id the registry gave the schema.
+    pub fn id(&self) -> Option<u32> {
+        self.id
+    }
+
+    pub fn set_id(&mut self, id: u32) {
+        self.id = Some(id);
+    }
+
+    /// `value` in the wire format; the error says what does not fit.
+    pub fn encode(&self, value: &Value) -> Result<Vec<u8>, String> {
+        let Some(id) = self.id else {
+            return Err(format!(
+                "no schema id for subject `{}` (the registry was not asked)",
+                self.subject
+            ));
+        };
+        let mut out = Vec::with_capacity(64);
+        out.push(0);
+        out.extend(id.to_be_bytes());
+        match &self.body {
+            Body::Avro(schema) => {
+                if let (apache_avro::Schema::Record(record), Value::Object(object)) =
+                    (schema.as_ref(), value)
+                {
+                    if let Some(extra) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
+                        return Err(format!(
+                            "field `{extra}` is not in the Avro schema `{}`",
+                            record.name.fullname(None)
+                        ));
+                    }
+                }
+                let avro = apache_avro::types::Value::from(value.clone())
+                    .resolve(schema)
+                    .map_err(|e| format!("does not fit the Avro schema: {e}"))?;
+                let body = apache_avro::to_avro_datum(schema, avro)
+                    .map_err(|e| format!("cannot be written as Avro: {e}"))?;
+                out.extend(body);
+            }
+            Body::Protobuf { message, indexes } => {
+                let decoded = DynamicMessage::deserialize(message.clone(), value)
+                    .map_err(|e| format!("does not fit `{}`: {e}", message.full_name()))?;
+                write_indexes(&mut out, indexes);
+                prost::Message::encode(&decoded, &mut out)
+                    .map_err(|e| format!("cannot be written as protobuf: {e}"))?;
+            }
+            Body::JsonSchema(schema) => {
+                schema
+                    .validate(value)
+                    .map_err(|r| format!("does not fit the JSON Schema: {}", r.detail))?;
+                serde_json::to_writer(&mut out, value).expect("a Value serialises");
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The subject by the configured strategy (or the explicit one).
+fn subject(
+    config: &EncodingConfig,
+    topic: Option<&str>,
+    record: Option<&str>,
+) -> Result<String, Problem> {
+    if let Some(subject) = &config.subject {
+        return Ok(subject.clone());
+    }
+    let need_topic = || {
+        topic.ok_or_else(|| {
+            (
+                "kafka.encoding.subject_strategy".to_string(),
+                "the topic-name strategies need a literal `kafka.topic`; with a templated topic set `kafka.encoding.subject` or use `record_name`".to_string(),
+            )
+        })
+    };
+    let need_record = || {
+        record.ok_or_else(|| {
+            (
+                "kafka.encoding.subject_strategy".to_string(),
+                "the record-name strategies need a named record (an Avro record, a protobuf message, a JSON Schema `title`)".to_string(),
+            )
+        })
+    };
+    Ok(match config.subject_strategy {
+        SubjectStrategy::TopicName => format!("{}-value", need_topic()?),
+        SubjectStrategy::RecordName => need_record()?.to_string(),
+        SubjectStrategy::TopicRecordName => format!("{}-{}", need_topic()?, need_record()?),
+    })
+}
+
+/// The message `name` of a self-contained `.proto` (the registry would
+/// need its imports registered as references, which the bridge does not do).
+fn protobuf_message(path: &Path, name: &str) -> Result<MessageDescriptor, String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file = path.strip_prefix(dir).unwrap_or(path);
+    let pool = protox::Compiler::new([dir])
+        .and_then(|mut c| {
+            c.include_imports(true).open_file(file)?;
+            Ok(c.descriptor_pool())
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let message = pool
+        .get_message_by_name(name)
+        .ok_or_else(|| format!("{}: declares no message `{name}`", path.display()))?;
+    if message.parent_file().dependencies().next().is_some() {
+        return Err(format!(
+            "{}: imports other files, which the bridge does not register as references; give a self-contained .proto",
+            path.display()
+        ));
+    }
+    Ok(message)
+}
+
+/// The message's path in its file: its index among the top-level
+/// messages, then among each parent's nested ones.
+fn message_indexes(message: &MessageDescriptor) -> Vec<i32> {
+    let mut path = Vec::new();
+    let mut current = message.clone();
+    loop {
+        let (siblings, parent): (Vec<MessageDescriptor>, _) = match current.parent_message() {
+            Some(parent) => (parent.child_messages().collect(), Some(parent)),
+            None => (current.parent_file().messages().collect(), None),
+        };
+        let index = siblings
+            .iter()
+            .position(|m| m.full_name() == current.full_name())
+            .expect("a message is among its siblings");
+        path.push(index as i32);
+        match parent {
+            Some(parent) => current = parent,
+            None => break,
+        }
+    }
+    path.reverse();
+    path
+}
+
+/// Confluent's message indexes: `[0]` (the first message) as one 0 byte,
+/// otherwise the count and each index as zig-zag varints.
+fn write_indexes(out: &mut Vec<u8>, indexes: &[i32]) {
+    if indexes == [0] {
+        out.push(0);
+        return;
+    }
+    write_zigzag(out, indexes.len() as i32);
+    for &index in indexes {
+        write_zigzag(out, index);
+    }
+}
+
+fn write_zigzag(out: &mut Vec<u8>, value: i32) {
+    let mut n = ((value << 1) ^ (value >> 31)) as u32;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Whether a JSON Schema refers to another document (a `$ref` that does
+/// not start with `#`).
+fn has_file_ref(schema: &Value) -> bool {
+    match schema {
+        Value::Object(map) => map.iter().any(|(k, v)| {
+            (k == "$ref" && v.as_str().is_some_and(|r| !r.starts_with('#'))) || has_file_ref(v)
+        }),
+        Value::Array(items) => items.iter().any(has_file_ref),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const AVSC: &str = r#"{"type": "record", "name": "Telemetry", "namespace": "hvac.v1",
+      "fields": [
+        {"name": "unit", "type": "string"},
+        {"name": "ambient_c", "type": "double"},
+        {"name": "blower_pct", "type": "int"},
+        {"name": "mode", "type": ["null", "string"], "default": null}
+      ]}"#;
+
+    fn compile(
+        format: EncodingFormat,
+        files: &[(&str, &str)],
+        schema: Option<&str>,
+        message: Option<&str>,
+        strategy: SubjectStrategy,
+        topic: Option<&str>,
+    ) -> Result<Option<Encoding>, Problem> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let config = EncodingConfig {
+            format,
+            schema: schema.map(str::to_string),
+            message: message.map(str::to_string),
+            subject: None,
+            subject_strategy: strategy,
+        };
+        Encoding::compile(&config, dir.path(), topic, None, &mut Schemas::default())
+    }
+
+    fn avro() -> Encoding {
+        compile(
+            EncodingFormat::Avro,
+            &[("t.avsc", AVSC)],
+            Some("t.avsc"),
+            None,
+            SubjectStrategy::TopicName,
+            Some("hvac.telemetry"),
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn avro_records_are_the_wire_format_around_an_avro_body() {
+        let mut e = avro();
+        assert_eq!(e.subject(), "hvac.telemetry-value");
+        assert_eq!(e.schema().kind, "AVRO");
+        let value = json!({"unit": "u7", "ambient_c": 21.5, "blower_pct": 55});
+        assert!(e.encode(&value).unwrap_err().contains("no schema id"));
+        e.set_id(0x0102_0304);
+        let bytes = e.encode(&value).unwrap();
+        assert_eq!(&bytes[..5], &[0, 1, 2, 3, 4]);
+        // Read back by the Avro library with the schema as registered.
+        let schema = apache_avro::Schema::parse_str(AVSC).unwrap();
+        let read = apache_avro::from_avro_datum(&schema, &mut &bytes[5..], None).unwrap();
+        let apache_avro::types::Value::Record(fields) = read else {
+            panic!("a record")
+        };
+        assert_eq!(fields[0].1, apache_avro::types::Value::String("u7".into()));
+        assert_eq!(fields[2].1, apache_avro::types::Value::Int(55));
+        assert_eq!(
+            fields[3].1,
+            apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null))
+        );
+    }
+
+    #[test]
+    fn what_does_not_fit_the_avro_schema_says_why() {
+        let mut e = avro();
+        e.set_id(1);
+        let extra = e
+            .encode(&json!({"unit": "u", "ambient_c": 1.0, "blower_pct": 1, "site": "s1"}))
+            .unwrap_err();
+        assert_eq!(
+            extra,
+            "field `site` is not in the Avro schema `hvac.v1.Telemetry`"
+        );
+        let missing = e
+            .encode(&json!({"unit": "u", "ambient_c": 1.0}))
+            .unwrap_err();
+        assert!(
+            missing.starts_with("does not fit the Avro schema"),
+            "{missing}"
+        );
+        let wrong = e
+            .encode(&json!({"unit": 7, "ambient_c": 1.0, "blower_pct": 1}))
+            .unwrap_err();
+        assert!(wrong.starts_with("does not fit the Avro schema"), "{wrong}");
+    }
+
+    const PROTO: &str = "syntax = \"proto3\";\npackage hvac.v1;\nmessage Other { int32 a = 1; }\nmessage Telemetry {\n  message Part { string name = 1; }\n  string unit = 1;\n  double ambient_c = 2;\n}\n";
+
+    #[test]
+    fn protobuf_records_carry_the_message_indexes() {
+        let mut e = compile(
+            EncodingFormat::Protobuf,
+            &[("t.proto", PROTO)],
+            Some("t.proto"),
+            Some("hvac.v1.Telemetry"),
+            SubjectStrategy::RecordName,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(e.subject(), "hvac.v1.Telemetry");
+        e.set_id(9);
+        let bytes = e.encode(&json!({"unit": "u7", "ambient_c": 21.5})).unwrap();
+        // Second top-level message: count 1, index 1, as zig-zag varints.
+        assert_eq!(&bytes[..7], &[0, 0, 0, 0, 9, 2, 2]);
+        assert_eq!(&bytes[7..12], &[0x0a, 2, b'u', b'7', 0x11]);
+        assert!(e
+            .encode(&json!({"unit": "u7", "site": "s1"}))
+            .unwrap_err()
+            .starts_with("does not fit `hvac.v1.Telemetry`"));
+
+        let nested = compile(
+            EncodingFormat::Protobuf,
+            &[("t.proto", PROTO)],
+            Some("t.proto"),
+            Some("hvac.v1.Telemetry.Part"),
+            SubjectStrategy::RecordName,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let Body::Protobuf { indexes, .. } = &nested.body else {
+            panic!()
+        };
+        assert_eq!(indexes, &[1, 0]);
+        let mut first = Vec::new();
+        write_indexes(&mut first, &[0]);
+        assert_eq!(first, [0]);
+    }
+
+    #[test]
+    fn json_schema_records_are_checked_against_the_registered_schema() {
+        let schema = r#"{"title": "Reading", "type": "object", "required": ["unit"]}"#;
+        let mut e = compile(
+            EncodingFormat::JsonSchema,
+            &[("r.json", schema)],
+            Some("r.json"),
+            None,
+            SubjectStrategy::TopicRecordName,
+            Some("t"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(e.subject(), "t-Reading");
+        e.set_id(3);
+        let bytes = e.encode(&json!({"unit": "u7"})).unwrap();
+        assert_eq!(&bytes[5..], br#"{"unit":"u7"}"#);
+        assert!(e.encode(&json!({"no": 1})).is_err());
+    }
+
+    #[test]
+    fn configuration_problems_name_the_field() {
+        let problem = |r: Result<Option<Encoding>, Problem>| r.unwrap_err();
+        let (field, message) = problem(compile(
+            EncodingFormat::Avro,
+            &[],
+            None,
+            None,
+            SubjectStrategy::TopicName,
+            Some("t"),
+        ));
+        assert_eq!(field, "kafka.encoding.schema");
+        assert!(message.starts_with("missing"), "{message}");
+        let (field, message) = problem(compile(
+            EncodingFormat::Avro,
+            &[("t.avsc", AVSC)],
+            Some("t.avsc"),
+            None,
+            SubjectStrategy::TopicName,
+            None,
+        ));
+        assert_eq!(field, "kafka.encoding.subject_strategy");
+        assert!(message.contains("literal `kafka.topic`"), "{message}");
+        let (_, message) = problem(compile(
+            EncodingFormat::Avro,
+            &[("t.avsc", "{\"type\": \"nope\"}")],
+            Some("t.avsc"),
+            None,
+            SubjectStrategy::TopicName,
+            Some("t"),
+        ));
+        assert!(message.contains("not an Avro schema"), "{message}");
+        let (_, message) = problem(compile(
+            EncodingFormat::JsonSchema,
+            &[("r.json", r#"{"$ref": "common.json#/x"}"#)],
+            Some("r.json"),
+            None,
+            SubjectStrategy::TopicName,
+            Some("t"),
+        ));
+        assert!(message.contains("self-contained"), "{message}");
+        assert!(compile(
+            EncodingFormat::Json,
+            &[],
+            None,
+            None,
+            SubjectStrategy::TopicName,
+            None
+        )
+        .unwrap()
+        .is_none());
+    }
+}
