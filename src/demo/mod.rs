@@ -1,12 +1,14 @@
 //! The zero-install demo: everything in one process.
 //!
 //! An embedded MQTT broker (rumqttd), librdkafka's mock Kafka cluster, a
-//! simulated HVAC fleet and the bridge itself running `mappings/hvac.yaml`,
+//! simulated HVAC fleet, a Sparkplug B edge node, and the bridge itself
+//! running `mappings/hvac.yaml` and `mappings/plant.yaml`,
 //! with a one-line summary every second and `/metrics` served. The mock
 //! cluster is for showing the flow, not for proving guarantees: the test
 //! suite does that against real brokers.
 
 mod broker;
+mod edge_node;
 mod fleet;
 
 use crate::app;
@@ -24,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The worked example, built in so the demo runs from any directory.
 /// The shipped mapping and the files it refers to, by path relative to it.
-const MAPPING_FILES: [(&str, &str); 6] = [
+const MAPPING_FILES: [(&str, &str); 7] = [
     ("hvac.yaml", include_str!("../../mappings/hvac.yaml")),
+    ("plant.yaml", include_str!("../../mappings/plant.yaml")),
     (
         "schemas/hvac-telemetry.schema.json",
         include_str!("../../mappings/schemas/hvac-telemetry.schema.json"),
@@ -67,8 +70,10 @@ pub struct DemoArgs {
     pub duration_s: Option<u64>,
 }
 
-const TOPICS: [&str; 5] = [
+const TOPICS: [&str; 7] = [
     "hvac.telemetry",
+    "plant.metrics",
+    "plant.online",
     "hvac.diagnostics",
     "mqtt-bridge.dead-letter",
     "hvac.commands",
@@ -136,6 +141,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         fleet_stop.clone(),
     ));
 
+    let (edge_sent, rebirths) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let edge_node = tokio::spawn(edge_node::run(
+        mqtt_port,
+        edge_sent.clone(),
+        rebirths.clone(),
+        fleet_stop.clone(),
+    ));
     let backend = tokio::spawn(backend_setpoints(
         bootstrap.clone(),
         args.units,
@@ -178,6 +190,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     }
     fleet_stop.cancel();
     let _ = fleet.await;
+    let _ = edge_node.await;
     let _ = backend.await;
     bridge_stop.cancel();
     let result = bridge.await.context("bridge task")?;
@@ -185,6 +198,13 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     // line says what Kafka holds.
     reader_stop.cancel();
     let _ = reader.join();
+    println!(
+        "demo: Sparkplug edge node plant1/press-line-1 sent {} messages (asked for {} rebirths); Kafka holds {} plant.metrics and {} plant.online records",
+        edge_sent.load(Ordering::Relaxed),
+        rebirths.load(Ordering::Relaxed),
+        in_kafka.plant_metrics.load(Ordering::Relaxed),
+        in_kafka.plant_online.load(Ordering::Relaxed),
+    );
     println!(
         "demo: fleet sent {} telemetry, {} malformed, {} commands; Kafka holds {} telemetry and {} dead-letter records",
         counts.telemetry.load(Ordering::Relaxed),
@@ -300,6 +320,8 @@ impl TempMappings {
 struct KafkaCounts {
     telemetry: AtomicU64,
     dead_letter: AtomicU64,
+    plant_metrics: AtomicU64,
+    plant_online: AtomicU64,
 }
 
 /// Counts what is visible in Kafka to a `read_committed` consumer.
@@ -325,7 +347,12 @@ fn spawn_reader(
         // Assigned, not subscribed: no group to join, so counting starts at
         // once.
         let mut assignment = rdkafka::TopicPartitionList::new();
-        for topic in ["hvac.telemetry", "mqtt-bridge.dead-letter"] {
+        for topic in [
+            "hvac.telemetry",
+            "mqtt-bridge.dead-letter",
+            "plant.metrics",
+            "plant.online",
+        ] {
             for partition in 0..3 {
                 let _ =
                     assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning);
@@ -353,6 +380,8 @@ fn spawn_reader(
                     quiet_since = None;
                     let counter = match m.topic() {
                         "hvac.telemetry" => &counts.telemetry,
+                        "plant.metrics" => &counts.plant_metrics,
+                        "plant.online" => &counts.plant_online,
                         _ => &counts.dead_letter,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);

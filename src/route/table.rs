@@ -88,10 +88,12 @@ impl RouteTable {
         self.routes
             .iter_mut()
             .filter_map(|route| match &mut route.target {
-                Target::Kafka(kafka) => kafka
-                    .encoding
-                    .as_mut()
-                    .map(|e| (format!("{}: route `{}`", route.origin, route.name), &mut **e)),
+                Target::Kafka(kafka) => kafka.encoding.as_mut().map(|e| {
+                    (
+                        format!("{}: route `{}`", route.origin, route.name),
+                        &mut **e,
+                    )
+                }),
                 Target::Mqtt(_) => None,
             })
     }

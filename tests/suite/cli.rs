@@ -140,6 +140,26 @@ fn demo_runs_with_nothing_installed_and_data_reaches_kafka() {
     let (sent, in_kafka, dead) = (numbers[0], numbers[3], numbers[4]);
     assert!(sent > 100 && in_kafka > 100, "{out}");
     assert!(dead > 0, "malformed messages were dead-lettered: {out}");
+    // "demo: Sparkplug edge node plant1/press-line-1 sent N messages (asked
+    // for R rebirths); Kafka holds M plant.metrics and O plant.online records"
+    let sparkplug = out
+        .lines()
+        .find(|l| l.starts_with("demo: Sparkplug edge node"))
+        .unwrap_or_else(|| panic!("no Sparkplug line: {out}"));
+    let numbers: Vec<u64> = sparkplug
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // plant1, line 1, then the four counts.
+    let [_, _, sent, _, metrics, online] = numbers[..] else {
+        panic!("{sparkplug}")
+    };
+    assert!(sent >= 5, "birth and data every 500 ms: {sparkplug}");
+    assert!(
+        metrics >= sent - 1 && metrics <= sent,
+        "decoded and produced: {sparkplug}"
+    );
+    assert!(online >= 1, "the birth's online record: {sparkplug}");
 }
 
 /// A Sparkplug B DATA message carries aliases only: `translate --birth`
