@@ -233,6 +233,7 @@ impl Route {
             // dead-lettered whole: never part of a message in Kafka.
             (true, Some(value)) => {
                 let mut records = super::sparkplug::per_metric(value)
+                    .map_err(|e| Rejection::new(RejectReason::Sparkplug, e))?
                     .into_iter()
                     .map(|value| {
                         match self.finish(index, message, captures, limits, Some(value), None)? {

@@ -9,25 +9,37 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
+/// Records one message may become with `records: per_metric`: each record
+/// repeats the message's fields and headers, so a payload of tiny metrics
+/// would otherwise multiply into a transaction of hundreds of thousands.
+pub const MAX_RECORDS_PER_MESSAGE: usize = 10_000;
+
 /// A decoded message as one value per metric: the message's fields with
 /// `metric` (one of its `metrics`) in place of `metrics`. A message
 /// without metrics stays one value, so that nothing it told is dropped.
-pub(super) fn per_metric(value: Value) -> Vec<Value> {
+/// More than [`MAX_RECORDS_PER_MESSAGE`] metrics is an error.
+pub(super) fn per_metric(value: Value) -> Result<Vec<Value>, String> {
     let Value::Object(mut message) = value else {
-        return vec![value];
+        return Ok(vec![value]);
     };
     let metrics = match message.remove("metrics") {
         Some(Value::Array(metrics)) if !metrics.is_empty() => metrics,
-        _ => return vec![Value::Object(message)],
+        _ => return Ok(vec![Value::Object(message)]),
     };
-    metrics
+    if metrics.len() > MAX_RECORDS_PER_MESSAGE {
+        return Err(format!(
+            "{} metrics, more than the {MAX_RECORDS_PER_MESSAGE} records one message may become with `records: per_metric`",
+            metrics.len()
+        ));
+    }
+    Ok(metrics
         .into_iter()
         .map(|metric| {
             let mut one = message.clone();
             one.insert("metric".into(), metric);
             Value::Object(one)
         })
-        .collect()
+        .collect())
 }
 
 /// An online-state record's value.
@@ -98,19 +110,23 @@ mod tests {
     fn each_metric_is_a_value_with_the_messages_fields() {
         let message = json!({"group": "g", "seq": 4, "metrics": [{"name": "a"}, {"name": "b"}]});
         assert_eq!(
-            per_metric(message),
+            per_metric(message).unwrap(),
             vec![
                 json!({"group": "g", "seq": 4, "metric": {"name": "a"}}),
                 json!({"group": "g", "seq": 4, "metric": {"name": "b"}}),
             ]
         );
         assert_eq!(
-            per_metric(json!({"group": "g", "metrics": []})),
+            per_metric(json!({"group": "g", "metrics": []})).unwrap(),
             vec![json!({"group": "g"})]
         );
         assert_eq!(
-            per_metric(json!({"message_type": "STATE"})),
+            per_metric(json!({"message_type": "STATE"})).unwrap(),
             vec![json!({"message_type": "STATE"})]
         );
+        let many = vec![json!({}); MAX_RECORDS_PER_MESSAGE + 1];
+        assert!(per_metric(json!({"metrics": many}))
+            .unwrap_err()
+            .starts_with("10001 metrics, more than the 10000 records"));
     }
 }

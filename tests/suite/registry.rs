@@ -249,3 +249,78 @@ async fn an_incompatible_schema_fails_check_and_stops_the_start() {
         "{out}"
     );
 }
+
+/// `format: protobuf` encoding: the registry holds the `.proto` text under
+/// the message's name (`record_name`), and a record reads back with the
+/// message compiled from that text, after the id and Confluent's message
+/// indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_records_read_back_with_the_registered_proto() {
+    const PROTO: &str = "syntax = \"proto3\";\npackage hvac.out.v1;\n\nmessage Reading {\n  string site = 1;\n  string unit = 2;\n  double ambient_c = 3;\n  uint32 air_quality_ppm = 4;\n}\n";
+    let registry = registry::shared();
+    let rig = Rig::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proto = dir.path().join("reading.proto");
+    std::fs::write(&proto, PROTO).unwrap();
+    // Per test: the registry is shared, and record_name subjects are not
+    // prefixed by topic.
+    let subject = format!("{}Reading", rig.topics.prefix);
+    let mapping = format!(
+        r#"
+routes:
+  - name: hvac-telemetry
+    mqtt: {{ filter: "site/{{site}}/hvac/{{unit}}/telemetry", qos: 1 }}
+    transform:
+      drop: [ts, target_c, humidity_pct, blower_pct, load_pct, energy_kwh, mode, seq, unit_no]
+      set: {{ site: "{{site}}", unit: "{{unit}}" }}
+    kafka:
+      topic: hvac.telemetry
+      key: "{{site}}.{{unit}}"
+      encoding:
+        format: protobuf
+        schema: "{}"
+        message: hvac.out.v1.Reading
+        subject: "{subject}"
+"#,
+        proto.display()
+    );
+    let config = rig
+        .bridge_config()
+        .mapping_text(&mapping)
+        .schema_registry("url", registry.url.as_str());
+    let files = BridgeFiles::new(&config);
+    let mut bridge = files.start(None);
+    bridge.await_connected(WAIT).await;
+    publish_all(rig.broker.port, &telemetry_messages("s2", 3, 3, 1)).await;
+    let topic = rig.topics.telemetry();
+    let landed = read_committed(&rig.bootstrap, &[&topic], 3, WAIT, Duration::from_secs(1));
+    bridge.stop();
+    assert_eq!(landed.len(), 3);
+
+    for record in &landed {
+        let value = &record.value;
+        assert_eq!(value[0], 0, "magic byte");
+        let id = u32::from_be_bytes(value[1..5].try_into().unwrap());
+        let schema = registry.get_json(&format!("/schemas/ids/{id}"));
+        assert_eq!(schema["schemaType"], "PROTOBUF", "{schema}");
+        // The first message of its file: one 0 byte of message indexes.
+        assert_eq!(value[5], 0);
+        let registered = dir.path().join("registered.proto");
+        std::fs::write(&registered, schema["schema"].as_str().unwrap()).unwrap();
+        let pool = protox::Compiler::new([dir.path()])
+            .unwrap()
+            .open_file("registered.proto")
+            .unwrap()
+            .descriptor_pool();
+        let message = pool.get_message_by_name("hvac.out.v1.Reading").unwrap();
+        let decoded = prost_reflect::DynamicMessage::decode(message, &value[6..]).unwrap();
+        let json = serde_json::to_value(&decoded).unwrap();
+        assert_eq!(json["site"], "s2");
+        assert_eq!(
+            record.key.as_deref(),
+            Some(format!("s2.{}", json["unit"].as_str().unwrap()).as_str())
+        );
+        assert_eq!(json["ambientC"], 21.5);
+        assert_eq!(json["airQualityPpm"], 600);
+    }
+}

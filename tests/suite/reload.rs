@@ -9,12 +9,13 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// `mappings/hvac.yaml` with both telemetry routes writing to `topic`
-/// (a name under the test's prefix) instead of `hvac.telemetry`.
+/// `mappings/hvac.yaml` with its telemetry routes (JSON, legacy text,
+/// protobuf) writing to `topic` (a name under the test's prefix) instead
+/// of `hvac.telemetry`.
 fn hvac_to(topic: &str) -> String {
     let hvac = std::fs::read_to_string(repo_path("mappings/hvac.yaml")).expect("hvac.yaml");
     let moved = hvac.replace("topic: hvac.telemetry\n", &format!("topic: {topic}\n"));
-    assert_eq!(moved.matches(topic).count(), 2, "two telemetry routes");
+    assert_eq!(moved.matches(topic).count(), 3, "three telemetry routes");
     moved
 }
 
