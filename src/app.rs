@@ -275,7 +275,14 @@ pub async fn run_with(
         exactly_once,
         health.clone(),
     )
-    .with_route_swaps(swap_rx);
+    .with_route_swaps(swap_rx)
+    .with_partition(bridge.partition.as_ref().map(|p| {
+        p.resolve(&crate::scale::host_name())
+            .expect("checked when the configuration loaded")
+    }));
+    if let Some(p) = &bridge.partition {
+        tracing::info!(instances = p.instances, instance = ?p.instance, "partitioned: keeping the keys this bridge owns");
+    }
     let shutdown_timeout = Duration::from_millis(bridge.delivery.shutdown_timeout_ms);
     let run = commit_loop.run(rx, stop.clone());
     let deadline = async {

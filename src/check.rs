@@ -25,6 +25,26 @@ pub fn run(path: &Path) -> Result<String, ConfigErrors> {
         (Err(e), _) | (_, Err(e)) => return Err(e),
     };
     let mut out = route_table_text(&table);
+    if let Some(group) = &config.bridge.mqtt.share_group {
+        let _ = write!(
+            out,
+            "\n(each subscribed in share group `{group}`: $share/{group}/<filter>)"
+        );
+    }
+    if let Some(partition) = &config.bridge.partition {
+        if let Ok(p) = partition.resolve(&crate::scale::host_name()) {
+            let _ = write!(
+                out,
+                "\npartitioned: this bridge is instance {} of {}, keeping the {} it owns",
+                p.slot,
+                p.instances,
+                match p.by {
+                    crate::scale::PartitionBy::Key => "keys",
+                    crate::scale::PartitionBy::Topic => "MQTT topics",
+                }
+            );
+        }
+    }
     out.push('\n');
     for topic in commands.topics() {
         let _ = writeln!(

@@ -49,6 +49,7 @@ pub mod mqtt;
 pub mod registry;
 pub mod reload;
 pub mod route;
+pub mod scale;
 pub mod secret;
 pub mod sparkplug;
 pub mod telemetry;

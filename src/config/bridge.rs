@@ -18,6 +18,9 @@ pub struct BridgeConfig {
     pub metrics: MetricsConfig,
     /// Where routes with `kafka.encoding` register their schemas.
     pub schema_registry: Option<crate::registry::RegistryConfig>,
+    /// Partitioned: this bridge is one of several that each receive every
+    /// message and keep the keys they own (see [`crate::scale`]).
+    pub partition: Option<crate::scale::PartitionConfig>,
     /// Glob patterns of mapping files, relative to the bridge file. Files are
     /// loaded in sorted path order, which is also the route precedence order.
     pub mappings: Vec<String>,

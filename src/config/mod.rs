@@ -253,6 +253,29 @@ fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
         "limits.max_user_properties",
         "must be at most 1024 (the decoder keeps no more per message)",
     );
+    if let Some(group) = &bridge.mqtt.share_group {
+        check(
+            !group.is_empty() && !group.contains(['/', '+', '#']),
+            "mqtt.share_group",
+            "must be a non-empty name without `/`, `+` or `#` (it becomes a topic level of `$share/<group>/...`)",
+        );
+        check(
+            bridge.partition.is_none(),
+            "mqtt.share_group",
+            "cannot go with `partition`: in a share group the broker decides which bridge gets a message, so no bridge could keep the keys it owns",
+        );
+    }
+    if let Some(partition) = &bridge.partition {
+        let host = crate::scale::host_name();
+        if let Err((field, message)) = partition.resolve(&host) {
+            errors.push(ConfigError::field(path, field, message));
+        }
+    }
+    let mut check = |ok: bool, field: &str, message: &str| {
+        if !ok {
+            errors.push(ConfigError::field(path, field, message));
+        }
+    };
     check(
         bridge.mqtt.inflight_window > 0,
         "mqtt.inflight_window",
@@ -486,6 +509,47 @@ mod tests {
         assert!(
             text.ends_with(":4:8: mqtt.qos: is 3; must be 0, 1 or 2"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn contradictory_scale_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "m/a.yaml", MAPPING);
+        let load = |extra: &str, partition: &str| {
+            let text = format!(
+                "{}{partition}",
+                BRIDGE.replace("client_id: b1", &format!("client_id: b1\n  {extra}"))
+            );
+            let path = write(dir.path(), "bridge.yaml", &text);
+            Config::load(&path)
+                .err()
+                .map(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert!(load("share_group: bridges", "").is_empty());
+        let both = load(
+            "share_group: bridges",
+            "partition: { instances: 3, instance: 0 }\n",
+        );
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(
+            both[0].contains("mqtt.share_group: cannot go with `partition`"),
+            "{both:?}"
+        );
+        let out_of_range = load(
+            "keep_alive_s: 30",
+            "partition: { instances: 3, instance: 3 }\n",
+        );
+        assert!(
+            out_of_range[0]
+                .contains("partition.instance: is 3, out of range for 3 instances (0 to 2)"),
+            "{out_of_range:?}"
+        );
+        let bad_name = load("share_group: 'a/b'", "");
+        assert!(
+            bad_name[0].contains("mqtt.share_group: must be a non-empty name"),
+            "{bad_name:?}"
         );
     }
 

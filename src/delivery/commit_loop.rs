@@ -21,6 +21,7 @@ use crate::mqtt::{
 };
 use crate::route::reject::Form;
 use crate::route::{Outcome, RejectReason, Rejection, RouteTable};
+use crate::scale::Partition;
 use crate::sparkplug::{self, Sessions};
 use crate::telemetry::{self, Health};
 use std::sync::Arc;
@@ -69,6 +70,9 @@ pub struct CommitLoop {
     health: Arc<Health>,
     /// New routes from a reload, taken between transactions.
     swaps: Option<mpsc::Receiver<RouteSwap>>,
+    /// Partitioned: the share of the keys this bridge owns; the rest of
+    /// the messages are acknowledged with their batch, unproduced.
+    partition: Option<Partition>,
 }
 
 /// New routes for the commit loop; `done` fires once they are in use.
@@ -121,7 +125,14 @@ impl CommitLoop {
             owed: 0,
             health,
             swaps: None,
+            partition: None,
         }
+    }
+
+    /// Keeps only the messages `partition` says this bridge owns.
+    pub fn with_partition(mut self, partition: Option<Partition>) -> Self {
+        self.partition = partition;
+        self
     }
 
     /// Takes new routes from `swaps` (a reload) between transactions.
@@ -465,6 +476,16 @@ impl CommitLoop {
         let outcome = self
             .table
             .route_with(&delivery.message, &mut self.sparkplug);
+        if let Some(partition) = &self.partition {
+            // Routed first: the owner may be the record's key. (Every
+            // bridge of the group routes every message, so each knows the
+            // Sparkplug births; only the owner asks for a rebirth.)
+            if !partition.owns(&outcome, &delivery.message.topic) {
+                self.sparkplug.take_rebirths();
+                telemetry::message_for_another_instance();
+                return Ok(());
+            }
+        }
         self.sparkplug_follow_ups().await?;
         let (route, record, reason, also) = match outcome {
             Outcome::Unrouted => {

@@ -66,6 +66,12 @@ pub struct MqttConfig {
     pub reconnect_delay_ms: u64,
     #[serde(default = "default_reconnect_max_delay_ms")]
     pub reconnect_max_delay_ms: u64,
+    /// A shared subscription group (`$share/<group>/<filter>`): bridges
+    /// of one group split the messages between them instead of each
+    /// receiving all. Each keeps its own client id and transactional id
+    /// (template them from the pod or host name). Absent: every
+    /// subscription is the bridge's own.
+    pub share_group: Option<String>,
 }
 
 fn default_mqtt_port() -> u16 {

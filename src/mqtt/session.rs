@@ -130,7 +130,7 @@ impl MqttSession {
         let (client, commands) = MqttClient::new();
         Self {
             config: config.clone(),
-            wire: Wire::new(config.protocol),
+            wire: Wire::new(config.protocol).with_share_group(config.share_group.clone()),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             commands,
             client,

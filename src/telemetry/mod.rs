@@ -77,6 +77,11 @@ pub fn message_unrouted(topic: &str) {
     STATS.unrouted.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A partitioned bridge left a message to the bridge that owns its key.
+pub fn message_for_another_instance() {
+    counter!(OTHER_INSTANCE).increment(1);
+}
+
 /// A message in an M2M tree was acknowledged and left on MQTT.
 pub fn message_kept_on_mqtt(topic: &str) {
     tracing::debug!(topic, "M2M message kept on MQTT");

@@ -23,6 +23,7 @@ pub const RECEIVED: &str = name!("messages_received_total");
 pub const PRODUCED: &str = name!("messages_produced_total");
 pub const DEAD_LETTERED: &str = name!("messages_dead_lettered_total");
 pub const UNROUTED: &str = name!("messages_unrouted_total");
+pub const OTHER_INSTANCE: &str = name!("messages_for_other_instances_total");
 pub const KEPT_ON_MQTT: &str = name!("messages_kept_on_mqtt_total");
 pub const RELAYED: &str = name!("messages_relayed_total");
 pub const DUPLICATES_DROPPED: &str = name!("duplicates_dropped_total");
@@ -83,6 +84,7 @@ pub fn register(known: &KnownLabels) {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for name in [
         UNROUTED,
+        OTHER_INSTANCE,
         KEPT_ON_MQTT,
         TX_COMMITTED,
         TX_ABORTED,
@@ -166,6 +168,10 @@ pub(super) fn describe() {
         "Messages committed to the dead-letter topic, by reason"
     );
     describe_counter!(UNROUTED, "MQTT messages that matched no route");
+    describe_counter!(
+        OTHER_INSTANCE,
+        "MQTT messages a partitioned bridge acknowledged unproduced: another bridge of the group owns their key"
+    );
     describe_counter!(
         KEPT_ON_MQTT,
         "MQTT messages in a declared M2M tree, never produced to Kafka"

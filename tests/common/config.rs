@@ -92,6 +92,12 @@ impl ConfigBuilder {
         self.set("metrics", key, value)
     }
 
+    /// Sets `partition`: this bridge is slot `instance` of `instances`.
+    pub fn partition(self, instances: u32, instance: u32) -> Self {
+        self.set("partition", "instances", instances)
+            .set("partition", "instance", instance)
+    }
+
     /// Sets `schema_registry.<key>`.
     pub fn schema_registry(self, key: &str, value: impl Into<Value>) -> Self {
         self.set("schema_registry", key, value)

@@ -31,6 +31,7 @@ mod properties;
 mod protobuf;
 mod registry;
 mod reload;
+mod scale;
 mod sparkplug;
 mod state_store;
 mod tls;

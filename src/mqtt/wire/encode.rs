@@ -11,10 +11,31 @@ use rumqttc::v5::mqttbytes::v5;
 /// Encodes for one protocol version.
 pub struct Wire {
     protocol: MqttProtocol,
+    /// `mqtt.share_group`: every filter subscribed as `$share/<group>/...`.
+    share_group: Option<String>,
 }
 impl Wire {
     pub fn new(protocol: MqttProtocol) -> Self {
-        Self { protocol }
+        Self {
+            protocol,
+            share_group: None,
+        }
+    }
+
+    /// Subscribes (and unsubscribes) every filter in the shared
+    /// subscription `group`, so that the broker spreads the messages over
+    /// the bridges of the group instead of sending each to all.
+    pub fn with_share_group(mut self, group: Option<String>) -> Self {
+        self.share_group = group;
+        self
+    }
+
+    /// A filter as subscribed: within the share group, if there is one.
+    fn subscribed(&self, filter: &str) -> String {
+        match &self.share_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_string(),
+        }
     }
 
     pub fn encode(&self, packet: Outbound, buf: &mut BytesMut) -> Result<(), WireError> {
@@ -145,18 +166,23 @@ impl Wire {
             MqttProtocol::V311 => {
                 let filters = subscriptions
                     .iter()
-                    .map(|s| v4::SubscribeFilter::new(s.filter.clone(), qos_v4(s.qos)));
+                    .map(|s| v4::SubscribeFilter::new(self.subscribed(&s.filter), qos_v4(s.qos)));
                 let mut subscribe = v4::Subscribe::new_many(filters);
                 subscribe.pkid = packet_id;
                 v4::Packet::Subscribe(subscribe).write(buf, MAX_PACKET_BYTES as usize)?;
             }
             MqttProtocol::V5 => {
                 let filters = subscriptions.iter().map(|s| {
-                    let mut f = v5::Filter::new(s.filter.clone(), qos_v5(s.qos));
+                    let mut f = v5::Filter::new(self.subscribed(&s.filter), qos_v5(s.qos));
                     f.retain_forward_rule = v5::RetainForwardRule::OnNewSubscribe;
                     // No local: the bridge never receives what it publishes
                     // itself (relays, commands), so it cannot loop on them.
-                    f.nolocal = true;
+                    // MQTT 5 makes it a protocol error on a shared
+                    // subscription (3.8.3.1); there, what keeps relays from
+                    // looping is the route check that a relay's output
+                    // cannot match its own filter, and commands go to M2M
+                    // trees, which are never produced.
+                    f.nolocal = self.share_group.is_none();
                     f
                 });
                 let mut subscribe = v5::Subscribe::new_many(filters, None);
@@ -178,14 +204,14 @@ impl Wire {
             MqttProtocol::V311 => {
                 let unsubscribe = v4::Unsubscribe {
                     pkid: packet_id,
-                    topics: filters.to_vec(),
+                    topics: filters.iter().map(|f| self.subscribed(f)).collect(),
                 };
                 v4::Packet::Unsubscribe(unsubscribe).write(buf, MAX_PACKET_BYTES as usize)?;
             }
             MqttProtocol::V5 => {
                 let unsubscribe = v5::Unsubscribe {
                     pkid: packet_id,
-                    filters: filters.to_vec(),
+                    filters: filters.iter().map(|f| self.subscribed(f)).collect(),
                     properties: None,
                 };
                 v5::Packet::Unsubscribe(unsubscribe).write(buf, Some(MAX_PACKET_BYTES))?;
