@@ -7,6 +7,7 @@ use crate::kafka::{SinkError, TransactionalSink};
 use crate::mqtt::{MqttError, MqttSession};
 use crate::reload::{self, Reloader, Trigger};
 use crate::route::RouteTable;
+use crate::scale::{HaMode, Lease};
 use crate::telemetry::{self, Health};
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +35,11 @@ pub enum AppError {
     /// A route's schema has no id: the registry refused it, or is down.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryFailure),
+    #[error(transparent)]
+    Lease(#[from] crate::scale::LeaseError),
+    /// Another bridge of this identity holds the lease now.
+    #[error("lost the standby lease to another bridge of this identity")]
+    LeaseLost,
     #[error("shutdown did not finish within {0:?}; unacknowledged messages will be redelivered")]
     ShutdownTimeout(Duration),
     /// A task that runs for the bridge's whole life ended on its own (a
@@ -177,6 +183,37 @@ pub async fn run_with(
     telemetry::certificates_in_use("mqtt", &config.tls.certificates);
     telemetry::certificates_in_use("kafka", &config.tls.certificates);
     telemetry::config_loaded();
+    // Standby: nothing touches Kafka's producer or the MQTT session until
+    // this bridge holds its identity's lease; losing it stops the bridge
+    // like a shutdown request (the process exits; its supervisor starts it
+    // again as a standby).
+    let lease = match bridge.ha.as_ref().filter(|ha| ha.mode == HaMode::Standby) {
+        Some(ha) => {
+            health.standby();
+            let member = crate::scale::host_name();
+            let identity = &bridge.kafka.transactional_id;
+            match Lease::acquire(&bridge.kafka, ha, identity, &member, &shutdown).await? {
+                Some(lease) => {
+                    health.active();
+                    Some(lease)
+                }
+                None => return Ok(()),
+            }
+        }
+        None => None,
+    };
+    let shutdown = match &lease {
+        Some(_) => shutdown.child_token(),
+        None => shutdown,
+    };
+    let _watch_lease = lease.as_ref().map(|_| {
+        let (shutdown, lease_held) = (shutdown.clone(), lease_watch(&lease));
+        AbortOnDrop(tokio::spawn(async move {
+            lease_held.await;
+            tracing::warn!("lost the lease to another bridge of this identity: stopping");
+            shutdown.cancel();
+        }))
+    });
     let sink = tokio::select! {
         sink = TransactionalSink::connect(
             &bridge.kafka,
@@ -329,5 +366,18 @@ pub async fn run_with(
         let _ = intake.await;
     }
     tracing::info!("bridge stopped");
-    result
+    match lease {
+        Some(lease) if lease.is_lost() && result.is_ok() => Err(AppError::LeaseLost),
+        _ => result,
+    }
+}
+
+/// Resolves when `lease` (if any) is lost.
+fn lease_watch(lease: &Option<Lease>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let held = lease.as_ref().map(Lease::watcher);
+    async move {
+        if let Some(mut held) = held {
+            let _ = held.wait_for(|holds| !*holds).await;
+        }
+    }
 }

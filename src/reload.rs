@@ -250,6 +250,14 @@ pub fn restart_only_changes(running: &BridgeConfig, new: &BridgeConfig) -> Vec<S
     section(&mut changed, "delivery", &running.delivery, &new.delivery);
     section(&mut changed, "limits", &running.limits, &new.limits);
     section(&mut changed, "metrics", &running.metrics, &new.metrics);
+    // Which keys a bridge owns and whether it stands by are decided at
+    // start-up, with the lease and the group.
+    if running.partition != new.partition {
+        changed.push("partition".into());
+    }
+    if running.ha != new.ha {
+        changed.push("ha".into());
+    }
     changed
 }
 

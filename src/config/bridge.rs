@@ -21,6 +21,8 @@ pub struct BridgeConfig {
     /// Partitioned: this bridge is one of several that each receive every
     /// message and keep the keys they own (see [`crate::scale`]).
     pub partition: Option<crate::scale::PartitionConfig>,
+    /// Hot standby: run only while holding this identity's lease.
+    pub ha: Option<crate::scale::HaConfig>,
     /// Glob patterns of mapping files, relative to the bridge file. Files are
     /// loaded in sorted path order, which is also the route precedence order.
     pub mappings: Vec<String>,

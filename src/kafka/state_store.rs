@@ -39,13 +39,16 @@ pub enum StateStoreError {
     },
 }
 
-/// Creates the state topic (compacted, one partition, the broker's default
-/// replication). One that another instance created meanwhile is fine; any
-/// other refusal (not authorised, a policy, Kafka unreachable) is an error
-/// that says so, rather than a silent wait for a topic that will not come.
-async fn create_topic(
+/// Creates a topic of the bridge's own (compacted, one partition, the
+/// broker's default replication): the state topic, the standby lease topic.
+/// One that another instance created meanwhile is fine; any other refusal
+/// (not authorised, a policy, Kafka unreachable) is an error that says so,
+/// rather than a silent wait for a topic that will not come. `purpose`
+/// names it in the log.
+pub(crate) async fn create_topic(
     kafka: &KafkaConfig,
     topic: &str,
+    purpose: &str,
     timeout: Duration,
 ) -> Result<(), StateStoreError> {
     let failed = |reason: String| StateStoreError::Create {
@@ -55,7 +58,7 @@ async fn create_topic(
     let admin: AdminClient<DefaultClientContext> = client_config(kafka)
         .create()
         .map_err(|e| failed(format!("cannot create a Kafka admin client: {e}")))?;
-    tracing::info!(topic, "creating the exactly-once state topic");
+    tracing::info!(topic, purpose, "creating a topic of the bridge's own");
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "compact")
         .set("min.compaction.lag.ms", "0");
@@ -68,7 +71,7 @@ async fn create_topic(
         .map_err(|e| failed(e.to_string()))?;
     for result in results {
         match result {
-            Ok(name) => tracing::info!(topic = name, "created state topic"),
+            Ok(name) => tracing::info!(topic = name, purpose, "created the topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => return Err(failed(code.to_string())),
         }
@@ -159,7 +162,7 @@ pub async fn load(
     );
     let mut last = match read(false).await {
         Err(StateStoreError::Missing(_)) => {
-            create_topic(kafka, topic, timeout).await?;
+            create_topic(kafka, topic, "the exactly-once state", timeout).await?;
             read(true).await
         }
         other => other,

@@ -10,6 +10,13 @@
 //! the record key (or the MQTT topic) modulo the number of bridges, at the
 //! cost of each message crossing the broker N times. A message a bridge does
 //! not own is acknowledged with its batch, like one no route matches.
+//! **Standby** (`ha.mode: standby`, `lease`) is the other axis: several
+//! bridges with one identity, of which only the holder of a Kafka lease
+//! runs.
+
+mod lease;
+
+pub use lease::{HaConfig, HaMode, Lease, LeaseError};
 
 use crate::route::Outcome;
 use serde::Deserialize;

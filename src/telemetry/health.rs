@@ -46,6 +46,9 @@ pub struct Health {
     /// plus one; 0 while no commit is under way.
     commit_since: AtomicU64,
     stopping: AtomicBool,
+    /// A standby waiting for its identity's lease: ready (it is doing its
+    /// job, which is waiting), with nothing else to check.
+    standby: AtomicBool,
 }
 
 impl Default for Health {
@@ -66,6 +69,7 @@ impl Health {
             state: AtomicU8::new(STATE_NOT_USED),
             commit_since: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            standby: AtomicBool::new(false),
         }
     }
 
@@ -132,12 +136,38 @@ impl Health {
     }
 
     /// Shutdown has begun: not ready, so traffic moves elsewhere first.
+    /// Waiting for the lease (`ha.mode: standby`), until [`Self::active`].
+    pub(crate) fn standby(&self) {
+        self.standby.store(true, Ordering::Relaxed);
+        gauge!(names::STANDBY).set(1.0);
+    }
+
+    /// Holding the lease: the usual checks apply from now on.
+    pub(crate) fn active(&self) {
+        self.standby.store(false, Ordering::Relaxed);
+        gauge!(names::STANDBY).set(0.0);
+    }
+
     pub(crate) fn stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// The verdict, with each check's state; also sets the `ready` gauge.
     pub fn readiness(&self) -> Readiness {
+        if self.standby.load(Ordering::Relaxed) {
+            gauge!(names::READY).set(1.0);
+            return Readiness {
+                ready: true,
+                stopping: false,
+                standby: true,
+                checks: [
+                    ("mqtt", Check::NotUsed),
+                    ("kafka", Check::NotUsed),
+                    ("exactly_once_state", Check::NotUsed),
+                    ("commit", Check::NotUsed),
+                ],
+            };
+        }
         let mqtt = match self.mqtt.load(Ordering::Relaxed) {
             MQTT_SUBSCRIBED => Check::Ok,
             MQTT_NEVER_CONNECTED => Check::Failing("connecting".into()),
@@ -188,6 +218,7 @@ impl Health {
         Readiness {
             ready,
             stopping,
+            standby: false,
             checks,
         }
     }
@@ -209,6 +240,8 @@ pub enum Check {
 pub struct Readiness {
     pub ready: bool,
     pub stopping: bool,
+    /// Waiting for the lease: ready, nothing running to check.
+    pub standby: bool,
     pub checks: [(&'static str, Check); 4],
 }
 
@@ -228,6 +261,7 @@ impl Readiness {
             })
             .collect();
         let status = match (self.ready, self.stopping) {
+            _ if self.standby => "standby",
             (true, _) => "ready",
             (false, true) => "stopping",
             (false, false) => "not ready",

@@ -24,6 +24,7 @@ pub const PRODUCED: &str = name!("messages_produced_total");
 pub const DEAD_LETTERED: &str = name!("messages_dead_lettered_total");
 pub const UNROUTED: &str = name!("messages_unrouted_total");
 pub const OTHER_INSTANCE: &str = name!("messages_for_other_instances_total");
+pub const STANDBY: &str = name!("standby");
 pub const KEPT_ON_MQTT: &str = name!("messages_kept_on_mqtt_total");
 pub const RELAYED: &str = name!("messages_relayed_total");
 pub const DUPLICATES_DROPPED: &str = name!("duplicates_dropped_total");
@@ -99,6 +100,7 @@ pub fn register(known: &KnownLabels) {
     }
     for name in [
         READY,
+        STANDBY,
         MQTT_CONNECTED,
         MQTT_SUBSCRIBED,
         KAFKA_BROKERS_UP,
@@ -160,6 +162,10 @@ pub(super) fn describe() {
     describe_gauge!(
         READY,
         "1 when /readyz answers 200: MQTT subscribed, Kafka reachable, exactly-once state read, no commit stuck"
+    );
+    describe_gauge!(
+        STANDBY,
+        "1 while this bridge waits for its identity's lease (ha.mode: standby); 0 once it holds it, or without standby"
     );
     describe_counter!(RECEIVED, "MQTT messages matched by a route");
     describe_counter!(PRODUCED, "Records committed to their Kafka topic");

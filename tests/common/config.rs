@@ -92,6 +92,12 @@ impl ConfigBuilder {
         self.set("metrics", key, value)
     }
 
+    /// Sets `<section>.<key>` of the bridge file, for sections without a
+    /// setter of their own (`ha`).
+    pub fn set_section(self, section: &str, key: &str, value: impl Into<Value>) -> Self {
+        self.set(section, key, value)
+    }
+
     /// Sets `partition`: this bridge is slot `instance` of `instances`.
     pub fn partition(self, instances: u32, instance: u32) -> Self {
         self.set("partition", "instances", instances)

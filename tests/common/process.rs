@@ -42,6 +42,13 @@ impl BridgeFiles {
         BridgeProcess::start(&self.config(), &self.log(), crash_at)
     }
 
+    /// Starts the binary as host `host` (its `HOSTNAME`: a standby's
+    /// member id in the lease group, a partitioned bridge's ordinal), so
+    /// that several processes of one identity are told apart.
+    pub fn start_as(&self, host: &str) -> BridgeProcess {
+        BridgeProcess::start_with_env(&self.config(), &self.log(), None, &[("HOSTNAME", host)])
+    }
+
     /// Starts the binary with `--watch` (through `BRIDGE_WATCH`).
     pub fn start_watching(&self) -> BridgeProcess {
         BridgeProcess::start_with_env(
