@@ -8,22 +8,38 @@
 
 use std::net::TcpListener;
 
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768 and
+/// up), which the kernel hands to port-0 binds and outgoing connections.
+/// librdkafka's mock brokers bind port 0, and a mock broker taken down and
+/// up again must get its old port back: once a test server picked that
+/// port while it was down, and librdkafka aborted the whole test process
+/// ("Failed to create mock broker listener").
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 /// A loopback port nothing listens on, never the same twice in this
-/// process: the kernel may hand a just-closed port out again, and two
-/// Kafka nodes once got the same controller port that way.
+/// process (the kernel may hand a just-closed port out again, and two
+/// Kafka nodes once got the same controller port that way), outside the
+/// ephemeral range (see [`PORTS`]). Processes start at different places
+/// in the range, so that test binaries and benches running side by side
+/// rarely try the same ports.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port");
-        if given.insert(port) {
-            return port;
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let span = PORTS.end - PORTS.start;
+    let mut port = next.unwrap_or(PORTS.start + (std::process::id() % u32::from(span)) as u16);
+    for _ in 0..span {
+        let candidate = port;
+        port = if port + 1 >= PORTS.end {
+            PORTS.start
+        } else {
+            port + 1
+        };
+        if TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            *next = Some(port);
+            return candidate;
         }
     }
+    panic!("no free loopback port in {PORTS:?}");
 }
 
 /// Whether process `pid` holds a socket listening on TCP `port` (IPv4),
