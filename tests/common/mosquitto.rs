@@ -162,6 +162,11 @@ impl Mosquitto {
 
     /// Stops the broker (SIGKILL: no goodbye to its clients), keeping its
     /// port and configuration for [`Self::restart`].
+    /// The broker's process id (for CPU figures in benches).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
