@@ -66,7 +66,13 @@ async fn start_bridges(
             .delivery("commit_interval_ms", 100);
         match mode {
             Some(Mode::Shared) => config = config.mqtt("share_group", group.as_str()),
-            Some(Mode::Partitioned) => config = config.partition(n, slot),
+            // One command consumer group for the members (hvac.yaml has
+            // command routes).
+            Some(Mode::Partitioned) => {
+                config = config
+                    .partition(n, slot)
+                    .kafka("command_group", group.as_str())
+            }
             None => {}
         }
         let f = BridgeFiles::new(&config);

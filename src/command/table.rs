@@ -133,6 +133,18 @@ impl CommandTable {
             locate_all(&source.text, &mut file_errors);
             errors.extend(file_errors);
         }
+        // Partitioned members have identities of their own and no common
+        // name to default a shared consumer group to.
+        if config.bridge.partition.is_some()
+            && config.bridge.kafka.command_group.is_none()
+            && !table.routes.is_empty()
+        {
+            errors.push(ConfigError::field(
+                &config.path,
+                "kafka.command_group",
+                "must be set with `partition` and command routes: one consumer group for every member (each in a group of its own would deliver every command once per member)",
+            ));
+        }
         if errors.is_empty() {
             Ok(table)
         } else {
@@ -279,6 +291,36 @@ commands:
         let config =
             Config::from_parts(&dir.path().join("bridge.yaml"), BRIDGE, vec![source]).unwrap();
         CommandTable::compile(&config).unwrap()
+    }
+
+    /// Several bridges on one tree must share one command consumer group,
+    /// or each would deliver every command: a share group gets
+    /// `<group>.commands` by default; partitioned bridges must name one.
+    #[test]
+    fn several_bridges_consume_commands_in_one_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |bridge: &str| {
+            let source = MappingSource::parse(&dir.path().join("m.yaml"), MAPPING).unwrap();
+            Config::from_parts(&dir.path().join("bridge.yaml"), bridge, vec![source]).unwrap()
+        };
+        let shared = config(&BRIDGE.replace("client_id: c", "client_id: c, share_group: g"));
+        assert_eq!(
+            shared.bridge.kafka.command_group.as_deref(),
+            Some("g.commands")
+        );
+        let partitioned = format!("{BRIDGE}partition: {{ instances: 2, instance: 0 }}\n");
+        let error = CommandTable::compile(&config(&partitioned))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("kafka.command_group: must be set with `partition` and command routes"),
+            "{error}"
+        );
+        let named = partitioned.replace(
+            "dead_letter_topic: dlq",
+            "dead_letter_topic: dlq, command_group: cmds.g",
+        );
+        assert!(CommandTable::compile(&config(&named)).is_ok());
     }
 
     fn prepare(key: &[u8], value: &str) -> Prepared {

@@ -137,9 +137,10 @@ impl Config {
         let raw = read(path)?;
         let text = env::interpolate(path, &raw, |name| std::env::var(name).ok())?;
         let mut bridge: BridgeConfig = parse_yaml(path, &text)?;
+        apply_defaults(&mut bridge);
         let mut errors = Vec::new();
         let tls = files::load(path, &mut bridge, &mut errors);
-        errors.extend(validate_bridge(path, &bridge));
+        errors.extend(validate_bridge(path, &bridge, &raw));
         let mappings = load_mappings(path, &bridge, &mut errors);
         Self::checked(path, &text, bridge, mappings, tls, errors)
     }
@@ -155,9 +156,10 @@ impl Config {
     ) -> Result<Self, ConfigErrors> {
         let text = env::interpolate(path, raw, |name| std::env::var(name).ok())?;
         let mut bridge: BridgeConfig = parse_yaml(path, &text)?;
+        apply_defaults(&mut bridge);
         let mut errors = Vec::new();
         let tls = files::load(path, &mut bridge, &mut errors);
-        errors.extend(validate_bridge(path, &bridge));
+        errors.extend(validate_bridge(path, &bridge, raw));
         Self::checked(path, &text, bridge, mappings, tls, errors)
     }
 
@@ -230,8 +232,34 @@ fn load_mappings(
     mappings
 }
 
-/// Range checks serde cannot express.
-fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
+/// Defaults that depend on other settings. The members of a share group
+/// consume the command topics in one consumer group, `<group>.commands`:
+/// in a group of their own each (`<transactional_id>.commands`, the
+/// default of a lone bridge) every member would deliver every command.
+fn apply_defaults(bridge: &mut BridgeConfig) {
+    if let (None, Some(group)) = (&bridge.kafka.command_group, &bridge.mqtt.share_group) {
+        bridge.kafka.command_group = Some(format!("{group}.commands"));
+    }
+}
+
+/// Whether the bridge file as written (`raw`, before `${VAR}`
+/// interpolation) gives `mqtt.client_id` from the environment: then every
+/// replica running the file may have an identity of its own. An unreadable
+/// file counts as templated (the parse error is reported elsewhere).
+fn identity_from_environment(raw: &str) -> bool {
+    serde_yaml_ng::from_str::<serde_yaml_ng::Value>(raw)
+        .ok()
+        .and_then(|v| {
+            v.get("mqtt")?
+                .get("client_id")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .is_none_or(|id| id.contains("${"))
+}
+
+/// Range checks serde cannot express; `raw` is the file as written.
+fn validate_bridge(path: &Path, bridge: &BridgeConfig, raw: &str) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     let mut check = |ok: bool, field: &str, message: &str| {
         if !ok {
@@ -263,6 +291,15 @@ fn validate_bridge(path: &Path, bridge: &BridgeConfig) -> Vec<ConfigError> {
             bridge.partition.is_none(),
             "mqtt.share_group",
             "cannot go with `partition`: in a share group the broker decides which bridge gets a message, so no bridge could keep the keys it owns",
+        );
+        let standby = bridge
+            .ha
+            .as_ref()
+            .is_some_and(|ha| ha.mode == crate::scale::HaMode::Standby);
+        check(
+            !standby || identity_from_environment(raw),
+            "mqtt.share_group",
+            "with `ha.mode: standby` and one identity (a literal `mqtt.client_id`), every bridge running this file is a standby of one identity, so only one ever runs and the group has one member; give each standby pair an identity of its own from the environment (`client_id: bridges-${PAIR}`), or drop the share group",
         );
     }
     if let Some(partition) = &bridge.partition {
@@ -546,6 +583,18 @@ mod tests {
                 .contains("partition.instance: is 3, out of range for 3 instances (0 to 2)"),
             "{out_of_range:?}"
         );
+        let one_identity = load("share_group: bridges", "ha: { mode: standby }\n");
+        assert!(
+            one_identity[0].contains("with `ha.mode: standby` and one identity"),
+            "{one_identity:?}"
+        );
+        std::env::set_var("BRIDGE_TEST_PAIR", "1");
+        let per_pair = BRIDGE.replace(
+            "client_id: b1",
+            "client_id: b${BRIDGE_TEST_PAIR}\n  share_group: bridges",
+        ) + "ha: { mode: standby }\n";
+        let path = write(dir.path(), "bridge.yaml", &per_pair);
+        assert!(Config::load(&path).is_ok(), "an identity per pair is fine");
         let bad_name = load("share_group: 'a/b'", "");
         assert!(
             bad_name[0].contains("mqtt.share_group: must be a non-empty name"),
