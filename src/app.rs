@@ -221,7 +221,7 @@ pub async fn run_with(
             Duration::from_millis(bridge.delivery.commit_timeout_ms),
             health.clone(),
         ) => sink?,
-        _ = shutdown.cancelled() => return Ok(()),
+        _ = shutdown.cancelled() => return stopped(&lease, Ok(())),
     };
     tracing::info!(transactional_id = %bridge.kafka.transactional_id, "Kafka producer ready");
     // After `init_transactions` (which settled what an earlier instance left
@@ -233,14 +233,14 @@ pub async fn run_with(
             health.state_reading();
             tokio::select! {
                 state = ExactlyOnce::load(bridge) => Some(state?),
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return stopped(&lease, Ok(())),
             }
         }
     };
     if let Some(eo) = &exactly_once {
         tokio::select! {
             ready = sink.await_topic(eo.topic()) => ready?,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return stopped(&lease, Ok(())),
         }
         health.state_read();
     }
@@ -366,6 +366,13 @@ pub async fn run_with(
         let _ = intake.await;
     }
     tracing::info!("bridge stopped");
+    stopped(&lease, result)
+}
+
+/// How a run that stopped ends: a stop the lost lease caused is an error,
+/// on every path (a supervisor that restarts only failures must restart a
+/// bridge that lost its lease, as a standby).
+fn stopped(lease: &Option<Lease>, result: Result<(), AppError>) -> Result<(), AppError> {
     match lease {
         Some(lease) if lease.is_lost() && result.is_ok() => Err(AppError::LeaseLost),
         _ => result,

@@ -302,6 +302,27 @@ fn validate_bridge(path: &Path, bridge: &BridgeConfig, raw: &str) -> Vec<ConfigE
             "with `ha.mode: standby` and one identity (a literal `mqtt.client_id`), every bridge running this file is a standby of one identity, so only one ever runs and the group has one member; give each standby pair an identity of its own from the environment (`client_id: bridges-${PAIR}`), or drop the share group",
         );
     }
+    if let Some(ha) = bridge
+        .ha
+        .as_ref()
+        .filter(|ha| ha.mode == crate::scale::HaMode::Standby)
+    {
+        check(
+            (1_000..=3_600_000).contains(&ha.session_timeout_ms),
+            "ha.session_timeout_ms",
+            "must be between 1000 and 3600000 (and at least the broker's group.min.session.timeout.ms, 6000 by default)",
+        );
+        check(
+            crate::kafka::is_valid_topic_name(&ha.lease_topic),
+            "ha.lease_topic",
+            "is not a valid Kafka topic name",
+        );
+        check(
+            !crate::scale::host_name().is_empty(),
+            "ha.mode",
+            "is `standby`, but this host has no name to join the lease group with (set HOSTNAME)",
+        );
+    }
     if let Some(partition) = &bridge.partition {
         let host = crate::scale::host_name();
         if let Err((field, message)) = partition.resolve(&host) {

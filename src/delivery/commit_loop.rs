@@ -530,14 +530,16 @@ impl CommitLoop {
         } else {
             0
         };
-        // The route's further records of the message (each can be
-        // replaced by the message's dead letter if Kafka refuses it).
+        // The route's record first, then its further records (more metrics
+        // of a Sparkplug message, in the message's order; online state).
+        // Each is replaced by the message's dead letter if Kafka refuses
+        // it, and the others stand.
+        let entry = Entry::message(record, delivery.message.clone(), route, reason);
+        batch.produce(entry, &mut self.sink, &self.table).await?;
         for record in also {
             let entry = Entry::message(record, delivery.message.clone(), route, None);
             batch.produce(entry, &mut self.sink, &self.table).await?;
         }
-        let entry = Entry::message(record, delivery.message, route, reason);
-        batch.produce(entry, &mut self.sink, &self.table).await?;
         fault::point(Point::AfterProduce);
         if let (Some(eo), true) = (&mut self.exactly_once, dedupe) {
             eo.ids.record(delivery.packet_id, qos, fingerprint);

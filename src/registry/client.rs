@@ -138,7 +138,8 @@ impl RegistryClient {
     pub fn lookup(&self, subject: &str, schema: &SchemaText) -> Result<Option<u32>, RegistryError> {
         let path = format!("/subjects/{}", encode(subject));
         let (status, body) = self.post(&path, schema)?;
-        if status == 404 {
+        // The subject (40401) or the schema under it (40403) not found.
+        if status == 404 && matches!(error_code(&body), Some(40401 | 40403)) {
             return Ok(None);
         }
         self.id_from("looking the schema up", subject, status, &body)
@@ -157,7 +158,10 @@ impl RegistryClient {
             encode(subject)
         );
         let (status, body) = self.post(&path, schema)?;
-        if status == 404 {
+        // Only "no such subject" (40401) or "no such version" (40402): any
+        // other 404, such as a URL without Apicurio's `/apis/ccompat/v7`,
+        // is a refusal, not a green `check`.
+        if status == 404 && matches!(error_code(&body), Some(40401 | 40402)) {
             return Ok(Compatibility::NewSubject);
         }
         if !(200..300).contains(&status) {
@@ -242,6 +246,16 @@ fn refused(what: &'static str, subject: &str, status: u16, body: &str) -> Regist
         status,
         message,
     }
+}
+
+/// The registry's own error code in an error body (`40401`: no such
+/// subject).
+fn error_code(body: &str) -> Option<u32> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()?
+        .get("error_code")?
+        .as_u64()
+        .and_then(|c| u32::try_from(c).ok())
 }
 
 /// A subject as one URL path segment.

@@ -163,16 +163,7 @@ impl Encoding {
         out.extend(id.to_be_bytes());
         match &self.body {
             Body::Avro(schema) => {
-                if let (apache_avro::Schema::Record(record), Value::Object(object)) =
-                    (schema.as_ref(), value)
-                {
-                    if let Some(extra) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
-                        return Err(format!(
-                            "field `{extra}` is not in the Avro schema `{}`",
-                            record.name.fullname(None)
-                        ));
-                    }
-                }
+                fits_avro(value, schema, "")?;
                 let avro = apache_avro::types::Value::from(value.clone())
                     .resolve(schema)
                     .map_err(|e| format!("does not fit the Avro schema: {e}"))?;
@@ -195,6 +186,81 @@ impl Encoding {
             }
         }
         Ok(out)
+    }
+}
+
+/// What the Avro library would get wrong silently, refused first: it turns
+/// a JSON number past `int` into a wrong `int` (4294967351 became 55) and
+/// one past `long` into a negative, and drops the fields a nested record
+/// lacks. Walks `value` against `schema`; `path` names the place (a JSON
+/// pointer). What the library refuses by itself (a string for a number, a
+/// missing field) is left to it.
+fn fits_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<(), String> {
+    use apache_avro::Schema as S;
+    let out_of = |range: &str| {
+        Err(format!(
+            "`{path}`: {value} is out of range for Avro {range}"
+        ))
+    };
+    match (schema, value) {
+        (S::Int | S::Date | S::TimeMillis, Value::Number(n)) => {
+            // Fractions are the library's to refuse.
+            if n.is_f64() || n.as_i64().is_some_and(|n| i32::try_from(n).is_ok()) {
+                Ok(())
+            } else {
+                out_of("int")
+            }
+        }
+        (
+            S::Long
+            | S::TimeMicros
+            | S::TimestampMillis
+            | S::TimestampMicros
+            | S::TimestampNanos
+            | S::LocalTimestampMillis
+            | S::LocalTimestampMicros,
+            Value::Number(n),
+        ) => {
+            if n.as_u64().is_some_and(|n| n > i64::MAX as u64) {
+                return out_of("long");
+            }
+            Ok(())
+        }
+        (S::Record(record), Value::Object(object)) => {
+            if let Some(extra) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
+                return Err(format!(
+                    "field `{path}/{extra}` is not in the Avro schema `{}`",
+                    record.name.fullname(None)
+                ));
+            }
+            for field in &record.fields {
+                if let Some(v) = object.get(&field.name) {
+                    fits_avro(v, &field.schema, &format!("{path}/{}", field.name))?;
+                }
+            }
+            Ok(())
+        }
+        (S::Array(array), Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| fits_avro(v, &array.items, &format!("{path}/{i}"))),
+        (S::Map(map), Value::Object(object)) => object
+            .iter()
+            .try_for_each(|(k, v)| fits_avro(v, &map.types, &format!("{path}/{k}"))),
+        // A union takes the value if one of its branches does.
+        (S::Union(union), _) if !value.is_null() => {
+            let mut first_error = None;
+            for branch in union.variants() {
+                match fits_avro(value, branch, path) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -396,8 +462,19 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             extra,
-            "field `site` is not in the Avro schema `hvac.v1.Telemetry`"
+            "field `/site` is not in the Avro schema `hvac.v1.Telemetry`"
         );
+        // What the Avro library would turn into wrong values without a word.
+        let too_big = e
+            .encode(&json!({"unit": "u", "ambient_c": 1.0, "blower_pct": 4_294_967_351u64}))
+            .unwrap_err();
+        assert_eq!(
+            too_big,
+            "`/blower_pct`: 4294967351 is out of range for Avro int"
+        );
+        assert!(e
+            .encode(&json!({"unit": "u", "ambient_c": 1.0, "blower_pct": -2_147_483_649i64}))
+            .is_err());
         let missing = e
             .encode(&json!({"unit": "u", "ambient_c": 1.0}))
             .unwrap_err();

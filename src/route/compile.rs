@@ -95,6 +95,9 @@ impl RouteTable {
             }
             errors.extend(file_errors);
         }
+        if config.bridge.mqtt.share_group.is_some() {
+            errors.extend(relay_loops(config));
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -576,6 +579,54 @@ fn topic_name_problem(topic: &str, state_topic: &str) -> Option<String> {
     } else {
         None
     }
+}
+
+/// In a share group the bridge receives what it publishes itself (MQTT 5
+/// forbids No Local on shared subscriptions), so a relay that publishes
+/// where another relay listens, or itself, would loop through the two
+/// forever: refused, naming both. (Without a share group No Local keeps a
+/// bridge from hearing its own relays, and a relay's own output is checked
+/// against its filter in `compile_route`.)
+fn relay_loops(config: &Config) -> Vec<ConfigError> {
+    let relays: Vec<(&MappingSource, usize, &RouteConfig)> = config
+        .mappings
+        .iter()
+        .flat_map(|source| {
+            source
+                .file
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.publish.is_some())
+                .map(move |(i, r)| (source, i, r))
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for (source, index, relay) in &relays {
+        let output = relay.publish.as_ref().expect("filtered").topic.as_str();
+        let Ok(output) = TopicFilter::parse(&template_as_filter(output)) else {
+            continue;
+        };
+        for (_, _, listener) in &relays {
+            let Ok(input) = TopicFilter::parse(&listener.mqtt.filter) else {
+                continue;
+            };
+            if output.overlaps(&input) {
+                let mut error = vec![ConfigError::field(
+                    &source.path,
+                    format!("routes[{index}].publish.topic"),
+                    format!(
+                        "relay `{}` publishes where relay `{}` listens ({}); with `mqtt.share_group` the bridge receives its own publishes (MQTT 5 allows no No Local on shared subscriptions), so the relays would loop",
+                        relay.name, listener.name, listener.mqtt.filter
+                    ),
+                )];
+                locate_all(&source.text, &mut error);
+                errors.append(&mut error);
+                break;
+            }
+        }
+    }
+    errors
 }
 
 /// A topic template read as a filter: every level holding a placeholder

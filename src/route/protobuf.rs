@@ -8,9 +8,9 @@
 //! message. The JSON follows protobuf's canonical JSON mapping with three
 //! choices made for templates and schemas: field names as written in the
 //! `.proto` (`device_id`, not `deviceId`), 64-bit integers as numbers (not
-//! strings), and fields at their default value present (proto3 does not
-//! send a 0 or an empty string, and a key template reading such a field
-//! must not fail for the one device whose id is 0).
+//! strings), and the top-level fields at their default value present
+//! (proto3 does not send a 0 or an empty string, and a key template
+//! reading such a field must not fail for the one device whose id is 0).
 
 use super::{RejectReason, Rejection};
 use prost_reflect::{DynamicMessage, MessageDescriptor, SerializeOptions};
@@ -21,9 +21,21 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct ProtobufFormat {
     message: MessageDescriptor,
+    /// The top-level fields at their defaults, in field order: what a
+    /// decoded payload is completed with.
+    defaults: serde_json::Map<String, Value>,
 }
 
+/// Defaults are left out while decoding and put back for the top-level
+/// fields only: an empty element of a repeated sub-message costs 2 bytes on
+/// the wire, and with every default filled in it would become an object of
+/// all its fields (a 1 MiB payload of them, about a gigabyte of JSON).
 const OPTIONS: SerializeOptions = SerializeOptions::new()
+    .use_proto_field_name(true)
+    .stringify_64_bit_integers(false)
+    .skip_default_fields(true);
+
+const DEFAULTS: SerializeOptions = SerializeOptions::new()
     .use_proto_field_name(true)
     .stringify_64_bit_integers(false)
     .skip_default_fields(false);
@@ -82,29 +94,46 @@ impl ProtobufFormat {
                 ),
             )
         })?;
-        Ok(Self { message: found })
+        let defaults = match DynamicMessage::new(found.clone())
+            .serialize_with_options(serde_json::value::Serializer, &DEFAULTS)
+        {
+            Ok(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        Ok(Self {
+            message: found,
+            defaults,
+        })
     }
 
     /// Decodes one payload. Not the message type (truncated, a wrong wire
     /// type, nesting past prost's recursion limit) is a `parse` rejection.
     pub fn parse(&self, payload: &[u8]) -> Result<Value, Rejection> {
+        let name = self.message.full_name();
         let message = DynamicMessage::decode(self.message.clone(), payload).map_err(|e| {
-            Rejection::new(
-                RejectReason::Parse,
-                format!("not a protobuf `{}`: {e}", self.message.full_name()),
-            )
+            Rejection::new(RejectReason::Parse, format!("not a protobuf `{name}`: {e}"))
         })?;
-        message
+        let decoded = message
             .serialize_with_options(serde_json::value::Serializer, &OPTIONS)
             .map_err(|e| {
                 Rejection::new(
                     RejectReason::Parse,
-                    format!(
-                        "protobuf `{}` has no JSON form: {e}",
-                        self.message.full_name()
-                    ),
+                    format!("protobuf `{name}` has no JSON form: {e}"),
                 )
-            })
+            })?;
+        let Value::Object(mut sent) = decoded else {
+            // Well-known types (a bare Timestamp) are not objects.
+            return Ok(decoded);
+        };
+        // In field order: the defaults, each replaced by what was sent,
+        // then what has presence and was sent (message fields, optionals).
+        let mut out = serde_json::Map::with_capacity(self.defaults.len() + sent.len());
+        for (field, default) in &self.defaults {
+            let value = sent.remove(field).unwrap_or_else(|| default.clone());
+            out.insert(field.clone(), value);
+        }
+        out.extend(sent);
+        Ok(Value::Object(out))
     }
 }
 
@@ -176,6 +205,24 @@ message Reading {
         );
         // Empty is a valid message: every field at its default.
         assert_eq!(format.parse(&[]).unwrap()["device_id"], "");
+    }
+
+    /// Empty elements of a repeated sub-message stay empty objects: only
+    /// top-level defaults are filled in, so 2 bytes on the wire cannot
+    /// become an object of every field.
+    #[test]
+    fn nested_defaults_are_not_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("batch.proto"),
+            "syntax = \"proto3\";\nmessage Item { int32 a = 1; string b = 2; bool c = 3; }\nmessage Batch { uint32 count = 1; repeated Item items = 2; }\n",
+        )
+        .unwrap();
+        let format =
+            ProtobufFormat::compile(&dir.path().join("batch.proto"), &[], "Batch").unwrap();
+        // Three empty items.
+        let value = format.parse(&[0x12, 0, 0x12, 0, 0x12, 0]).unwrap();
+        assert_eq!(value, json!({"count": 0, "items": [{}, {}, {}]}));
     }
 
     #[test]

@@ -966,3 +966,33 @@ routes:
         "{text}"
     );
 }
+
+/// In a share group the bridge hears its own publishes: two relays that
+/// feed each other would loop, and are refused; without a group, No Local
+/// keeps them apart.
+#[test]
+fn relays_feeding_each_other_are_refused_in_a_share_group() {
+    let mapping = r#"
+routes:
+  - name: ping
+    mqtt: { filter: "a/{x}" }
+    publish: { topic: "b/{x}" }
+  - name: pong
+    mqtt: { filter: "b/{x}" }
+    publish: { topic: "a/{x}" }
+"#;
+    assert!(table(mapping).is_ok(), "no share group: No Local");
+    let dir = tempfile::tempdir().unwrap();
+    let source = MappingSource::parse(&dir.path().join("m.yaml"), mapping).unwrap();
+    let bridge = BRIDGE.replace("client_id: c", "client_id: c, share_group: g");
+    let config =
+        Config::from_parts(&dir.path().join("bridge.yaml"), &bridge, vec![source]).unwrap();
+    let text = RouteTable::compile(&config).unwrap_err().to_string();
+    assert!(
+        text.contains("m.yaml:5:")
+            && text.contains(
+                "routes[0].publish.topic: relay `ping` publishes where relay `pong` listens"
+            ),
+        "{text}"
+    );
+}

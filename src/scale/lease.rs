@@ -130,14 +130,33 @@ impl Lease {
             // its own, so that no runtime stall makes the holder miss its
             // heartbeats.
             std::thread::spawn(move || {
+                // Each new error once: a standby that cannot join (not
+                // authorised for the group, a session timeout the broker
+                // refuses) must say so, not wait in silence.
+                let mut last_error = String::new();
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(Err(error)) = consumer.poll(Duration::from_millis(100)) {
-                        tracing::debug!(%error, "lease group");
+                        let text = error.to_string();
+                        if text != last_error {
+                            tracing::warn!(error = %text, "lease group");
+                            last_error = text;
+                        }
                     }
-                    let holds = consumer
-                        .assignment()
-                        .map(|a| a.count() > 0)
-                        .unwrap_or(false);
+                    // A fatal error (another process with this member id:
+                    // `FENCED_INSTANCE_ID`) ends the membership for good.
+                    let fatal = consumer.client().fatal_error();
+                    if let Some((code, reason)) = &fatal {
+                        tracing::error!(
+                            ?code,
+                            reason,
+                            "lease group: fatal error; giving the lease up"
+                        );
+                    }
+                    let holds = fatal.is_none()
+                        && consumer
+                            .assignment()
+                            .map(|a| a.count() > 0)
+                            .unwrap_or(false);
                     tx.send_if_modified(|was| {
                         let changed = *was != holds;
                         if *was && !holds {
@@ -146,6 +165,9 @@ impl Lease {
                         *was = holds;
                         changed
                     });
+                    if fatal.is_some() {
+                        return;
+                    }
                 }
             })
         };

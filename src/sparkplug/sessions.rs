@@ -522,12 +522,15 @@ impl Sessions {
         message: &'m Payload,
     ) -> Result<Vec<MetricOut<'m>>, Failure> {
         let device = topic.device.expect("a device message");
+        // Decoded first: a death that is dead-lettered changes nothing
+        // (else the table went from memory but not from the state topic
+        // or the online topic).
+        let metrics = declared(&message.metrics)?;
         let node = self.online_node(topic)?;
         let before = node.held();
         node.forget_device(device);
         let after = node.held();
         self.held -= before - after;
-        let metrics = declared(&message.metrics)?;
         self.transition(topic, message, Some(device), false, None);
         Ok(metrics)
     }

@@ -41,6 +41,15 @@ async fn avro_records_carry_the_registry_id_and_read_back_with_its_schema() {
         .mapping_text(&avro_mapping("schemas/hvac-telemetry.avsc"))
         .schema_registry("url", registry.url.as_str());
     let files = BridgeFiles::new(&config);
+    // Before the first start the subject is new to the registry, which
+    // `check` takes as fine (Apicurio answers "compatible" for a subject it
+    // does not hold; Confluent's 404 40401 reads as "new").
+    let (code, out) = run_to_exit(&files, &["check"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("subject `{}-value`", rig.topics.telemetry())),
+        "{out}"
+    );
     let mut bridge = files.start(None);
     bridge.await_connected(WAIT).await;
 
@@ -78,7 +87,7 @@ async fn avro_records_carry_the_registry_id_and_read_back_with_its_schema() {
     assert!(
         dead[0]
             .header("bridge.error.detail")
-            .contains("field `firmware` is not in the Avro schema `hvac.v1.Telemetry`"),
+            .contains("field `/firmware` is not in the Avro schema `hvac.v1.Telemetry`"),
         "{:?}",
         dead[0].headers
     );

@@ -199,8 +199,9 @@ async fn mosquitto_queues_a_departed_members_share_for_its_return() {
     let mut returned = files[0].start(None);
     returned.await_connected(CONNECT).await;
     let landed = read_landed(&rig, count).await;
+    // A read, not a wait: the count is checked below.
     let received_on_return = returned
-        .await_metric(RECEIVED, &[("route", "eo")], |n| n >= 0.0, CONNECT)
+        .await_metric(RECEIVED, &[("route", "eo")], |_| true, CONNECT)
         .await;
     eprintln!(
         "while member 0 was away {landed_while_away} of {count} landed; on its return it received {received_on_return}"
