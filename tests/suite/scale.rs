@@ -55,13 +55,7 @@ async fn under_load_with_kills(
         bridge.await_connected(CONNECT).await;
         bridges.push(bridge);
     }
-    let port = rig.broker.port;
-    let publisher = tokio::spawn(async move {
-        for chunk in messages(count).chunks(200) {
-            publish_all(port, chunk).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let publisher = paced_publisher(rig, count);
     for kill in 0..kills {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(400..1200))).await;
         bridges.remove(0).kill();
@@ -249,6 +243,28 @@ async fn start_pair(files: &BridgeFiles) -> (BridgeProcess, BridgeProcess) {
     (active, standby)
 }
 
+/// Messages of the standby tests.
+const COUNT: u64 = 4000;
+
+/// A standby pair started, and `count` messages being published to it
+/// for 0.8 s already: the moment to strike the active.
+async fn standby_under_load(
+    count: u64,
+) -> (
+    Rig,
+    BridgeFiles,
+    BridgeProcess,
+    BridgeProcess,
+    tokio::task::JoinHandle<()>,
+) {
+    let rig = Rig::start().await;
+    let files = standby_pair(&rig);
+    let (active, standby) = start_pair(&files).await;
+    let publisher = paced_publisher(&rig, count);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    (rig, files, active, standby, publisher)
+}
+
 /// Publishes `count` QoS 2 messages paced (about 2 000 a second).
 fn paced_publisher(rig: &Rig, count: u64) -> tokio::task::JoinHandle<()> {
     let port = rig.broker.port;
@@ -267,12 +283,7 @@ fn paced_publisher(rig: &Rig, count: u64) -> tokio::task::JoinHandle<()> {
 /// failover time docs/scaling.md reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_from_a_killed_active_exactly_once() {
-    let rig = Rig::start().await;
-    let files = standby_pair(&rig);
-    let (active, mut standby) = start_pair(&files).await;
-    let count = 4000;
-    let publisher = paced_publisher(&rig, count);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (rig, files, active, mut standby, publisher) = standby_under_load(COUNT).await;
     let killed = std::time::Instant::now();
     active.kill();
     standby
@@ -288,9 +299,9 @@ async fn the_standby_takes_over_from_a_killed_active_exactly_once() {
         "failover: SIGKILL of the active to the standby's first committed record: {failover:?}"
     );
     publisher.await.expect("publisher");
-    let landed = read_landed(&rig, count).await;
+    let landed = read_landed(&rig, COUNT).await;
     standby.stop();
-    assert_exactly_once(&landed, count, true, &[&files]);
+    assert_exactly_once(&landed, COUNT, true, &[&files]);
     // The goal: under 15 s with the default settings (6 s session
     // timeout); 5.5-7.1 s measured on the 2-core machine.
     assert!(
@@ -305,12 +316,7 @@ async fn the_standby_takes_over_from_a_killed_active_exactly_once() {
 /// producing nothing more. Every message exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_active_thawed_after_the_takeover_stops_and_duplicates_nothing() {
-    let rig = Rig::start().await;
-    let files = standby_pair(&rig);
-    let (active, mut standby) = start_pair(&files).await;
-    let count = 4000;
-    let publisher = paced_publisher(&rig, count);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (rig, files, active, mut standby, publisher) = standby_under_load(COUNT).await;
     active.signal(libc::SIGSTOP);
     standby
         .await_metric(
@@ -340,7 +346,7 @@ async fn a_frozen_active_thawed_after_the_takeover_stops_and_duplicates_nothing(
         .collect();
     eprintln!("the thawed active stopped: {why:#?}");
     publisher.await.expect("publisher");
-    let landed = read_landed(&rig, count).await;
+    let landed = read_landed(&rig, COUNT).await;
     standby.stop();
-    assert_exactly_once(&landed, count, true, &[&files]);
+    assert_exactly_once(&landed, COUNT, true, &[&files]);
 }
