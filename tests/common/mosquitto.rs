@@ -110,10 +110,15 @@ impl Mosquitto {
                 _ => String::new(),
             };
             let conf = dir.path().join("mosquitto.conf");
+            // `user root`: started as root, mosquitto would switch to its
+            // own user, and a change of user clears the parent-death signal
+            // (prctl(2)): a test process that died abnormally (librdkafka's
+            // mock aborting it) left its brokers running.
             std::fs::write(
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     user root\n\
                      max_queued_messages 0\nmax_inflight_messages 0\n\
                      log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n\
                      {tls_listener}",
