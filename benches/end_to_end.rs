@@ -19,13 +19,15 @@ mod support;
 
 use common::kafka::TestKafka;
 use common::mosquitto::Mosquitto;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{kafka_ceiling, machine, now_us, proc_cpu_ticks, proc_status_kib, publish, BATCH};
+use support::{
+    committed_reader, kafka_ceiling, machine, now_us, proc_cpu_ticks, proc_status_kib, publish,
+    BATCH,
+};
 
 const TOPIC_FILTER: &str = "site/+/hvac/+/telemetry";
 
@@ -135,15 +137,7 @@ impl BridgeProcess {
             .spawn()
             .expect("bridge binary");
         let pid = child.id();
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", common::unique("bench-reader"))
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&topics.telemetry()]).unwrap();
+        let consumer = committed_reader(bootstrap, &topics.telemetry());
         // Warm-up until the bridge is subscribed and a record comes through.
         let mut warm = 0u64;
         'warm: loop {

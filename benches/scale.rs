@@ -18,10 +18,8 @@ mod support;
 use common::kafka::TestKafka;
 use common::mosquitto::Mosquitto;
 use common::{BridgeFiles, BridgeProcess, ConfigBuilder, Topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 use std::time::{Duration, Instant};
-use support::{kafka_ceiling, machine, proc_cpu_ticks, publish, BATCH};
+use support::{committed_reader, kafka_ceiling, machine, proc_cpu_ticks, publish, BATCH};
 
 /// One row: how many bridges, and how they split the work.
 #[derive(Clone, Copy)]
@@ -102,15 +100,7 @@ async fn run_row(
     let bootstrap = kafka.bootstrap();
     let base = ConfigBuilder::new(broker.port, &bootstrap, &topics);
     let (_files, bridges) = start_bridges(&base, mode, n).await;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", common::unique("bench-reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&topics.telemetry()]).unwrap();
+    let consumer = committed_reader(&bootstrap, &topics.telemetry());
     let ticks = |bridges: &[BridgeProcess]| -> u64 {
         bridges.iter().map(|b| proc_cpu_ticks(b.pid() as u32)).sum()
     };

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use crate::common;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use rumqttc::v5::mqttbytes::QoS;
@@ -151,4 +152,19 @@ pub fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(0);
     format!("{cores} cores ({cpu}), {:.0} GiB", mem / 1024.0 / 1024.0)
+}
+
+/// A `read_committed` reader of `topic` from its start, in a group of its
+/// own, fetching without waiting for full batches (latency figures).
+pub fn committed_reader(bootstrap: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", common::unique("bench-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
 }

@@ -534,10 +534,16 @@ impl CommitLoop {
         // of a Sparkplug message, in the message's order; online state).
         // Each is replaced by the message's dead letter if Kafka refuses
         // it, and the others stand.
-        let entry = Entry::message(record, delivery.message.clone(), route, reason);
+        // Further records take a copy of the message (each may become its
+        // dead letter); the route's own record takes the message itself, so
+        // the usual message, with none, is not copied on this path.
+        let further: Vec<Entry> = also
+            .into_iter()
+            .map(|r| Entry::message(r, delivery.message.clone(), route, None))
+            .collect();
+        let entry = Entry::message(record, delivery.message, route, reason);
         batch.produce(entry, &mut self.sink, &self.table).await?;
-        for record in also {
-            let entry = Entry::message(record, delivery.message.clone(), route, None);
+        for entry in further {
             batch.produce(entry, &mut self.sink, &self.table).await?;
         }
         fault::point(Point::AfterProduce);

@@ -4,7 +4,7 @@
 
 use crate::kafka;
 use crate::mqtt::MqttMessage;
-use crate::sparkplug::Transition;
+use crate::sparkplug::{self, Transition};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
@@ -71,11 +71,8 @@ pub(super) fn online_records(
     transitions
         .iter()
         .map(|t| {
-            let mut descriptor = format!("{}/{}", t.group, t.edge_node);
-            if let Some(device) = &t.device {
-                descriptor.push('/');
-                descriptor.push_str(device);
-            }
+            let descriptor =
+                sparkplug::topic::descriptor(&t.group, &t.edge_node, t.device.as_deref());
             let value = serde_json::to_vec(&OnlineState {
                 group: &t.group,
                 edge_node: &t.edge_node,

@@ -138,11 +138,7 @@ impl Sessions {
                     .filter(|n| n.online)
                     .and_then(|node| table(node, device.as_deref()))
                     .map(|t| serde_json::to_vec(&t).expect("a table serialises"));
-                let mut key = format!("{group}/{edge_node}");
-                if let Some(device) = &device {
-                    key.push('/');
-                    key.push_str(device);
-                }
+                let key = super::topic::descriptor(&group, &edge_node, device.as_deref());
                 let value = match value {
                     Some(bytes) if bytes.len() > MAX_RECORD_BYTES => {
                         tracing::warn!(

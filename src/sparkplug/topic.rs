@@ -127,10 +127,16 @@ impl<'a> SparkplugTopic<'a> {
     /// `group/edge_node[/device]`: what identifies the sender (Sparkplug
     /// 3.0's "descriptor"), and the default record key.
     pub fn descriptor(&self) -> String {
-        match self.device {
-            Some(device) => format!("{}/{}/{device}", self.group, self.edge_node),
-            None => format!("{}/{}", self.group, self.edge_node),
-        }
+        descriptor(self.group, self.edge_node, self.device)
+    }
+}
+
+/// `group/edge_node[/device]`: who sent a message, as record keys, the
+/// online topic and the persisted birth tables name it.
+pub fn descriptor(group: &str, edge_node: &str, device: Option<&str>) -> String {
+    match device {
+        Some(device) => format!("{group}/{edge_node}/{device}"),
+        None => format!("{group}/{edge_node}"),
     }
 }
 

@@ -265,6 +265,18 @@ async fn standby_under_load(
     (rig, files, active, standby, publisher)
 }
 
+/// Until `standby` has committed its first record: it holds the lease.
+async fn first_record_from(standby: &mut BridgeProcess) {
+    standby
+        .await_metric(
+            PRODUCED,
+            &[("route", "eo")],
+            |n| n > 0.0,
+            Duration::from_secs(60),
+        )
+        .await;
+}
+
 /// Publishes `count` QoS 2 messages paced (about 2 000 a second).
 fn paced_publisher(rig: &Rig, count: u64) -> tokio::task::JoinHandle<()> {
     let port = rig.broker.port;
@@ -286,14 +298,7 @@ async fn the_standby_takes_over_from_a_killed_active_exactly_once() {
     let (rig, files, active, mut standby, publisher) = standby_under_load(COUNT).await;
     let killed = std::time::Instant::now();
     active.kill();
-    standby
-        .await_metric(
-            PRODUCED,
-            &[("route", "eo")],
-            |n| n > 0.0,
-            Duration::from_secs(60),
-        )
-        .await;
+    first_record_from(&mut standby).await;
     let failover = killed.elapsed();
     eprintln!(
         "failover: SIGKILL of the active to the standby's first committed record: {failover:?}"
@@ -318,14 +323,7 @@ async fn the_standby_takes_over_from_a_killed_active_exactly_once() {
 async fn a_frozen_active_thawed_after_the_takeover_stops_and_duplicates_nothing() {
     let (rig, files, active, mut standby, publisher) = standby_under_load(COUNT).await;
     active.signal(libc::SIGSTOP);
-    standby
-        .await_metric(
-            PRODUCED,
-            &[("route", "eo")],
-            |n| n > 0.0,
-            Duration::from_secs(60),
-        )
-        .await;
+    first_record_from(&mut standby).await;
     active.signal(libc::SIGCONT);
     let (status, _active) = active.wait_async(Duration::from_secs(60)).await;
     let status = status.unwrap_or_else(|| {
