@@ -79,9 +79,10 @@ pub fn refusal_kind(code: RDKafkaErrorCode) -> Option<bool> {
 /// abort); bounded by the records of one transaction.
 pub struct Reports {
     refusals: Mutex<Vec<Refusal>>,
-    /// Failed deliveries of any kind since the last `take_refusals`: a
-    /// record that was not refused was not necessarily delivered.
-    failures: std::sync::atomic::AtomicUsize,
+    /// The first failed delivery of any kind since the last
+    /// `take_refusals`: a record that was not refused was not necessarily
+    /// delivered, and the transaction can no longer commit.
+    failed: Mutex<Option<KafkaError>>,
     /// Where librdkafka's statistics report the broker connections.
     health: Arc<Health>,
     /// The last time a broker refused the connection itself: a failed
@@ -94,10 +95,17 @@ impl Reports {
     fn new(health: Arc<Health>) -> Self {
         Self {
             refusals: Mutex::default(),
-            failures: Default::default(),
+            failed: Mutex::default(),
             health,
             refused: Mutex::default(),
         }
+    }
+
+    fn failed(&self) -> Option<KafkaError> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn refused(&self) -> Option<String> {
@@ -155,8 +163,10 @@ impl ProducerContext for Reports {
             return;
         };
         tracing::trace!(id, %error, topic = message.topic(), "delivery failed");
-        self.failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| error.clone());
         let KafkaError::MessageProduction(code) = error else {
             return;
         };
@@ -344,27 +354,14 @@ impl TransactionalSink {
     /// commit or an abort serves.
     pub fn take_refusals(&self) -> Vec<Refusal> {
         let reports = self.producer.context();
-        reports
-            .failures
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-        std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .refusals
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        )
+        *reports.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        std::mem::take(&mut *reports.refusals.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Whether any delivery has failed (refused or otherwise) since the
     /// last [`Self::take_refusals`].
     pub fn has_failures(&self) -> bool {
-        self.producer
-            .context()
-            .failures
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
+        self.producer.context().failed().is_some()
     }
 
     /// Waits until every record sent so far is delivered or failed, so
@@ -373,7 +370,7 @@ impl TransactionalSink {
     pub async fn flush(&self) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking("flush", move || flush(&producer, timeout)).await
+        blocking("flush", move || flush(&producer, timeout, OnFailure::Stop)).await
     }
 
     /// Starts a transaction unless one is open.
@@ -444,7 +441,7 @@ impl TransactionalSink {
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
         blocking("commit", move || {
-            flush(&producer, timeout)?;
+            flush(&producer, timeout, OnFailure::Stop)?;
             fault::point(Point::BeforeCommit);
             fault::point_soon(Point::DuringCommit);
             producer.commit_transaction(timeout)
@@ -466,7 +463,7 @@ impl TransactionalSink {
             // record, and nothing else polls this producer: drop them from
             // the queues and serve their reports first.
             producer.purge(PurgeConfig::default().queue().inflight());
-            flush(&producer, timeout)?;
+            flush(&producer, timeout, OnFailure::Wait)?;
             producer.abort_transaction(timeout)
         })
         .await?;
@@ -476,23 +473,51 @@ impl TransactionalSink {
 }
 
 /// Waits until every record of the transaction is delivered, serving
-/// delivery reports as they arrive.
+/// delivery reports as they arrive; fails with the first failed delivery
+/// once the transaction cannot commit.
 ///
 /// rust-rdkafka's `commit_transaction` flushes first too, but its flush
 /// polls in 100 ms steps, which put a 100 ms floor under every commit
 /// (measured: flush 100.1 ms, EndTxn 3 ms, for 1 or 1 000 records). After
 /// this flush nothing is in flight, so its own flush returns at once.
-fn flush(producer: &Inner, timeout: Duration) -> Result<(), KafkaError> {
+///
+/// One failed delivery dooms the transaction (librdkafka refuses to
+/// commit it), and from then on librdkafka sends none of its records
+/// still queued, e.g. for a partition whose leader it was still looking
+/// up: waiting for those held every such commit for the whole timeout,
+/// 30 s for one refused record. So after a failure the flush waits only
+/// [`AFTER_A_FAILURE`] more, for the reports of records already sent
+/// (each refusal learnt now is one abort fewer), and then stops.
+fn flush(producer: &Inner, timeout: Duration, on_failure: OnFailure) -> Result<(), KafkaError> {
     let deadline = std::time::Instant::now() + timeout;
+    let mut failed_since = None;
     while producer.in_flight_count() > 0 {
-        if std::time::Instant::now() >= deadline {
+        let now = std::time::Instant::now();
+        if now >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        if let (OnFailure::Stop, Some(failed)) = (on_failure, producer.context().failed()) {
+            if now - *failed_since.get_or_insert(now) >= AFTER_A_FAILURE {
+                return Err(failed);
+            }
         }
         // Returns as soon as a delivery report is served.
         producer.poll(Duration::from_millis(10));
     }
     Ok(())
 }
+
+/// What a [`flush`] does once a delivery has failed.
+#[derive(Clone, Copy)]
+enum OnFailure {
+    /// Stop soon: the transaction cannot commit (before a commit).
+    Stop,
+    /// Wait for every report (an abort, which purged the queues first).
+    Wait,
+}
+
+/// How long a flush goes on serving delivery reports after one failed.
+const AFTER_A_FAILURE: Duration = Duration::from_millis(250);
 
 async fn init_producer(
     config: &rdkafka::ClientConfig,

@@ -103,6 +103,18 @@ impl TestKafka {
     /// `rd_kafka_mock_broker_push_request_error_rtts`, as its own
     /// `0105-transactions_mock.c` uses it.)
     pub fn delay_next_response(&self, broker: i32, api: RDKafkaApiKey, rtt: Duration) {
+        self.answer_next(broker, api, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, rtt);
+    }
+
+    /// Makes mock broker `broker` answer its next `api` request with
+    /// `error`, after `rtt`.
+    pub fn answer_next(
+        &self,
+        broker: i32,
+        api: RDKafkaApiKey,
+        error: RDKafkaRespErr,
+        rtt: Duration,
+    ) {
         let Self::Mock(holder) = self else {
             panic!("error injection needs TestKafka::mock()");
         };
@@ -118,7 +130,7 @@ impl TestKafka {
                 broker,
                 api as i16,
                 1,
-                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR as i32,
+                error as i32,
                 rtt_ms,
             )
         };

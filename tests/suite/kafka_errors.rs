@@ -153,3 +153,90 @@ async fn a_moving_transaction_coordinator_loses_and_duplicates_nothing() {
     bridge.stop().await;
     assert_eq!(assert_every_seq(&landed, 600), 600, "records");
 }
+
+/// A record Kafka refuses fails the commit at once, without waiting for
+/// the rest of the doomed transaction: here a record whose broker answers
+/// 10 s late. In CI a record enqueued just as librdkafka purged the
+/// failed transaction's queues was never sent, and the sink's flush
+/// waited for it until the commit timed out: one refused record held the
+/// flow for `commit_timeout_ms` (a flake of `hostile_input`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_fails_the_commit_without_waiting_for_the_rest() {
+    use mqtt_kafka_bridge::kafka::{KafkaConfig, Record, TransactionalSink};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    let kafka = TestKafka::mock_with_brokers(2);
+    let cluster = kafka.mock_cluster();
+    for (topic, broker) in [("refusing", 1), ("slow", 2)] {
+        cluster.create_topic(topic, 1, 1).expect("topic");
+        cluster
+            .partition_leader(topic, 0, Some(broker))
+            .expect("leader");
+    }
+    let config = KafkaConfig {
+        bootstrap_servers: kafka.bootstrap(),
+        transactional_id: unique("doomed"),
+        dead_letter_topic: "dlq".into(),
+        command_group: None,
+        properties: Default::default(),
+    };
+    cluster
+        .coordinator(
+            MockCoordinator::Transaction(config.transactional_id.clone()),
+            1,
+        )
+        .expect("coordinator");
+    let health = std::sync::Arc::new(mqtt_kafka_bridge::telemetry::Health::new(ARRIVE));
+    let mut sink = TransactionalSink::connect(&config, ARRIVE, ARRIVE, health)
+        .await
+        .expect("sink");
+    let record = |topic: &str| Record {
+        topic: topic.into(),
+        key: None,
+        value: bytes::Bytes::from_static(b"{}"),
+        headers: vec![],
+        timestamp_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    // Both partitions known and in use before the failure.
+    for topic in ["refusing", "slow"] {
+        sink.send(&record(topic), false, 0).await.expect("send");
+    }
+    sink.commit().await.expect("first commit");
+
+    kafka.answer_next(
+        1,
+        RDKafkaApiKey::Produce,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TIMESTAMP,
+        Duration::ZERO,
+    );
+    kafka.answer_next(
+        2,
+        RDKafkaApiKey::Produce,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        Duration::from_secs(10),
+    );
+    sink.send(&record("slow"), false, 1).await.expect("send");
+    sink.send(&record("refusing"), false, 0)
+        .await
+        .expect("send");
+    let started = Instant::now();
+    let committed = sink.commit().await;
+    // The flush's own verdict, not librdkafka's after the late answer.
+    assert!(
+        matches!(
+            &committed,
+            Err(SinkError::Abortable(KafkaError::MessageProduction(
+                RDKafkaErrorCode::InvalidTimestamp
+            )))
+        ),
+        "{committed:?} after {:?}",
+        started.elapsed()
+    );
+    sink.abort().await.expect("abort");
+    let refusals = sink.take_refusals();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(
+        (refusals[0].id, refusals[0].code),
+        (0, RDKafkaErrorCode::InvalidTimestamp)
+    );
+}
