@@ -79,9 +79,10 @@ pub fn refusal_kind(code: RDKafkaErrorCode) -> Option<bool> {
 /// abort); bounded by the records of one transaction.
 pub struct Reports {
     refusals: Mutex<Vec<Refusal>>,
-    /// The first failed delivery of any kind since the last
-    /// `take_refusals`: a record that was not refused was not necessarily
-    /// delivered, and the transaction can no longer commit.
+    /// The first failed delivery since the last `take_refusals` (the
+    /// first that is not a purge, if any): a record that was not refused
+    /// was not necessarily delivered, and the transaction can no longer
+    /// commit.
     failed: Mutex<Option<KafkaError>>,
     /// Where librdkafka's statistics report the broker connections.
     health: Arc<Health>,
@@ -163,10 +164,20 @@ impl ProducerContext for Reports {
             return;
         };
         tracing::trace!(id, %error, topic = message.topic(), "delivery failed");
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| error.clone());
+        // A purge is the consequence of another failure (librdkafka purges
+        // a failed transaction's queues): the other one is the news.
+        let purged = |e: &KafkaError| {
+            matches!(
+                e,
+                KafkaError::MessageProduction(
+                    RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+                )
+            )
+        };
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.as_ref().is_none_or(|f| purged(f) && !purged(error)) {
+            *failed = Some(error.clone());
+        }
         let KafkaError::MessageProduction(code) = error else {
             return;
         };
@@ -254,6 +265,10 @@ pub struct TransactionalSink {
     config: rdkafka::ClientConfig,
     commit_timeout: Duration,
     in_transaction: bool,
+    /// Why the open transaction must not commit: a record of it that
+    /// librdkafka would not even enqueue, for a reason other than the
+    /// record's own (see [`Self::send`]).
+    doomed: Option<KafkaError>,
     health: Arc<Health>,
 }
 
@@ -297,6 +312,7 @@ impl TransactionalSink {
             config,
             commit_timeout,
             in_transaction: false,
+            doomed: None,
             health,
         })
     }
@@ -313,6 +329,7 @@ impl TransactionalSink {
         let producer = init_producer(&self.config, self.commit_timeout, &self.health).await?;
         let old = std::mem::replace(&mut self.producer, producer);
         self.in_transaction = false;
+        self.doomed = None;
         // Destroying a producer can wait on its brokers: not on this task.
         tokio::task::spawn_blocking(move || drop(old));
         Ok(())
@@ -389,7 +406,26 @@ impl TransactionalSink {
     /// Enqueues one record in the open transaction (with a null value if
     /// `tombstone`); `id` comes back in a [`Refusal`] if the broker
     /// refuses it. Delivery is confirmed by the commit.
+    ///
+    /// A record librdkafka refuses to enqueue on its own account (too
+    /// large, a topic it knows is missing) is [`SinkError::Rejected`]. Any
+    /// other failure to enqueue dooms the transaction: its commit fails,
+    /// so the batch is aborted and produced again, and a record that never
+    /// left the bridge cannot be acknowledged as delivered.
     pub async fn send(
+        &mut self,
+        record: &Record,
+        tombstone: bool,
+        id: usize,
+    ) -> Result<(), SinkError> {
+        let sent = self.enqueue(record, tombstone, id).await;
+        if let Err(SinkError::Abortable(error)) = &sent {
+            self.doomed.get_or_insert_with(|| error.clone());
+        }
+        sent
+    }
+
+    async fn enqueue(
         &mut self,
         record: &Record,
         tombstone: bool,
@@ -422,9 +458,10 @@ impl TransactionalSink {
                     self.producer.poll(Duration::ZERO);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((KafkaError::MessageProduction(code), _))
-                    if refusal_kind(code) == Some(false) =>
-                {
+                // E.g. over `message.max.bytes`, or for a topic librdkafka
+                // has learnt does not exist (the first record to it is
+                // refused in its delivery report, later ones here).
+                Err((KafkaError::MessageProduction(code), _)) if refusal_kind(code).is_some() => {
                     return Err(SinkError::Rejected(code))
                 }
                 Err((error, _)) => return Err(SinkError::Abortable(error)),
@@ -435,6 +472,9 @@ impl TransactionalSink {
     /// Commits the open transaction: every record sent since `begin` becomes
     /// visible to `read_committed` consumers at once, or none does.
     pub async fn commit(&mut self) -> Result<(), SinkError> {
+        if let Some(error) = self.doomed.take() {
+            return Err(SinkError::Abortable(error));
+        }
         if !self.in_transaction {
             return Ok(());
         }
@@ -453,6 +493,7 @@ impl TransactionalSink {
 
     /// Aborts the open transaction; its records are discarded.
     pub async fn abort(&mut self) -> Result<(), SinkError> {
+        self.doomed = None;
         if !self.in_transaction {
             return Ok(());
         }
@@ -487,7 +528,8 @@ impl TransactionalSink {
 /// up: waiting for those held every such commit for the whole timeout,
 /// 30 s for one refused record. So after a failure the flush waits only
 /// [`AFTER_A_FAILURE`] more, for the reports of records already sent
-/// (each refusal learnt now is one abort fewer), and then stops.
+/// (each refusal learnt now is one abort fewer), and then stops. Either
+/// way the first failure is the commit's error, and no EndTxn is sent.
 fn flush(producer: &Inner, timeout: Duration, on_failure: OnFailure) -> Result<(), KafkaError> {
     let deadline = std::time::Instant::now() + timeout;
     let mut failed_since = None;
@@ -504,7 +546,10 @@ fn flush(producer: &Inner, timeout: Duration, on_failure: OnFailure) -> Result<(
         // Returns as soon as a delivery report is served.
         producer.poll(Duration::from_millis(10));
     }
-    Ok(())
+    match (on_failure, producer.context().failed()) {
+        (OnFailure::Stop, Some(failed)) => Err(failed),
+        _ => Ok(()),
+    }
 }
 
 /// What a [`flush`] does once a delivery has failed.

@@ -732,3 +732,34 @@ fn remove_stale_dirs() {
         }
     }
 }
+
+/// The bridge's own transactional producer on `bootstrap`, for tests of
+/// the sink alone (`transactional_id` unique per test).
+pub async fn test_sink(
+    bootstrap: &str,
+    transactional_id: &str,
+) -> mqtt_kafka_bridge::kafka::TransactionalSink {
+    let config = mqtt_kafka_bridge::kafka::KafkaConfig {
+        bootstrap_servers: bootstrap.into(),
+        transactional_id: transactional_id.into(),
+        dead_letter_topic: "dead-letter".into(),
+        command_group: None,
+        properties: Default::default(),
+    };
+    let timeout = Duration::from_secs(60);
+    let health = std::sync::Arc::new(mqtt_kafka_bridge::telemetry::Health::new(timeout));
+    mqtt_kafka_bridge::kafka::TransactionalSink::connect(&config, timeout, timeout, health)
+        .await
+        .expect("transactional producer")
+}
+
+/// A small record for `topic`, stamped now.
+pub fn test_record(topic: &str) -> mqtt_kafka_bridge::kafka::Record {
+    mqtt_kafka_bridge::kafka::Record {
+        topic: topic.into(),
+        key: None,
+        value: bytes::Bytes::from_static(b"{}"),
+        headers: vec![],
+        timestamp_ms: chrono::Utc::now().timestamp_millis(),
+    }
+}

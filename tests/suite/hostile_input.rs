@@ -172,6 +172,60 @@ async fn refused_records_are_dead_lettered_and_the_flow_goes_on() {
     rig.broker.assert_connected_once(&client_id);
 }
 
+/// A record for a topic librdkafka has learnt is missing is refused as
+/// it is enqueued, not in a delivery report: a refusal like the first
+/// record's, which the batch dead-letters, and no harm to the rest of the
+/// transaction. (It used to count as a failure of the transaction that
+/// the commit would report, but the commit did not: the message was
+/// acknowledged with no record anywhere. `refused_records_...` lost its
+/// unknown-topic message that way under load.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_known_to_be_missing_is_refused_as_it_is_enqueued() {
+    use crate::common::kafka::{test_record as record, test_sink};
+    use mqtt_kafka_bridge::kafka::SinkError;
+    use rdkafka::error::RDKafkaErrorCode as Code;
+
+    let kafka = TestKafka::real();
+    let topics = Topics::new();
+    kafka.create_topics(&[&topics.telemetry()], 1).await;
+    let missing = topics.named("missing");
+    let mut sink = test_sink(&kafka.bootstrap(), &unique("missing")).await;
+    let unknown = |code: Code| matches!(code, Code::UnknownTopic | Code::UnknownTopicOrPartition);
+
+    // The first record: refused in its delivery report, which dooms the
+    // transaction.
+    sink.send(&record(&missing), false, 0)
+        .await
+        .expect("enqueued");
+    let first = sink.commit().await;
+    assert!(matches!(first, Err(SinkError::Abortable(_))), "{first:?}");
+    sink.abort().await.expect("abort");
+    let refusals = sink.take_refusals();
+    assert!(
+        refusals.len() == 1 && unknown(refusals[0].code) && refusals[0].topic_wide,
+        "{refusals:?}"
+    );
+
+    // The next: refused at once, and the transaction commits the rest.
+    let second = sink.send(&record(&missing), false, 0).await;
+    assert!(
+        matches!(second, Err(SinkError::Rejected(code)) if unknown(code)),
+        "{second:?}"
+    );
+    sink.send(&record(&topics.telemetry()), false, 1)
+        .await
+        .expect("send");
+    sink.commit().await.expect("the rest commits");
+    let landed = read_committed(
+        &kafka.bootstrap(),
+        &[&topics.telemetry()],
+        1,
+        Duration::from_secs(30),
+        SETTLE,
+    );
+    assert_eq!(landed.len(), 1);
+}
+
 /// A relay publish the MQTT broker refuses (MQTT 5 PUBACK reason code
 /// 0x87, from mosquitto's ACL) is not counted as delivered: its source is
 /// dead-lettered with reason `mqtt_refused`, and the flow goes on.

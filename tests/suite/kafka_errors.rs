@@ -162,7 +162,7 @@ async fn a_moving_transaction_coordinator_loses_and_duplicates_nothing() {
 /// flow for `commit_timeout_ms` (a flake of `hostile_input`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_record_fails_the_commit_without_waiting_for_the_rest() {
-    use mqtt_kafka_bridge::kafka::{KafkaConfig, Record, TransactionalSink};
+    use crate::common::kafka::{test_record as record, test_sink};
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     let kafka = TestKafka::mock_with_brokers(2);
@@ -173,30 +173,11 @@ async fn a_refused_record_fails_the_commit_without_waiting_for_the_rest() {
             .partition_leader(topic, 0, Some(broker))
             .expect("leader");
     }
-    let config = KafkaConfig {
-        bootstrap_servers: kafka.bootstrap(),
-        transactional_id: unique("doomed"),
-        dead_letter_topic: "dlq".into(),
-        command_group: None,
-        properties: Default::default(),
-    };
+    let id = unique("doomed");
     cluster
-        .coordinator(
-            MockCoordinator::Transaction(config.transactional_id.clone()),
-            1,
-        )
+        .coordinator(MockCoordinator::Transaction(id.clone()), 1)
         .expect("coordinator");
-    let health = std::sync::Arc::new(mqtt_kafka_bridge::telemetry::Health::new(ARRIVE));
-    let mut sink = TransactionalSink::connect(&config, ARRIVE, ARRIVE, health)
-        .await
-        .expect("sink");
-    let record = |topic: &str| Record {
-        topic: topic.into(),
-        key: None,
-        value: bytes::Bytes::from_static(b"{}"),
-        headers: vec![],
-        timestamp_ms: chrono::Utc::now().timestamp_millis(),
-    };
+    let mut sink = test_sink(&kafka.bootstrap(), &id).await;
     // Both partitions known and in use before the failure.
     for topic in ["refusing", "slow"] {
         sink.send(&record(topic), false, 0).await.expect("send");
