@@ -305,7 +305,23 @@ impl TransactionalSink {
             "transaction.timeout.ms",
             transaction_timeout.as_millis().to_string(),
         );
-        let producer = init_producer(&config, commit_timeout, &health).await?;
+        let producer = create_producer(&config, &health)?;
+        // A cluster that is starting (as it does next to the bridge in a
+        // compose file) answers "coordinator load in progress" for a while;
+        // librdkafka retries that only until the timeout, then says the
+        // call may be made again. The bridge waits for Kafka rather than
+        // exit; its readiness says it is not ready meanwhile.
+        let mut backoff = crate::backoff::Backoff::new(INIT_RETRY_FIRST, INIT_RETRY_MAX);
+        loop {
+            match init_transactions(&producer, commit_timeout).await {
+                Err(SinkError::Retriable(error)) => {
+                    tracing::warn!(%error, retry_in_ms = backoff.delay().as_millis() as u64, "Kafka cannot start the transactional producer yet; retrying");
+                    tokio::time::sleep(backoff.delay()).await;
+                    backoff.grow();
+                }
+                initialised => break initialised?,
+            }
+        }
         health.kafka_initialised();
         Ok(Self {
             producer,
@@ -564,9 +580,19 @@ enum OnFailure {
 /// How long a flush goes on serving delivery reports after one failed.
 const AFTER_A_FAILURE: Duration = Duration::from_millis(250);
 
+/// A new producer, its `init_transactions` done.
 async fn init_producer(
     config: &rdkafka::ClientConfig,
     timeout: Duration,
+    health: &Arc<Health>,
+) -> Result<Arc<Inner>, SinkError> {
+    let producer = create_producer(config, health)?;
+    init_transactions(&producer, timeout).await?;
+    Ok(producer)
+}
+
+fn create_producer(
+    config: &rdkafka::ClientConfig,
     health: &Arc<Health>,
 ) -> Result<Arc<Inner>, SinkError> {
     let producer: Arc<Inner> = Arc::new(
@@ -575,6 +601,12 @@ async fn init_producer(
             .map_err(SinkError::Create)?,
     );
     tokio::spawn(serve_statistics(Arc::downgrade(&producer)));
+    Ok(producer)
+}
+
+/// One `init_transactions` attempt, cut short if a broker refuses the
+/// connection (authentication, TLS).
+async fn init_transactions(producer: &Arc<Inner>, timeout: Duration) -> Result<(), SinkError> {
     let init = producer.clone();
     let refused = async {
         // Errors reach the context from `serve_statistics`'s polls.
@@ -586,11 +618,14 @@ async fn init_producer(
         }
     };
     tokio::select! {
-        initialised = blocking("init_transactions", move || init.init_transactions(timeout)) => initialised?,
-        refused = refused => return Err(SinkError::Refused(refused)),
+        initialised = blocking("init_transactions", move || init.init_transactions(timeout)) => initialised,
+        refused = refused => Err(SinkError::Refused(refused)),
     }
-    Ok(producer)
 }
+
+/// The waits between `init_transactions` attempts at start-up.
+const INIT_RETRY_FIRST: Duration = Duration::from_millis(200);
+const INIT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// librdkafka's `statistics.interval.ms` unless configured.
 const STATISTICS_EVERY_MS: &str = "1000";

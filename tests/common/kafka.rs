@@ -734,11 +734,23 @@ fn remove_stale_dirs() {
 }
 
 /// The bridge's own transactional producer on `bootstrap`, for tests of
-/// the sink alone (`transactional_id` unique per test).
+/// the sink alone (`transactional_id` unique per test), with a 60 s
+/// commit timeout.
 pub async fn test_sink(
     bootstrap: &str,
     transactional_id: &str,
 ) -> mqtt_kafka_bridge::kafka::TransactionalSink {
+    test_sink_with(bootstrap, transactional_id, Duration::from_secs(60))
+        .await
+        .expect("transactional producer")
+}
+
+/// [`test_sink`] with its commit (and `init_transactions`) timeout.
+pub async fn test_sink_with(
+    bootstrap: &str,
+    transactional_id: &str,
+    commit_timeout: Duration,
+) -> Result<mqtt_kafka_bridge::kafka::TransactionalSink, mqtt_kafka_bridge::kafka::SinkError> {
     let config = mqtt_kafka_bridge::kafka::KafkaConfig {
         bootstrap_servers: bootstrap.into(),
         transactional_id: transactional_id.into(),
@@ -748,9 +760,8 @@ pub async fn test_sink(
     };
     let timeout = Duration::from_secs(60);
     let health = std::sync::Arc::new(mqtt_kafka_bridge::telemetry::Health::new(timeout));
-    mqtt_kafka_bridge::kafka::TransactionalSink::connect(&config, timeout, timeout, health)
+    mqtt_kafka_bridge::kafka::TransactionalSink::connect(&config, timeout, commit_timeout, health)
         .await
-        .expect("transactional producer")
 }
 
 /// A small record for `topic`, stamped now.

@@ -221,3 +221,32 @@ async fn a_refused_record_fails_the_commit_without_waiting_for_the_rest() {
         (0, RDKafkaErrorCode::InvalidTimestamp)
     );
 }
+
+/// A Kafka whose transaction coordinator is still loading (a cluster
+/// starting next to the bridge) for longer than one `init_transactions`
+/// may take: librdkafka gives up with a retriable error, and the bridge
+/// tries again instead of exiting (it exited with status 1, seen when a
+/// test started it right after its Kafka).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_still_loading_at_start_up_is_waited_for() {
+    use crate::common::kafka::{test_record, test_sink_with};
+
+    let kafka = TestKafka::mock();
+    // About 100 ms apart (librdkafka's retry backoff): some 3 s of
+    // loading, three times the timeout of one attempt.
+    kafka.mock_cluster().request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 30],
+    );
+    let mut sink = test_sink_with(
+        &kafka.bootstrap(),
+        &unique("loading"),
+        Duration::from_secs(1),
+    )
+    .await
+    .expect("the producer waited for the coordinator");
+    sink.send(&test_record("after-loading"), false, 0)
+        .await
+        .expect("send");
+    sink.commit().await.expect("commit");
+}

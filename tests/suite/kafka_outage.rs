@@ -6,17 +6,19 @@
 //! The bridge runs as the real binary, so that its own `/readyz` shows when
 //! a commit has been failing, and that it is ready again afterwards.
 
-use crate::common::kafka::TestKafka;
+use crate::common::kafka::KafkaCluster;
 use crate::common::*;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart() {
-    // Error injection on demand: only the mock cluster can take a broker
-    // down and bring it back within a test.
-    let rig = Rig::start_with(TestKafka::mock()).await;
+    // A Kafka of its own, to freeze and thaw (see bridge_end_to_end.rs
+    // for why not the mock cluster, nor SIGKILL).
+    let cluster = KafkaCluster::start(1);
+    let rig = Rig::on_cluster(&cluster).await;
     let files = BridgeFiles::new(
         &rig.bridge_config()
+            .delivery("state_topic", rig.topics.state())
             .delivery("commit_timeout_ms", 1500)
             .delivery("transaction_timeout_ms", 10_000)
             // Past one commit timeout: a commit still going on has failed
@@ -26,10 +28,7 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
     let mut bridge = files.start(None);
     bridge.await_connected(Duration::from_secs(30)).await;
 
-    rig.kafka
-        .mock_cluster()
-        .broker_down(1)
-        .expect("broker down");
+    cluster.pause(1);
     publish_all(rig.broker.port, &telemetry_messages("o", 200, 4, 1)).await;
     // Wait until a commit has failed for real before bringing Kafka back.
     // How it fails varies (an abortable error, then an abort; or a timeout,
@@ -43,7 +42,7 @@ async fn an_outage_longer_than_the_commit_timeout_is_ridden_out_without_restart(
             Duration::from_secs(60),
         )
         .await;
-    rig.kafka.mock_cluster().broker_up(1).expect("broker up");
+    cluster.resume(1);
 
     let landed = read_committed_distinct(
         &rig.bootstrap,
