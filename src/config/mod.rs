@@ -83,18 +83,35 @@ impl Config {
                 .commands
                 .iter()
                 .filter_map(|c| c.schema.as_ref());
-            // A route's .proto (its imports are not followed).
-            let protos = mapping
-                .file
-                .routes
-                .iter()
-                .filter_map(|r| r.protobuf.as_ref().map(|p| &p.file));
+            // The schemas records are encoded with (a `.proto` one's
+            // imports are not followed: the registry takes no references).
+            let encodings = mapping.file.routes.iter().filter_map(|r| {
+                r.kafka
+                    .as_ref()
+                    .and_then(|k| k.encoding.as_ref())
+                    .and_then(|e| e.schema.as_ref())
+            });
             files.extend(
                 schemas
                     .chain(command_schemas)
-                    .chain(protos)
+                    .chain(encodings)
                     .map(|s| dir.join(s)),
             );
+            // A route's .proto with every file it imports.
+            for protobuf in mapping
+                .file
+                .routes
+                .iter()
+                .filter_map(|r| r.protobuf.as_ref())
+            {
+                let file = dir.join(&protobuf.file);
+                let include: Vec<PathBuf> = protobuf.include.iter().map(|d| dir.join(d)).collect();
+                let sources = crate::route::ProtobufFormat::source_files(&file, &include);
+                if sources.is_empty() {
+                    files.push(file);
+                }
+                files.extend(sources);
+            }
         }
         files.sort();
         files.dedup();
@@ -468,6 +485,70 @@ mod tests {
     const BRIDGE: &str = "mqtt:\n  host: localhost\n  client_id: b1\nkafka:\n  bootstrap_servers: localhost:9092\n  transactional_id: b1\nmappings: ['m/*.yaml']\n";
     const MAPPING: &str =
         "routes:\n  - name: r\n    mqtt: { filter: 'a/{x}' }\n    kafka: { topic: t }\n";
+
+    /// `--watch` sees a change to any file a route is built from: a
+    /// `.proto` imported by a route's `.proto` (two levels down, from an
+    /// `include` directory) and a registry encoding's schema.
+    #[test]
+    fn watched_files_follow_proto_imports_and_encoding_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "m/p/top.proto",
+            "syntax = \"proto3\";\npackage t;\nimport \"mid.proto\";\nmessage Top { Mid mid = 1; }\n",
+        );
+        write(
+            dir.path(),
+            "m/p/mid.proto",
+            "syntax = \"proto3\";\npackage t;\nimport \"deep/leaf.proto\";\nimport \"google/protobuf/timestamp.proto\";\nmessage Mid { Leaf leaf = 1; google.protobuf.Timestamp at = 2; }\n",
+        );
+        write(
+            dir.path(),
+            "m/shared/deep/leaf.proto",
+            "syntax = \"proto3\";\npackage t;\nmessage Leaf { int32 n = 1; }\n",
+        );
+        write(
+            dir.path(),
+            "m/s/t.avsc",
+            r#"{"type": "record", "name": "T", "fields": []}"#,
+        );
+        write(
+            dir.path(),
+            "m/a.yaml",
+            "routes:\n  - name: r\n    mqtt: { filter: 'a/{x}' }\n    format: protobuf\n    protobuf: { file: p/top.proto, message: t.Top, include: [shared] }\n    kafka: { topic: t, encoding: { format: avro, schema: s/t.avsc } }\n",
+        );
+        let path = write(dir.path(), "bridge.yaml", BRIDGE);
+        let config = Config::load(&path).unwrap();
+        let watched: Vec<String> = config
+            .files()
+            .iter()
+            .map(|f| {
+                let f = f.strip_prefix(dir.path()).unwrap_or(f);
+                f.components()
+                    .filter(|c| !matches!(c, std::path::Component::CurDir))
+                    .collect::<PathBuf>()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        for expected in [
+            "bridge.yaml",
+            "m/a.yaml",
+            "m/p/top.proto",
+            "m/p/mid.proto",
+            "m/shared/deep/leaf.proto",
+            "m/s/t.avsc",
+        ] {
+            assert!(
+                watched.iter().any(|w| w == expected),
+                "{expected} in {watched:?}"
+            );
+        }
+        assert!(
+            !watched.iter().any(|w| w.contains("timestamp")),
+            "{watched:?}"
+        );
+    }
 
     #[test]
     fn loads_bridge_and_sorted_mappings() {

@@ -327,7 +327,7 @@ fn read_last(
         };
         if Instant::now() >= deadline {
             return Err(timed_out(format!(
-                "reading to the end offsets: {} (a transaction still open on the topic holds a read_committed reader back until it ends)",
+                "reading to the end offsets: {} (a transaction still open on the topic holds a read_committed reader back until it ends; one that never ends is a hanging transaction, see \"The state read times out\" in docs/operations.md)",
                 behind()
             )));
         }

@@ -24,6 +24,7 @@ mod transform;
 
 pub use compile::RouteSummary;
 pub use filter::TopicFilter;
+pub use protobuf::ProtobufFormat;
 pub use reject::{headers, RejectReason, Rejection};
 pub use table::RouteTable;
 pub use template::{topic_level_problem, Context, Template, TemplateError, MQTT_TOPIC_MAX_BYTES};

@@ -57,16 +57,8 @@ impl ProtobufFormat {
                 format!("cannot read {}: {e}", file.display()),
             ));
         }
-        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let includes: Vec<PathBuf> = std::iter::once(dir.clone())
-            .chain(include.iter().cloned())
-            .collect();
-        let name = file.strip_prefix(&dir).unwrap_or(file);
-        let pool = protox::Compiler::new(&includes)
-            .and_then(|mut compiler| {
-                compiler.include_imports(true).open_file(name)?;
-                Ok(compiler.descriptor_pool())
-            })
+        let pool = compiler(file, include)
+            .map(|compiler| compiler.descriptor_pool())
             .map_err(|e| {
                 (
                     "protobuf.file".to_string(),
@@ -106,6 +98,21 @@ impl ProtobufFormat {
         })
     }
 
+    /// Every file `file` is compiled from, as read: itself and its
+    /// imports, however deep (Google's well-known types are built in and
+    /// have none). What `--watch` watches; empty if it does not compile,
+    /// which loading the mapping reports.
+    pub fn source_files(file: &Path, include: &[PathBuf]) -> Vec<PathBuf> {
+        compiler(file, include)
+            .map(|compiler| {
+                compiler
+                    .files()
+                    .filter_map(|f| f.path().map(Path::to_path_buf))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Decodes one payload. Not the message type (truncated, a wrong wire
     /// type, nesting past prost's recursion limit) is a `parse` rejection.
     pub fn parse(&self, payload: &[u8]) -> Result<Value, Rejection> {
@@ -135,6 +142,19 @@ impl ProtobufFormat {
         out.extend(sent);
         Ok(Value::Object(out))
     }
+}
+
+/// A compiler that has read `file` and its imports (looked up in its
+/// directory, then in `include`).
+fn compiler(file: &Path, include: &[PathBuf]) -> Result<protox::Compiler, protox::Error> {
+    let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let includes: Vec<PathBuf> = std::iter::once(dir.clone())
+        .chain(include.iter().cloned())
+        .collect();
+    let name = file.strip_prefix(&dir).unwrap_or(file);
+    let mut compiler = protox::Compiler::new(&includes)?;
+    compiler.include_imports(true).open_file(name)?;
+    Ok(compiler)
 }
 
 /// An error of several lines (protox's diagnostics) as one.
