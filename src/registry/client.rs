@@ -16,6 +16,10 @@ use std::time::Duration;
 pub enum RegistryError {
     #[error("schema registry {url} not reachable: {error}")]
     Unreachable { url: String, error: String },
+    /// Reached, but its certificate is not trusted (or the handshake
+    /// failed): a configuration problem, not an outage.
+    #[error("schema registry {url} failed the TLS handshake: {error} (schema_registry.ca_file must hold the CA that signed the registry's certificate)")]
+    Tls { url: String, error: String },
     /// The registry answered with an error (incompatible, invalid schema,
     /// not authorised).
     #[error("schema registry refused {what} for subject `{subject}`: HTTP {status}: {message}")]
@@ -198,10 +202,7 @@ impl RegistryClient {
         }
         let mut response = request
             .send_json(&body)
-            .map_err(|e| RegistryError::Unreachable {
-                url: self.url.clone(),
-                error: e.to_string(),
-            })?;
+            .map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
@@ -213,6 +214,24 @@ impl RegistryClient {
                 error: e.to_string(),
             })?;
         Ok((status, text))
+    }
+
+    /// A request that got no answer: refused by TLS, or not reachable.
+    fn transport_error(&self, error: ureq::Error) -> RegistryError {
+        let tls = match &error {
+            ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => true,
+            // How ureq reports a certificate rustls refused.
+            ureq::Error::Io(io) => io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()),
+            _ => false,
+        };
+        let (url, error) = (self.url.clone(), error.to_string());
+        if tls {
+            RegistryError::Tls { url, error }
+        } else {
+            RegistryError::Unreachable { url, error }
+        }
     }
 
     fn id_from(

@@ -122,6 +122,11 @@ pub fn compatibility_report(
                 ));
                 break;
             }
+            // Every route would say the same.
+            Err(e @ RegistryError::Tls { .. }) => {
+                problems.push(e.to_string());
+                break;
+            }
             Err(e) => problems.push(format!("{route}: {e}")),
         }
     }

@@ -60,7 +60,7 @@ pub fn shared() -> &'static Registry {
         // spawned it, so that thread lives as long as the process.
         std::thread::Builder::new()
             .name("shared-registry".into())
-            .spawn(move || match start() {
+            .spawn(move || match start(None) {
                 Ok((registry, child)) => {
                     tx.send(Ok(registry)).expect("report the registry");
                     // Held, never waited for: the process's exit ends it.
@@ -183,14 +183,64 @@ impl Registry {
     }
 }
 
-/// Fetches, launches and awaits the registry; on failure, why, with the
+/// A registry of one test's own that also serves HTTPS, with a
+/// certificate the test made; killed on drop.
+pub struct HttpsRegistry {
+    /// The plain-HTTP side, for the test's own requests and readiness.
+    pub registry: Registry,
+    /// The Confluent-compatible API over HTTPS, for the bridge.
+    pub https_url: String,
+    child: Child,
+}
+
+impl HttpsRegistry {
+    /// Starts one serving `server` (certificate and key, PEM) on an HTTPS
+    /// port besides its plain one.
+    ///
+    /// # Panics
+    /// If it cannot be started, with the end of its log.
+    pub fn start(server: &super::certs::Identity) -> Self {
+        let https_port = free_port();
+        let tls = Tls {
+            cert: server.cert_file.clone(),
+            key: server.key_file.clone(),
+            port: https_port,
+        };
+        let (registry, child) = start(Some(&tls)).unwrap_or_else(|message| panic!("{message}"));
+        Self {
+            registry,
+            https_url: format!("https://127.0.0.1:{https_port}{CCOMPAT_PATH}"),
+            child,
+        }
+    }
+}
+
+impl Drop for HttpsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What an HTTPS listener serves.
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    port: u16,
+}
+
+/// Fetches, launches and awaits a registry; on failure, why, with the
 /// end of its log.
-fn start() -> Result<(Registry, Child), String> {
+fn start(tls: Option<&Tls>) -> Result<(Registry, Child), String> {
     remove_stale_dirs();
     let jar = runner_jar()?;
     // Named after this process, so a later run removes it once this
     // process is gone (`remove_stale_dirs`); kept until then for its log.
-    let dir = std::env::temp_dir().join(format!("mkb-registry-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "mkb-registry-{}{}",
+        std::process::id(),
+        if tls.is_some() { "-https" } else { "" }
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let log = dir.join("registry.log");
     for _attempt in 0..START_ATTEMPTS {
@@ -204,8 +254,22 @@ fn start() -> Result<(Registry, Child), String> {
         let log_err = log_file
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        let mut command = java(&jar, &dir, port, management_port);
+        let mut command = java(&dir, port, management_port);
+        if let Some(tls) = tls {
+            command
+                .arg(format!("-Dquarkus.http.ssl-port={}", tls.port))
+                .arg(format!(
+                    "-Dquarkus.http.ssl.certificate.files={}",
+                    tls.cert.display()
+                ))
+                .arg(format!(
+                    "-Dquarkus.http.ssl.certificate.key-files={}",
+                    tls.key.display()
+                ));
+        }
         command
+            .arg("-jar")
+            .arg(&jar)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log_file)
@@ -219,7 +283,7 @@ fn start() -> Result<(Registry, Child), String> {
             port,
             log: log.clone(),
         };
-        match await_ready(&mut child, port) {
+        match await_ready(&mut child, port, tls.map(|t| t.port)) {
             Launch::Ready => return Ok((registry, child)),
             Launch::Exited => continue,
             Launch::TimedOut => {
@@ -245,15 +309,17 @@ enum Launch {
     TimedOut,
 }
 
-/// Waits until `child` itself listens on `port` (not some process that
-/// took the port since it was picked) and reports ready.
-fn await_ready(child: &mut Child, port: u16) -> Launch {
+/// Waits until `child` itself listens on `port` (and `https_port`, if
+/// any; not some process that took a port since it was picked) and
+/// reports ready.
+fn await_ready(child: &mut Child, port: u16, https_port: Option<u16>) -> Launch {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(_)) = child.try_wait() {
             return Launch::Exited;
         }
         if listens_on(child.id(), port)
+            && https_port.is_none_or(|p| listens_on(child.id(), p))
             && matches!(exchange(port, "GET", READY_PATH, None), Ok((200, _)))
         {
             return Launch::Ready;
@@ -265,8 +331,9 @@ fn await_ready(child: &mut Child, port: u16) -> Launch {
     }
 }
 
-/// The registry's command line, as measured in `tests/registry/NOTES.md`.
-fn java(jar: &Path, dir: &Path, port: u16, management_port: u16) -> Command {
+/// The registry's JVM options, as measured in `tests/registry/NOTES.md`
+/// (the caller adds its own properties, then `-jar`).
+fn java(dir: &Path, port: u16, management_port: u16) -> Command {
     let mut command = Command::new("java");
     command
         // Small heap, one GC thread: the registry shares two cores with
@@ -290,9 +357,8 @@ fn java(jar: &Path, dir: &Path, port: u16, management_port: u16) -> Command {
         // default port, 9000, which two test processes would both take,
         // should a later version turn it on.
         .arg("-Dquarkus.management.host=127.0.0.1")
-        .arg(format!("-Dquarkus.management.port={management_port}"))
-        .arg("-jar")
-        .arg(jar);
+        .arg(format!("-Dquarkus.management.port={management_port}"));
+    // `-jar` goes last, after any property a caller adds.
     command
 }
 

@@ -333,3 +333,59 @@ routes:
         assert_eq!(json["airQualityPpm"], 600);
     }
 }
+
+/// An `https` registry whose certificate comes from a private CA: trusted
+/// through `schema_registry.ca_file` (checked, registered, records
+/// encoded), and refused with another CA, which `check` and the start
+/// both name as a TLS problem rather than an unreachable registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_registry_is_trusted_through_its_ca_file_and_refused_with_another() {
+    let ca = certs::TestCa::new("registry");
+    let https = registry::HttpsRegistry::start(&ca.server("registry", &["127.0.0.1"]));
+    let rig = Rig::start().await;
+    let config = |ca_file: &std::path::Path| {
+        rig.bridge_config()
+            .mapping_text(&avro_mapping("schemas/hvac-telemetry.avsc"))
+            .schema_registry("url", https.https_url.as_str())
+            .schema_registry("ca_file", ca_file.display().to_string())
+    };
+    let subject = format!("{}-value", rig.topics.telemetry());
+
+    let files = BridgeFiles::new(&config(&ca.ca_file));
+    let (code, out) = run_to_exit(&files, &["check"]);
+    assert_eq!(code, Some(0), "{out}");
+    // Asked over HTTPS (Apicurio calls a subject it does not hold
+    // compatible).
+    assert!(out.contains(&format!("subject `{subject}`")), "{out}");
+    let mut bridge = files.start(None);
+    bridge.await_connected(WAIT).await;
+    publish_all(rig.broker.port, &telemetry_messages("s1", 3, 1, 1)).await;
+    let landed = read_committed(
+        &rig.bootstrap,
+        &[&rig.topics.telemetry()],
+        3,
+        WAIT,
+        Duration::from_secs(1),
+    );
+    bridge.stop();
+    assert_eq!(landed.len(), 3);
+    let id = https
+        .registry
+        .get_json(&format!("/subjects/{subject}/versions/1"))["id"]
+        .as_u64()
+        .expect("registered over HTTPS");
+    for record in &landed {
+        assert_eq!(record.value[0], 0, "magic byte");
+        let used = u32::from_be_bytes(record.value[1..5].try_into().unwrap());
+        assert_eq!(u64::from(used), id);
+    }
+
+    let other = certs::TestCa::new("other");
+    let files = BridgeFiles::new(&config(&other.ca_file));
+    let (code, out) = run_to_exit(&files, &["check"]);
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("TLS") && out.contains("ca_file"), "{out}");
+    let (code, out) = run_to_exit(&files, &["run"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("TLS") && out.contains("ca_file"), "{out}");
+}
