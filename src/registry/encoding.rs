@@ -163,8 +163,8 @@ impl Encoding {
         out.extend(id.to_be_bytes());
         match &self.body {
             Body::Avro(schema) => {
-                fits_avro(value, schema, "")?;
-                let avro = apache_avro::types::Value::from(value.clone())
+                let fitted = fit_avro(value, schema, "")?;
+                let avro = apache_avro::types::Value::from(fitted)
                     .resolve(schema)
                     .map_err(|e| format!("does not fit the Avro schema: {e}"))?;
                 let body = apache_avro::to_avro_datum(schema, avro)
@@ -189,13 +189,19 @@ impl Encoding {
     }
 }
 
-/// What the Avro library would get wrong silently, refused first: it turns
-/// a JSON number past `int` into a wrong `int` (4294967351 became 55) and
-/// one past `long` into a negative, and drops the fields a nested record
-/// lacks. Walks `value` against `schema`; `path` names the place (a JSON
-/// pointer). What the library refuses by itself (a string for a number, a
-/// missing field) is left to it.
-fn fits_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<(), String> {
+/// `value` made ready for the Avro library, or why it does not fit.
+///
+/// Refused first, what the library would get wrong silently: it turns a
+/// JSON number past `int` into a wrong `int` (4294967351 became 55) and one
+/// past `long` into a negative, and drops the fields a nested record
+/// lacks. Converted, what JSON can only carry as text: an RFC 3339 string
+/// for a `timestamp-*` field (to the epoch count), an ISO 8601 string with
+/// no offset for a `local-timestamp-*` one, `YYYY-MM-DD` for a `date`,
+/// `HH:MM:SS[.fff]` for a `time-*` (the library takes only numbers for
+/// them). `path` names the place (a JSON pointer). What the library
+/// refuses by itself (a string for a plain number, a missing field) is
+/// left to it.
+fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<Value, String> {
     use apache_avro::Schema as S;
     let out_of = |range: &str| {
         Err(format!(
@@ -206,7 +212,7 @@ fn fits_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<
         (S::Int | S::Date | S::TimeMillis, Value::Number(n)) => {
             // Fractions are the library's to refuse.
             if n.is_f64() || n.as_i64().is_some_and(|n| i32::try_from(n).is_ok()) {
-                Ok(())
+                Ok(value.clone())
             } else {
                 out_of("int")
             }
@@ -218,14 +224,29 @@ fn fits_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<
             | S::TimestampMicros
             | S::TimestampNanos
             | S::LocalTimestampMillis
-            | S::LocalTimestampMicros,
+            | S::LocalTimestampMicros
+            | S::LocalTimestampNanos,
             Value::Number(n),
         ) => {
             if n.as_u64().is_some_and(|n| n > i64::MAX as u64) {
                 return out_of("long");
             }
-            Ok(())
+            Ok(value.clone())
         }
+        (
+            S::Date
+            | S::TimeMillis
+            | S::TimeMicros
+            | S::TimestampMillis
+            | S::TimestampMicros
+            | S::TimestampNanos
+            | S::LocalTimestampMillis
+            | S::LocalTimestampMicros
+            | S::LocalTimestampNanos,
+            Value::String(text),
+        ) => logical_from_text(schema, text)
+            .map(Value::from)
+            .ok_or_else(|| format!("`{path}`: {value} is not a {}", text_form(schema))),
         (S::Record(record), Value::Object(object)) => {
             if let Some(extra) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
                 return Err(format!(
@@ -233,34 +254,133 @@ fn fits_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<
                     record.name.fullname(None)
                 ));
             }
+            let mut fitted = serde_json::Map::with_capacity(object.len());
             for field in &record.fields {
                 if let Some(v) = object.get(&field.name) {
-                    fits_avro(v, &field.schema, &format!("{path}/{}", field.name))?;
+                    let v = fit_avro(v, &field.schema, &format!("{path}/{}", field.name))?;
+                    fitted.insert(field.name.clone(), v);
                 }
             }
-            Ok(())
+            Ok(Value::Object(fitted))
         }
         (S::Array(array), Value::Array(items)) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, v)| fits_avro(v, &array.items, &format!("{path}/{i}"))),
+            .map(|(i, v)| fit_avro(v, &array.items, &format!("{path}/{i}")))
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
         (S::Map(map), Value::Object(object)) => object
             .iter()
-            .try_for_each(|(k, v)| fits_avro(v, &map.types, &format!("{path}/{k}"))),
-        // A union takes the value if one of its branches does.
+            .map(|(k, v)| Ok((k.clone(), fit_avro(v, &map.types, &format!("{path}/{k}"))?)))
+            .collect::<Result<_, String>>()
+            .map(Value::Object),
+        // A string stays one where the union takes strings as they are.
+        (S::Union(union), Value::String(_))
+            if union
+                .variants()
+                .iter()
+                .any(|b| matches!(b, S::String | S::Uuid | S::Enum(_))) =>
+        {
+            Ok(value.clone())
+        }
+        // A union takes the value if one of its branches of the value's
+        // kind does.
         (S::Union(union), _) if !value.is_null() => {
             let mut first_error = None;
-            for branch in union.variants() {
-                match fits_avro(value, branch, path) {
-                    Ok(()) => return Ok(()),
+            for branch in union.variants().iter().filter(|b| takes_kind(b, value)) {
+                match fit_avro(value, branch, path) {
+                    Ok(fitted) => return Ok(fitted),
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }
                 }
             }
-            first_error.map_or(Ok(()), Err)
+            first_error.map_or_else(|| Ok(value.clone()), Err)
         }
-        _ => Ok(()),
+        _ => Ok(value.clone()),
+    }
+}
+
+/// Whether `schema` can take a JSON value of `value`'s kind at all (a
+/// number, a string, ...), to pick a union's branch.
+fn takes_kind(schema: &apache_avro::Schema, value: &Value) -> bool {
+    use apache_avro::Schema as S;
+    match value {
+        Value::Null => matches!(schema, S::Null),
+        Value::Bool(_) => matches!(schema, S::Boolean),
+        Value::Number(_) => matches!(
+            schema,
+            S::Int
+                | S::Long
+                | S::Float
+                | S::Double
+                | S::Date
+                | S::TimeMillis
+                | S::TimeMicros
+                | S::TimestampMillis
+                | S::TimestampMicros
+                | S::TimestampNanos
+                | S::LocalTimestampMillis
+                | S::LocalTimestampMicros
+                | S::LocalTimestampNanos
+        ),
+        Value::String(_) => !matches!(
+            schema,
+            S::Null
+                | S::Boolean
+                | S::Int
+                | S::Long
+                | S::Float
+                | S::Double
+                | S::Array(_)
+                | S::Map(_)
+                | S::Record(_)
+        ),
+        Value::Array(_) => matches!(schema, S::Array(_) | S::Bytes | S::Fixed(_)),
+        Value::Object(_) => matches!(schema, S::Record(_) | S::Map(_) | S::Ref { .. }),
+    }
+}
+
+/// The number a logical type's text form stands for, if `text` is one.
+fn logical_from_text(schema: &apache_avro::Schema, text: &str) -> Option<i64> {
+    use apache_avro::Schema as S;
+    use chrono::{NaiveDate, NaiveDateTime, NaiveTime, Timelike};
+    let midnight = |t: NaiveTime| {
+        i64::from(t.num_seconds_from_midnight()) * 1_000_000 + i64::from(t.nanosecond() / 1_000)
+    };
+    let local = || NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok();
+    let zoned = || chrono::DateTime::parse_from_rfc3339(text).ok();
+    match schema {
+        S::Date => {
+            let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+            Some(date.signed_duration_since(NaiveDate::default()).num_days())
+        }
+        S::TimeMillis => {
+            Some(midnight(NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?) / 1000)
+        }
+        S::TimeMicros => Some(midnight(
+            NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?,
+        )),
+        S::TimestampMillis => Some(zoned()?.timestamp_millis()),
+        S::TimestampMicros => Some(zoned()?.timestamp_micros()),
+        S::TimestampNanos => zoned()?.timestamp_nanos_opt(),
+        S::LocalTimestampMillis => Some(local()?.and_utc().timestamp_millis()),
+        S::LocalTimestampMicros => Some(local()?.and_utc().timestamp_micros()),
+        S::LocalTimestampNanos => local()?.and_utc().timestamp_nanos_opt(),
+        _ => None,
+    }
+}
+
+/// The text a logical type takes, for errors.
+fn text_form(schema: &apache_avro::Schema) -> &'static str {
+    use apache_avro::Schema as S;
+    match schema {
+        S::Date => "date (YYYY-MM-DD) for Avro date",
+        S::TimeMillis | S::TimeMicros => "time of day (HH:MM:SS[.fff]) for Avro time",
+        S::LocalTimestampMillis | S::LocalTimestampMicros | S::LocalTimestampNanos => {
+            "local date-time (YYYY-MM-DDTHH:MM:SS[.fff], no offset) for Avro local-timestamp"
+        }
+        _ => "RFC 3339 timestamp for Avro timestamp (within 1677-2262 for nanoseconds)",
     }
 }
 
@@ -486,6 +606,75 @@ mod tests {
             .encode(&json!({"unit": 7, "ambient_c": 1.0, "blower_pct": 1}))
             .unwrap_err();
         assert!(wrong.starts_with("does not fit the Avro schema"), "{wrong}");
+    }
+
+    /// JSON carries times as text; Avro's logical types want numbers.
+    #[test]
+    fn logical_types_take_their_text_forms() {
+        use apache_avro::types::Value as A;
+        let avsc = r#"{"type": "record", "name": "T", "fields": [
+            {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+            {"name": "local", "type": {"type": "long", "logicalType": "local-timestamp-millis"}},
+            {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+            {"name": "at", "type": {"type": "int", "logicalType": "time-millis"}},
+            {"name": "maybe", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]},
+            {"name": "either", "type": ["null", "string", {"type": "long", "logicalType": "timestamp-millis"}]},
+            {"name": "n", "type": {"type": "long", "logicalType": "timestamp-millis"}}
+        ]}"#;
+        let mut e = compile(
+            EncodingFormat::Avro,
+            &[("t.avsc", avsc)],
+            Some("t.avsc"),
+            None,
+            SubjectStrategy::TopicName,
+            Some("t"),
+        )
+        .unwrap()
+        .unwrap();
+        e.set_id(1);
+        let record = json!({
+            "ts": "2026-12-01T13:59:30.250+01:00",
+            "us": "2026-12-01T12:59:30.000001Z",
+            "local": "2026-12-01T12:59:30.250",
+            "day": "2026-12-01",
+            "at": "12:59:30.250",
+            "maybe": "2026-12-01T12:59:30.250Z",
+            "either": "2026-12-01T12:59:30.250Z",
+            "n": 1_796_129_970_250i64
+        });
+        let bytes = e.encode(&record).unwrap();
+        let Body::Avro(schema) = &e.body else {
+            panic!("avro")
+        };
+        let A::Record(fields) =
+            apache_avro::from_avro_datum(schema, &mut &bytes[5..], None).unwrap()
+        else {
+            panic!("a record")
+        };
+        let ms = 1_796_129_970_250i64;
+        assert_eq!(
+            fields.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+            [
+                A::TimestampMillis(ms),
+                A::TimestampMicros(1_796_129_970_000_001),
+                A::LocalTimestampMillis(ms),
+                A::Date(20_788),
+                A::TimeMillis(46_770_250),
+                A::Union(1, Box::new(A::TimestampMillis(ms))),
+                // A union with a string branch keeps the text.
+                A::Union(1, Box::new(A::String("2026-12-01T12:59:30.250Z".into()))),
+                A::TimestampMillis(ms),
+            ]
+        );
+        let mut wrong = record.clone();
+        wrong["ts"] = json!("yesterday");
+        assert_eq!(
+            e.encode(&wrong).unwrap_err(),
+            "`/ts`: \"yesterday\" is not a RFC 3339 timestamp for Avro timestamp (within 1677-2262 for nanoseconds)"
+        );
+        wrong["ts"] = json!("2026-12-01T12:59:30");
+        assert!(e.encode(&wrong).is_err(), "no offset: not RFC 3339");
     }
 
     const PROTO: &str = "syntax = \"proto3\";\npackage hvac.v1;\nmessage Other { int32 a = 1; }\nmessage Telemetry {\n  message Part { string name = 1; }\n  string unit = 1;\n  double ambient_c = 2;\n}\n";
