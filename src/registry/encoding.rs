@@ -233,18 +233,7 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
             }
             Ok(value.clone())
         }
-        (
-            S::Date
-            | S::TimeMillis
-            | S::TimeMicros
-            | S::TimestampMillis
-            | S::TimestampMicros
-            | S::TimestampNanos
-            | S::LocalTimestampMillis
-            | S::LocalTimestampMicros
-            | S::LocalTimestampNanos,
-            Value::String(text),
-        ) => logical_from_text(schema, text)
+        (_, Value::String(text)) if is_time(schema) => logical_from_text(schema, text)
             .map(Value::from)
             .ok_or_else(|| format!("`{path}`: {value} is not a {}", text_form(schema))),
         (S::Record(record), Value::Object(object)) => {
@@ -308,22 +297,9 @@ fn takes_kind(schema: &apache_avro::Schema, value: &Value) -> bool {
     match value {
         Value::Null => matches!(schema, S::Null),
         Value::Bool(_) => matches!(schema, S::Boolean),
-        Value::Number(_) => matches!(
-            schema,
-            S::Int
-                | S::Long
-                | S::Float
-                | S::Double
-                | S::Date
-                | S::TimeMillis
-                | S::TimeMicros
-                | S::TimestampMillis
-                | S::TimestampMicros
-                | S::TimestampNanos
-                | S::LocalTimestampMillis
-                | S::LocalTimestampMicros
-                | S::LocalTimestampNanos
-        ),
+        Value::Number(_) => {
+            matches!(schema, S::Int | S::Long | S::Float | S::Double) || is_time(schema)
+        }
         Value::String(_) => !matches!(
             schema,
             S::Null
@@ -339,6 +315,23 @@ fn takes_kind(schema: &apache_avro::Schema, value: &Value) -> bool {
         Value::Array(_) => matches!(schema, S::Array(_) | S::Bytes | S::Fixed(_)),
         Value::Object(_) => matches!(schema, S::Record(_) | S::Map(_) | S::Ref { .. }),
     }
+}
+
+/// Whether `schema` is a logical type of dates and times.
+fn is_time(schema: &apache_avro::Schema) -> bool {
+    use apache_avro::Schema as S;
+    matches!(
+        schema,
+        S::Date
+            | S::TimeMillis
+            | S::TimeMicros
+            | S::TimestampMillis
+            | S::TimestampMicros
+            | S::TimestampNanos
+            | S::LocalTimestampMillis
+            | S::LocalTimestampMicros
+            | S::LocalTimestampNanos
+    )
 }
 
 /// The number a logical type's text form stands for, if `text` is one.
