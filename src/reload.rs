@@ -125,11 +125,18 @@ impl Reloader {
 
     async fn reload(&mut self) -> Result<Summary, ReloadError> {
         let path = self.path.clone();
-        // Files and schemas are read and compiled off the runtime.
-        let loaded = tokio::task::spawn_blocking(move || load(&path))
-            .await
-            .map_err(|_| ReloadError::Stopping)??;
-        let (config, table, commands) = loaded;
+        // Files and schemas are read and compiled off the runtime, and so
+        // is the list of files to watch (it compiles each `.proto` for
+        // its imports).
+        let loaded = tokio::task::spawn_blocking(move || {
+            load(&path).map(|loaded| {
+                let files = loaded.0.files();
+                (loaded, files)
+            })
+        })
+        .await
+        .map_err(|_| ReloadError::Stopping)??;
+        let ((config, table, commands), files) = loaded;
         let settings = restart_only_changes(&self.running, &config.bridge);
         if !settings.is_empty() {
             return Err(ReloadError::RestartNeeded {
@@ -174,7 +181,7 @@ impl Reloader {
                 .await
                 .map_err(|_| ReloadError::Stopping)?;
         }
-        self.files.send_replace(config.files());
+        self.files.send_replace(files);
         Ok(summary)
     }
 }

@@ -70,6 +70,7 @@ impl Config {
     /// mapping files and the schemas they name (what `--watch` watches).
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
+        let mut compiled = std::collections::HashSet::new();
         // Renewed certificates are taken by a reload.
         if let Some(tls) = &self.bridge.mqtt.tls {
             files.extend(tls.files().cloned());
@@ -97,7 +98,8 @@ impl Config {
                     .chain(encodings)
                     .map(|s| dir.join(s)),
             );
-            // A route's .proto with every file it imports.
+            // A route's .proto with every file it imports (compiled once
+            // however many routes use it).
             for protobuf in mapping
                 .file
                 .routes
@@ -106,6 +108,9 @@ impl Config {
             {
                 let file = dir.join(&protobuf.file);
                 let include: Vec<PathBuf> = protobuf.include.iter().map(|d| dir.join(d)).collect();
+                if !compiled.insert((file.clone(), include.clone())) {
+                    continue;
+                }
                 let sources = crate::route::ProtobufFormat::source_files(&file, &include);
                 if sources.is_empty() {
                     files.push(file);

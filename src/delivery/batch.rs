@@ -151,6 +151,15 @@ impl Batch {
                 Err(SinkError::Rejected(code)) if entry.origin.is_some() => {
                     self.replace(table, id, code);
                 }
+                Err(SinkError::Rejected(code)) => {
+                    // As when a delivery report says so (see `refused`):
+                    // not the data's fault; the batch is retried with
+                    // backoff, and the transaction must not commit
+                    // without it.
+                    tracing::error!(?code, topic = %entry.record.topic, "Kafka refused an exactly-once state record");
+                    sink.doom(rdkafka::error::KafkaError::MessageProduction(code));
+                    return Ok(());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -268,6 +277,7 @@ impl Batch {
             // Any failed delivery leaves the transaction abortable: stop
             // here, the commit says so. Only a suspect delivered alone
             // with nothing failed is cleared.
+            // (A failed flush dooms the transaction.)
             if sink.flush().await.is_err() || sink.has_failures() {
                 return Ok(());
             }

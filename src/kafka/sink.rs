@@ -315,7 +315,7 @@ impl TransactionalSink {
         loop {
             match init_transactions(&producer, commit_timeout).await {
                 Err(SinkError::Retriable(error)) => {
-                    tracing::warn!(%error, retry_in_ms = backoff.delay().as_millis() as u64, "Kafka cannot start the transactional producer yet; retrying");
+                    tracing::warn!(%error, bootstrap_servers = %kafka.bootstrap_servers, retry_in_ms = backoff.delay().as_millis() as u64, "Kafka cannot start the transactional producer yet; retrying");
                     tokio::time::sleep(backoff.delay()).await;
                     backoff.grow();
                 }
@@ -399,11 +399,24 @@ impl TransactionalSink {
 
     /// Waits until every record sent so far is delivered or failed, so
     /// that the next one travels alone (used to find which of several
-    /// refused records is at fault).
-    pub async fn flush(&self) -> Result<(), SinkError> {
+    /// refused records is at fault). A flush that fails dooms the
+    /// transaction: whoever gives up on sending the rest of it after this
+    /// cannot commit it by mistake.
+    pub async fn flush(&mut self) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let timeout = self.commit_timeout;
-        blocking("flush", move || flush(&producer, timeout, OnFailure::Stop)).await
+        let flushed = blocking("flush", move || flush(&producer, timeout, OnFailure::Stop)).await;
+        if let Err(SinkError::Abortable(error) | SinkError::Retriable(error)) = &flushed {
+            self.doom(error.clone());
+        }
+        flushed
+    }
+
+    /// Makes the open transaction's commit fail (with `error`), so that it
+    /// is aborted and produced again: for a record that could not be put
+    /// in it.
+    pub fn doom(&mut self, error: KafkaError) {
+        self.doomed.get_or_insert(error);
     }
 
     /// Starts a transaction unless one is open.
@@ -436,7 +449,7 @@ impl TransactionalSink {
     ) -> Result<(), SinkError> {
         let sent = self.enqueue(record, tombstone, id).await;
         if let Err(SinkError::Abortable(error)) = &sent {
-            self.doomed.get_or_insert_with(|| error.clone());
+            self.doom(error.clone());
         }
         sent
     }
@@ -488,8 +501,9 @@ impl TransactionalSink {
     /// Commits the open transaction: every record sent since `begin` becomes
     /// visible to `read_committed` consumers at once, or none does.
     pub async fn commit(&mut self) -> Result<(), SinkError> {
-        if let Some(error) = self.doomed.take() {
-            return Err(SinkError::Abortable(error));
+        // Kept until the abort: a commit asked for again still fails.
+        if let Some(error) = &self.doomed {
+            return Err(SinkError::Abortable(error.clone()));
         }
         if !self.in_transaction {
             return Ok(());

@@ -18,7 +18,7 @@ pub enum RegistryError {
     Unreachable { url: String, error: String },
     /// Reached, but its certificate is not trusted (or the handshake
     /// failed): a configuration problem, not an outage.
-    #[error("schema registry {url} failed the TLS handshake: {error} (schema_registry.ca_file must hold the CA that signed the registry's certificate)")]
+    #[error("schema registry {url} failed the TLS handshake: {error} (check that schema_registry.ca_file holds the CA that signed the registry's certificate, that the certificate is for the URL's host and still valid, and that the URL is https on an https port)")]
     Tls { url: String, error: String },
     /// The registry answered with an error (incompatible, invalid schema,
     /// not authorised).

@@ -28,7 +28,10 @@ pub struct Encoding {
 
 #[derive(Debug)]
 enum Body {
-    Avro(Box<apache_avro::Schema>),
+    Avro {
+        schema: Box<apache_avro::Schema>,
+        names: AvroNames,
+    },
     Protobuf {
         message: MessageDescriptor,
         /// Confluent's message indexes: the message's path in its file.
@@ -90,7 +93,22 @@ impl Encoding {
                     apache_avro::Schema::Record(record) => Some(record.name.fullname(None)),
                     _ => None,
                 };
-                (Body::Avro(Box::new(schema)), "AVRO", name)
+                let names: AvroNames = apache_avro::schema::ResolvedSchema::try_from(&schema)
+                    .map_err(|e| {
+                        (
+                            field("schema"),
+                            format!("{}: not an Avro schema: {e}", path.display()),
+                        )
+                    })?
+                    .get_names()
+                    .iter()
+                    .map(|(name, schema)| (name.clone(), (*schema).clone()))
+                    .collect();
+                let body = Body::Avro {
+                    schema: Box::new(schema),
+                    names,
+                };
+                (body, "AVRO", name)
             }
             EncodingFormat::Protobuf => {
                 let Some(name) = &config.message else {
@@ -162,8 +180,8 @@ impl Encoding {
         out.push(0);
         out.extend(id.to_be_bytes());
         match &self.body {
-            Body::Avro(schema) => {
-                let fitted = fit_avro(value, schema, "")?;
+            Body::Avro { schema, names } => {
+                let fitted = fit_avro(value, schema, names, "", 0)?;
                 let avro = apache_avro::types::Value::from(fitted)
                     .resolve(schema)
                     .map_err(|e| format!("does not fit the Avro schema: {e}"))?;
@@ -201,14 +219,30 @@ impl Encoding {
 /// them). `path` names the place (a JSON pointer). What the library
 /// refuses by itself (a string for a plain number, a missing field) is
 /// left to it.
-fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<Value, String> {
+fn fit_avro(
+    value: &Value,
+    schema: &apache_avro::Schema,
+    names: &AvroNames,
+    path: &str,
+    depth: usize,
+) -> Result<Value, String> {
     use apache_avro::Schema as S;
-    let out_of = |range: &str| {
-        Err(format!(
-            "`{path}`: {value} is out of range for Avro {range}"
-        ))
+    let at = if path.is_empty() { "/" } else { path };
+    let out_of = |range: &str| Err(format!("`{at}`: {value} is out of range for Avro {range}"));
+    if depth > MAX_AVRO_DEPTH {
+        return Err(format!(
+            "`{at}`: nested deeper than {MAX_AVRO_DEPTH} levels"
+        ));
+    }
+    let fit = |value: &Value, schema: &apache_avro::Schema, path: &str| {
+        fit_avro(value, schema, names, path, depth + 1)
     };
     match (schema, value) {
+        // A type declared once and used again by its name.
+        (S::Ref { name }, _) => match names.get(name) {
+            Some(named) => fit(value, named, path),
+            None => Ok(value.clone()),
+        },
         (S::Int | S::Date | S::TimeMillis, Value::Number(n)) => {
             // Fractions are the library's to refuse.
             if n.is_f64() || n.as_i64().is_some_and(|n| i32::try_from(n).is_ok()) {
@@ -235,9 +269,14 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
         }
         (_, Value::String(text)) if is_time(schema) => logical_from_text(schema, text)
             .map(Value::from)
-            .ok_or_else(|| format!("`{path}`: {value} is not a {}", text_form(schema))),
+            .ok_or_else(|| format!("`{at}`: {value} is not {}", text_form(schema))),
         (S::Record(record), Value::Object(object)) => {
-            if let Some(extra) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
+            // By name: an alias would pass the library's lookup and then be
+            // dropped for the field's default.
+            if let Some(extra) = object
+                .keys()
+                .find(|k| !record.fields.iter().any(|f| &f.name == *k))
+            {
                 return Err(format!(
                     "field `{path}/{extra}` is not in the Avro schema `{}`",
                     record.name.fullname(None)
@@ -246,7 +285,7 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
             let mut fitted = serde_json::Map::with_capacity(object.len());
             for field in &record.fields {
                 if let Some(v) = object.get(&field.name) {
-                    let v = fit_avro(v, &field.schema, &format!("{path}/{}", field.name))?;
+                    let v = fit(v, &field.schema, &format!("{path}/{}", field.name))?;
                     fitted.insert(field.name.clone(), v);
                 }
             }
@@ -255,12 +294,12 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
         (S::Array(array), Value::Array(items)) => items
             .iter()
             .enumerate()
-            .map(|(i, v)| fit_avro(v, &array.items, &format!("{path}/{i}")))
+            .map(|(i, v)| fit(v, &array.items, &format!("{path}/{i}")))
             .collect::<Result<_, _>>()
             .map(Value::Array),
         (S::Map(map), Value::Object(object)) => object
             .iter()
-            .map(|(k, v)| Ok((k.clone(), fit_avro(v, &map.types, &format!("{path}/{k}"))?)))
+            .map(|(k, v)| Ok((k.clone(), fit(v, &map.types, &format!("{path}/{k}"))?)))
             .collect::<Result<_, String>>()
             .map(Value::Object),
         // A string stays one where the union takes strings as they are.
@@ -268,7 +307,7 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
             if union
                 .variants()
                 .iter()
-                .any(|b| matches!(b, S::String | S::Uuid | S::Enum(_))) =>
+                .any(|b| matches!(named(b, names), S::String | S::Uuid | S::Enum(_))) =>
         {
             Ok(value.clone())
         }
@@ -276,8 +315,12 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
         // kind does.
         (S::Union(union), _) if !value.is_null() => {
             let mut first_error = None;
-            for branch in union.variants().iter().filter(|b| takes_kind(b, value)) {
-                match fit_avro(value, branch, path) {
+            for branch in union
+                .variants()
+                .iter()
+                .filter(|b| takes_kind(named(b, names), value))
+            {
+                match fit(value, branch, path) {
                     Ok(fitted) => return Ok(fitted),
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -287,6 +330,21 @@ fn fit_avro(value: &Value, schema: &apache_avro::Schema, path: &str) -> Result<V
             first_error.map_or_else(|| Ok(value.clone()), Err)
         }
         _ => Ok(value.clone()),
+    }
+}
+
+/// The named types of an Avro schema, by full name, for the references
+/// to them.
+type AvroNames = std::collections::HashMap<apache_avro::schema::Name, apache_avro::Schema>;
+
+/// Deeper than any schema needs; JSON payloads stop at 128 levels anyway.
+const MAX_AVRO_DEPTH: usize = 256;
+
+/// `schema`, or the type it refers to by name.
+fn named<'a>(schema: &'a apache_avro::Schema, names: &'a AvroNames) -> &'a apache_avro::Schema {
+    match schema {
+        apache_avro::Schema::Ref { name } => names.get(name).unwrap_or(schema),
+        _ => schema,
     }
 }
 
@@ -338,8 +396,12 @@ fn is_time(schema: &apache_avro::Schema) -> bool {
 fn logical_from_text(schema: &apache_avro::Schema, text: &str) -> Option<i64> {
     use apache_avro::Schema as S;
     use chrono::{NaiveDate, NaiveDateTime, NaiveTime, Timelike};
+    // chrono reads a leap second (`23:59:60.5`) as a nanosecond past
+    // 999_999_999, which would count past the end of the day.
     let midnight = |t: NaiveTime| {
-        i64::from(t.num_seconds_from_midnight()) * 1_000_000 + i64::from(t.nanosecond() / 1_000)
+        (t.nanosecond() < 1_000_000_000).then(|| {
+            i64::from(t.num_seconds_from_midnight()) * 1_000_000 + i64::from(t.nanosecond() / 1_000)
+        })
     };
     let local = || NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok();
     let zoned = || chrono::DateTime::parse_from_rfc3339(text).ok();
@@ -349,11 +411,9 @@ fn logical_from_text(schema: &apache_avro::Schema, text: &str) -> Option<i64> {
             Some(date.signed_duration_since(NaiveDate::default()).num_days())
         }
         S::TimeMillis => {
-            Some(midnight(NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?) / 1000)
+            Some(midnight(NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?)? / 1000)
         }
-        S::TimeMicros => Some(midnight(
-            NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?,
-        )),
+        S::TimeMicros => midnight(NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?),
         S::TimestampMillis => Some(zoned()?.timestamp_millis()),
         S::TimestampMicros => Some(zoned()?.timestamp_micros()),
         S::TimestampNanos => zoned()?.timestamp_nanos_opt(),
@@ -368,12 +428,16 @@ fn logical_from_text(schema: &apache_avro::Schema, text: &str) -> Option<i64> {
 fn text_form(schema: &apache_avro::Schema) -> &'static str {
     use apache_avro::Schema as S;
     match schema {
-        S::Date => "date (YYYY-MM-DD) for Avro date",
-        S::TimeMillis | S::TimeMicros => "time of day (HH:MM:SS[.fff]) for Avro time",
-        S::LocalTimestampMillis | S::LocalTimestampMicros | S::LocalTimestampNanos => {
-            "local date-time (YYYY-MM-DDTHH:MM:SS[.fff], no offset) for Avro local-timestamp"
+        S::Date => "a date (YYYY-MM-DD) for Avro date",
+        S::TimeMillis | S::TimeMicros => "a time of day (HH:MM:SS[.fff]) for Avro time",
+        S::LocalTimestampMillis | S::LocalTimestampMicros => {
+            "a local date-time (YYYY-MM-DDTHH:MM:SS[.fff], no offset) for Avro local-timestamp"
         }
-        _ => "RFC 3339 timestamp for Avro timestamp (within 1677-2262 for nanoseconds)",
+        S::LocalTimestampNanos => {
+            "a local date-time (YYYY-MM-DDTHH:MM:SS[.fff], no offset, within 1677-2262) for Avro local-timestamp-nanos"
+        }
+        S::TimestampNanos => "an RFC 3339 timestamp (within 1677-2262) for Avro timestamp-nanos",
+        _ => "an RFC 3339 timestamp for Avro timestamp",
     }
 }
 
@@ -601,6 +665,49 @@ mod tests {
         assert!(wrong.starts_with("does not fit the Avro schema"), "{wrong}");
     }
 
+    /// A record type used a second time is a reference by name: the
+    /// checks and conversions follow it (the range check once did not,
+    /// and the library wrapped the number). An alias is not a field name.
+    #[test]
+    fn named_types_used_again_are_checked_and_aliases_refused() {
+        let avsc = r#"{"type": "record", "name": "T", "fields": [
+            {"name": "a", "type": {"type": "record", "name": "P", "fields": [
+                {"name": "n", "type": "int"},
+                {"name": "at", "type": {"type": "int", "logicalType": "time-millis"}}
+            ]}},
+            {"name": "b", "type": "P"},
+            {"name": "c", "type": "int", "aliases": ["old_c"], "default": 0}
+        ]}"#;
+        let mut e = compile(
+            EncodingFormat::Avro,
+            &[("t.avsc", avsc)],
+            Some("t.avsc"),
+            None,
+            SubjectStrategy::TopicName,
+            Some("t"),
+        )
+        .unwrap()
+        .unwrap();
+        e.set_id(1);
+        let p = json!({"n": 1, "at": "00:00:01"});
+        assert!(e.encode(&json!({"a": p, "b": p, "c": 1})).is_ok());
+        let wrapped = json!({"a": p, "b": {"n": 4_294_967_351u64, "at": 0}, "c": 1});
+        assert_eq!(
+            e.encode(&wrapped).unwrap_err(),
+            "`/b/n`: 4294967351 is out of range for Avro int"
+        );
+        let leap = json!({"a": p, "b": {"n": 1, "at": "23:59:60.5"}, "c": 1});
+        assert!(e
+            .encode(&leap)
+            .unwrap_err()
+            .starts_with("`/b/at`: \"23:59:60.5\" is not a time of day"));
+        let alias = json!({"a": p, "b": p, "old_c": 7});
+        assert_eq!(
+            e.encode(&alias).unwrap_err(),
+            "field `/old_c` is not in the Avro schema `T`"
+        );
+    }
+
     /// JSON carries times as text; Avro's logical types want numbers.
     #[test]
     fn logical_types_take_their_text_forms() {
@@ -637,7 +744,7 @@ mod tests {
             "n": 1_796_129_970_250i64
         });
         let bytes = e.encode(&record).unwrap();
-        let Body::Avro(schema) = &e.body else {
+        let Body::Avro { schema, .. } = &e.body else {
             panic!("avro")
         };
         let A::Record(fields) =
@@ -664,7 +771,7 @@ mod tests {
         wrong["ts"] = json!("yesterday");
         assert_eq!(
             e.encode(&wrong).unwrap_err(),
-            "`/ts`: \"yesterday\" is not a RFC 3339 timestamp for Avro timestamp (within 1677-2262 for nanoseconds)"
+            "`/ts`: \"yesterday\" is not an RFC 3339 timestamp for Avro timestamp"
         );
         wrong["ts"] = json!("2026-12-01T12:59:30");
         assert!(e.encode(&wrong).is_err(), "no offset: not RFC 3339");

@@ -165,6 +165,11 @@ pub fn resolve<'a>(
             Ok(None) => problems.push(format!(
                 "{route}: the schema is not registered under subject `{subject}`, and schema_registry.auto_register is false"
             )),
+            // Every route would say the same, each after a handshake.
+            Err(e @ RegistryError::Tls { .. }) => {
+                problems.push(e.to_string());
+                break;
+            }
             Err(e) => problems.push(format!("{route}: {e}")),
         }
     }

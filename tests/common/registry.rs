@@ -61,7 +61,7 @@ pub fn shared() -> &'static Registry {
         std::thread::Builder::new()
             .name("shared-registry".into())
             .spawn(move || match start(None) {
-                Ok((registry, child)) => {
+                Ok((registry, child, _)) => {
                     tx.send(Ok(registry)).expect("report the registry");
                     // Held, never waited for: the process's exit ends it.
                     let _child = child;
@@ -197,16 +197,20 @@ impl HttpsRegistry {
     /// Starts one serving `server` (certificate and key, PEM) on an HTTPS
     /// port besides its plain one.
     ///
+    /// Call it from the test's own thread (a `#[tokio::test]` body is):
+    /// the registry's parent-death signal follows the thread that starts
+    /// it, so one started from a pool thread could die with that thread.
+    ///
     /// # Panics
     /// If it cannot be started, with the end of its log.
     pub fn start(server: &super::certs::Identity) -> Self {
-        let https_port = free_port();
         let tls = Tls {
             cert: server.cert_file.clone(),
             key: server.key_file.clone(),
-            port: https_port,
         };
-        let (registry, child) = start(Some(&tls)).unwrap_or_else(|message| panic!("{message}"));
+        let (registry, child, https_port) =
+            start(Some(&tls)).unwrap_or_else(|message| panic!("{message}"));
+        let https_port = https_port.expect("an HTTPS port");
         Self {
             registry,
             https_url: format!("https://127.0.0.1:{https_port}{CCOMPAT_PATH}"),
@@ -226,21 +230,23 @@ impl Drop for HttpsRegistry {
 struct Tls {
     cert: PathBuf,
     key: PathBuf,
-    port: u16,
 }
 
-/// Fetches, launches and awaits a registry; on failure, why, with the
-/// end of its log.
-fn start(tls: Option<&Tls>) -> Result<(Registry, Child), String> {
+/// Fetches, launches and awaits a registry (with an HTTPS port, whose
+/// number comes back, if `tls`); on failure, why, with the end of its log.
+fn start(tls: Option<&Tls>) -> Result<(Registry, Child, Option<u16>), String> {
     remove_stale_dirs();
     let jar = runner_jar()?;
     // Named after this process, so a later run removes it once this
     // process is gone (`remove_stale_dirs`); kept until then for its log.
-    let dir = std::env::temp_dir().join(format!(
-        "mkb-registry-{}{}",
-        std::process::id(),
-        if tls.is_some() { "-https" } else { "" }
-    ));
+    let dir = std::env::temp_dir().join(match tls {
+        None => format!("mkb-registry-{}", std::process::id()),
+        Some(_) => format!(
+            "mkb-registry-{}-https-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ),
+    });
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let log = dir.join("registry.log");
     for _attempt in 0..START_ATTEMPTS {
@@ -254,10 +260,11 @@ fn start(tls: Option<&Tls>) -> Result<(Registry, Child), String> {
         let log_err = log_file
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        let https_port = tls.map(|_| free_port());
         let mut command = java(&dir, port, management_port);
-        if let Some(tls) = tls {
+        if let (Some(tls), Some(https_port)) = (tls, https_port) {
             command
-                .arg(format!("-Dquarkus.http.ssl-port={}", tls.port))
+                .arg(format!("-Dquarkus.http.ssl-port={https_port}"))
                 .arg(format!(
                     "-Dquarkus.http.ssl.certificate.files={}",
                     tls.cert.display()
@@ -283,8 +290,8 @@ fn start(tls: Option<&Tls>) -> Result<(Registry, Child), String> {
             port,
             log: log.clone(),
         };
-        match await_ready(&mut child, port, tls.map(|t| t.port)) {
-            Launch::Ready => return Ok((registry, child)),
+        match await_ready(&mut child, port, https_port) {
+            Launch::Ready => return Ok((registry, child, https_port)),
             Launch::Exited => continue,
             Launch::TimedOut => {
                 let _ = child.kill();
@@ -487,8 +494,10 @@ fn remove_stale_dirs() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        // `mkb-registry-<pid>` or `mkb-registry-<pid>-https-<n>`.
         let Some(pid) = name
             .strip_prefix("mkb-registry-")
+            .and_then(|p| p.split('-').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;

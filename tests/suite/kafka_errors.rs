@@ -213,6 +213,12 @@ async fn a_refused_record_fails_the_commit_without_waiting_for_the_rest() {
         "{committed:?} after {:?}",
         started.elapsed()
     );
+    // Well before the late answer (10 s): the flush did not wait for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     sink.abort().await.expect("abort");
     let refusals = sink.take_refusals();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
@@ -249,4 +255,43 @@ async fn a_coordinator_still_loading_at_start_up_is_waited_for() {
         .await
         .expect("send");
     sink.commit().await.expect("commit");
+}
+
+/// A flush that times out dooms the transaction: whoever gave up on
+/// sending the rest of it (the batch producing its suspects one at a
+/// time) cannot then commit it without them, even once the records sent
+/// so far are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_flush_timed_out_does_not_commit() {
+    use crate::common::kafka::{test_record as record, test_sink_with};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    let kafka = TestKafka::mock();
+    let id = unique("flush");
+    let mut sink = test_sink_with(&kafka.bootstrap(), &id, Duration::from_secs(1))
+        .await
+        .expect("sink");
+    sink.send(&record("slow"), false, 0).await.expect("send");
+    sink.commit().await.expect("first commit");
+
+    kafka.delay_next_response(1, RDKafkaApiKey::Produce, Duration::from_secs(3));
+    sink.send(&record("slow"), false, 0).await.expect("send");
+    let timed_out = sink.flush().await;
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    // The record is delivered meanwhile; the transaction stays doomed.
+    let deadline = Instant::now() + ARRIVE;
+    while sink.flush().await.is_err() {
+        assert!(Instant::now() < deadline, "never delivered");
+    }
+    let committed = sink.commit().await;
+    assert!(
+        matches!(
+            committed,
+            Err(SinkError::Abortable(KafkaError::Flush(
+                RDKafkaErrorCode::OperationTimedOut
+            )))
+        ),
+        "{committed:?}"
+    );
+    sink.abort().await.expect("abort");
 }
