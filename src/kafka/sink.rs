@@ -265,9 +265,10 @@ pub struct TransactionalSink {
     config: rdkafka::ClientConfig,
     commit_timeout: Duration,
     in_transaction: bool,
-    /// Why the open transaction must not commit: a record of it that
-    /// librdkafka would not even enqueue, for a reason other than the
-    /// record's own (see [`Self::send`]).
+    /// Why the open transaction must not commit: a record that is not in
+    /// it (librdkafka would not enqueue it for a reason other than the
+    /// record's own, a flush gave up on the rest, a state record was
+    /// refused; see [`Self::doom`]). Cleared by the abort.
     doomed: Option<KafkaError>,
     health: Arc<Health>,
 }
