@@ -140,20 +140,36 @@ impl ClientContext for Reports {
         }
     }
 
-    /// Counts the connections to real brokers that are up. The logical
-    /// brokers (the transaction coordinator's alias) mirror a real one and
-    /// are left out. The coordinator's connection is kept open by
-    /// librdkafka even when idle, so an idle bridge still has one up.
+    /// Counts the brokers the producer has a connection up to.
     fn stats(&self, statistics: Statistics) {
-        let up = statistics
-            .brokers
-            .values()
-            .filter(|b| b.source != "logical" && b.source != "internal")
-            .filter(|b| b.state == "UP" || b.state == "UPDATE")
-            .count();
-        tracing::trace!(up, brokers = ?statistics.brokers.values().map(|b| (&b.name, &b.source, &b.state)).collect::<Vec<_>>(), "producer statistics");
+        let up = brokers_up(&statistics);
+        tracing::trace!(up, brokers = ?statistics.brokers.values().map(|b| (&b.name, &b.source, b.nodeid, &b.state)).collect::<Vec<_>>(), "producer statistics");
         self.health.kafka_brokers_up(up);
     }
+}
+
+/// The brokers with a connection up, each counted once. The transaction
+/// coordinator is a logical broker with a connection of its own to a
+/// real one (same node id): an idle producer may have only that one up,
+/// for instance a producer re-created after an outage, which has not
+/// produced yet (counting real brokers only, readiness said "no broker
+/// connection" then). A bootstrap connection, whose node is not known yet,
+/// counts by its name.
+fn brokers_up(statistics: &Statistics) -> usize {
+    statistics
+        .brokers
+        .values()
+        .filter(|b| b.source != "internal")
+        .filter(|b| b.state == "UP" || b.state == "UPDATE")
+        .map(|b| {
+            if b.nodeid >= 0 {
+                b.nodeid.to_string()
+            } else {
+                b.name.clone()
+            }
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 impl ProducerContext for Reports {
@@ -701,6 +717,59 @@ async fn blocking(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The coordinator's connection counts for its node, once; a
+    /// bootstrap connection counts by its name; internal ones never.
+    #[test]
+    fn brokers_up_counts_each_node_once_the_coordinator_too() {
+        let broker = |name: &str, nodeid: i32, source: &str, state: &str| {
+            serde_json::json!({
+                "name": name, "nodeid": nodeid, "nodename": name, "source": source,
+                "state": state, "stateage": 0, "outbuf_cnt": 0, "outbuf_msg_cnt": 0,
+                "waitresp_cnt": 0, "waitresp_msg_cnt": 0, "tx": 0, "txbytes": 0,
+                "txerrs": 0, "txretries": 0, "txidle": 0, "req_timeouts": 0, "rx": 0,
+                "rxbytes": 0, "rxerrs": 0, "rxcorriderrs": 0, "rxpartial": 0, "rxidle": 0,
+                "zbuf_grow": 0, "buf_grow": 0, "wakeups": 0, "connects": 0,
+                "disconnects": 0, "req": {}, "toppars": {}
+            })
+        };
+        let stats = |brokers: Vec<serde_json::Value>| -> Statistics {
+            let brokers: serde_json::Map<String, serde_json::Value> = brokers
+                .into_iter()
+                .map(|b| (b["name"].as_str().unwrap().to_string(), b))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "name": "p", "client_id": "c", "type": "producer", "ts": 0, "time": 0,
+                "age": 0, "replyq": 0, "msg_cnt": 0, "msg_size": 0, "msg_max": 0,
+                "msg_size_max": 0, "simple_cnt": 0, "metadata_cache_cnt": 0,
+                "tx": 0, "tx_bytes": 0, "rx": 0, "rx_bytes": 0, "txmsgs": 0,
+                "txmsg_bytes": 0, "rxmsgs": 0, "rxmsg_bytes": 0,
+                "brokers": brokers, "topics": {}
+            }))
+            .expect("statistics")
+        };
+        let only_the_coordinator = stats(vec![
+            broker("127.0.0.1:9092/bootstrap", -1, "configured", "DOWN"),
+            broker("127.0.0.1:9092/1", 1, "learned", "DOWN"),
+            broker("TxnCoordinator", 1, "logical", "UP"),
+            broker(":0/internal", -1, "internal", "UP"),
+        ]);
+        assert_eq!(brokers_up(&only_the_coordinator), 1);
+        let both = stats(vec![
+            broker("127.0.0.1:9092/1", 1, "learned", "UP"),
+            broker("TxnCoordinator", 1, "logical", "UP"),
+            broker("127.0.0.1:9093/2", 2, "learned", "UPDATE"),
+        ]);
+        assert_eq!(brokers_up(&both), 2);
+        let bootstrap = stats(vec![broker(
+            "127.0.0.1:9092/bootstrap",
+            -1,
+            "configured",
+            "UP",
+        )]);
+        assert_eq!(brokers_up(&bootstrap), 1);
+        assert_eq!(brokers_up(&stats(vec![])), 0);
+    }
 
     #[test]
     fn every_listed_refusal_is_one() {
