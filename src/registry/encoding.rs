@@ -593,6 +593,22 @@ mod tests {
         Encoding::compile(&config, dir.path(), topic, None, &mut Schemas::default())
     }
 
+    /// An Avro encoding of `avsc` with schema id 1.
+    fn avro_with(avsc: &str) -> Encoding {
+        let mut e = compile(
+            EncodingFormat::Avro,
+            &[("t.avsc", avsc)],
+            Some("t.avsc"),
+            None,
+            SubjectStrategy::TopicName,
+            Some("t"),
+        )
+        .unwrap()
+        .unwrap();
+        e.set_id(1);
+        e
+    }
+
     fn avro() -> Encoding {
         compile(
             EncodingFormat::Avro,
@@ -678,17 +694,7 @@ mod tests {
             {"name": "b", "type": "P"},
             {"name": "c", "type": "int", "aliases": ["old_c"], "default": 0}
         ]}"#;
-        let mut e = compile(
-            EncodingFormat::Avro,
-            &[("t.avsc", avsc)],
-            Some("t.avsc"),
-            None,
-            SubjectStrategy::TopicName,
-            Some("t"),
-        )
-        .unwrap()
-        .unwrap();
-        e.set_id(1);
+        let e = avro_with(avsc);
         let p = json!({"n": 1, "at": "00:00:01"});
         assert!(e.encode(&json!({"a": p, "b": p, "c": 1})).is_ok());
         let wrapped = json!({"a": p, "b": {"n": 4_294_967_351u64, "at": 0}, "c": 1});
@@ -722,17 +728,7 @@ mod tests {
             {"name": "either", "type": ["null", "string", {"type": "long", "logicalType": "timestamp-millis"}]},
             {"name": "n", "type": {"type": "long", "logicalType": "timestamp-millis"}}
         ]}"#;
-        let mut e = compile(
-            EncodingFormat::Avro,
-            &[("t.avsc", avsc)],
-            Some("t.avsc"),
-            None,
-            SubjectStrategy::TopicName,
-            Some("t"),
-        )
-        .unwrap()
-        .unwrap();
-        e.set_id(1);
+        let e = avro_with(avsc);
         let record = json!({
             "ts": "2026-12-01T13:59:30.250+01:00",
             "us": "2026-12-01T12:59:30.000001Z",
