@@ -411,7 +411,12 @@ impl TransactionalSink {
     /// Whether any delivery has failed (refused or otherwise) since the
     /// last [`Self::take_refusals`].
     pub fn has_failures(&self) -> bool {
-        self.producer.context().failed().is_some()
+        let reports = self.producer.context();
+        reports
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Waits until every record sent so far is delivered or failed, so

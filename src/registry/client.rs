@@ -277,19 +277,18 @@ fn error_code(body: &str) -> Option<u32> {
         .and_then(|c| u32::try_from(c).ok())
 }
 
-/// A subject as one URL path segment.
+/// A subject as one URL path segment: RFC 3986's unreserved characters
+/// stay, the rest is percent-encoded (a subject may hold `/` or spaces).
 fn encode(subject: &str) -> String {
-    let mut out = String::with_capacity(subject.len());
-    for byte in subject.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(byte as char)
-            }
-            other => out.push_str(&format!("%{other:02X}")),
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(subject, NOT_UNRESERVED).to_string()
 }
+
+/// Every byte but RFC 3986's unreserved characters.
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 #[cfg(test)]
 mod tests {

@@ -243,25 +243,15 @@ fn fit_avro(
             Some(named) => fit(value, named, path),
             None => Ok(value.clone()),
         },
-        (S::Int | S::Date | S::TimeMillis, Value::Number(n)) => {
-            // Fractions are the library's to refuse.
+        // Fractions are the library's to refuse.
+        (_, Value::Number(n)) if integer(schema) == Some(Integer::Int) => {
             if n.is_f64() || n.as_i64().is_some_and(|n| i32::try_from(n).is_ok()) {
                 Ok(value.clone())
             } else {
                 out_of("int")
             }
         }
-        (
-            S::Long
-            | S::TimeMicros
-            | S::TimestampMillis
-            | S::TimestampMicros
-            | S::TimestampNanos
-            | S::LocalTimestampMillis
-            | S::LocalTimestampMicros
-            | S::LocalTimestampNanos,
-            Value::Number(n),
-        ) => {
+        (_, Value::Number(n)) if integer(schema) == Some(Integer::Long) => {
             if n.as_u64().is_some_and(|n| n > i64::MAX as u64) {
                 return out_of("long");
             }
@@ -355,9 +345,7 @@ fn takes_kind(schema: &apache_avro::Schema, value: &Value) -> bool {
     match value {
         Value::Null => matches!(schema, S::Null),
         Value::Bool(_) => matches!(schema, S::Boolean),
-        Value::Number(_) => {
-            matches!(schema, S::Int | S::Long | S::Float | S::Double) || is_time(schema)
-        }
+        Value::Number(_) => matches!(schema, S::Float | S::Double) || integer(schema).is_some(),
         Value::String(_) => !matches!(
             schema,
             S::Null
@@ -375,21 +363,35 @@ fn takes_kind(schema: &apache_avro::Schema, value: &Value) -> bool {
     }
 }
 
+/// The Avro integer a type is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Integer {
+    Int,
+    Long,
+}
+
+/// `int` and `long`, and the logical types of dates and times, which are
+/// written as one of them.
+fn integer(schema: &apache_avro::Schema) -> Option<Integer> {
+    use apache_avro::Schema as S;
+    match schema {
+        S::Int | S::Date | S::TimeMillis => Some(Integer::Int),
+        S::Long
+        | S::TimeMicros
+        | S::TimestampMillis
+        | S::TimestampMicros
+        | S::TimestampNanos
+        | S::LocalTimestampMillis
+        | S::LocalTimestampMicros
+        | S::LocalTimestampNanos => Some(Integer::Long),
+        _ => None,
+    }
+}
+
 /// Whether `schema` is a logical type of dates and times.
 fn is_time(schema: &apache_avro::Schema) -> bool {
     use apache_avro::Schema as S;
-    matches!(
-        schema,
-        S::Date
-            | S::TimeMillis
-            | S::TimeMicros
-            | S::TimestampMillis
-            | S::TimestampMicros
-            | S::TimestampNanos
-            | S::LocalTimestampMillis
-            | S::LocalTimestampMicros
-            | S::LocalTimestampNanos
-    )
+    integer(schema).is_some() && !matches!(schema, S::Int | S::Long)
 }
 
 /// The number a logical type's text form stands for, if `text` is one.

@@ -149,16 +149,18 @@ fn percent_decode(text: &str) -> String {
 /// A `file://` URI for an absolute path, percent-encoding what a URI
 /// cannot hold as is (spaces, `#`, `%`, `?`, non-ASCII).
 fn file_uri(path: &Path) -> String {
-    let mut uri = String::from("file://");
-    for byte in path.to_string_lossy().bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
-                uri.push(byte as char)
-            }
-            other => uri.push_str(&format!("%{other:02X}")),
-        }
-    }
-    uri
+    // RFC 3986's unreserved characters and the path's slashes stay.
+    const KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b'/');
+    let path = path.to_string_lossy();
+    format!(
+        "file://{}",
+        percent_encoding::utf8_percent_encode(&path, KEPT)
+    )
 }
 
 #[cfg(test)]

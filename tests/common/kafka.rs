@@ -364,7 +364,7 @@ impl KafkaCluster {
     }
 
     fn start_with(count: u32, secure: Option<&SaslSsl>) -> Self {
-        remove_stale_dirs();
+        super::process::remove_stale_dirs("mkb-kafka-");
         let dir = std::env::temp_dir().join(format!(
             "mkb-kafka-{}-{}",
             std::process::id(),
@@ -711,26 +711,6 @@ fn with_sasl_ssl(properties: &str, port: u16, secure_port: u16, secure: &SaslSsl
         secure.keystore.display()
     ));
     out
-}
-
-/// Data dirs of test processes that died without cleaning up.
-fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("mkb-kafka-") else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        let alive = unsafe { libc::kill(pid, 0) } == 0;
-        if !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 /// The bridge's own transactional producer on `bootstrap`, for tests of

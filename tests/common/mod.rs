@@ -34,3 +34,14 @@ pub use publish::{publish_all, telemetry, telemetry_messages, Publish};
 pub use repo::repo_path;
 pub use rig::Rig;
 pub use topics::{unique, Topics};
+
+/// `text` percent-encoded but for RFC 3986's unreserved characters: one
+/// URL path segment or query value.
+pub fn percent_encode(text: &str) -> String {
+    const KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, KEPT).to_string()
+}

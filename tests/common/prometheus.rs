@@ -83,7 +83,7 @@ impl Prometheus {
     /// An instant query through the HTTP API: the `data.result` array.
     pub async fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>, String> {
         let endpoint = super::MetricsEndpoint { port: self.port };
-        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        let path = format!("/api/v1/query?query={}", super::percent_encode(promql));
         let (status, body) = endpoint.get_async(&path).await.map_err(|e| e.to_string())?;
         let answer: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
@@ -133,18 +133,6 @@ fn self_log(dir: &tempfile::TempDir) -> String {
     let text = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
     let lines: Vec<_> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// Percent-encodes a query parameter (RFC 3986 unreserved characters stay).
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl Drop for Prometheus {

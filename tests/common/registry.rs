@@ -114,7 +114,7 @@ impl Registry {
     /// If the registry refuses the schema.
     pub fn register(&self, subject: &str, schema_type: &str, schema: &str) -> u32 {
         let answer = self.post_json(
-            &format!("/subjects/{}/versions", encode_segment(subject)),
+            &format!("/subjects/{}/versions", super::percent_encode(subject)),
             &serde_json::json!({ "schema": schema, "schemaType": schema_type }),
         );
         answer["id"]
@@ -235,10 +235,10 @@ struct Tls {
 /// Fetches, launches and awaits a registry (with an HTTPS port, whose
 /// number comes back, if `tls`); on failure, why, with the end of its log.
 fn start(tls: Option<&Tls>) -> Result<(Registry, Child, Option<u16>), String> {
-    remove_stale_dirs();
+    super::process::remove_stale_dirs("mkb-registry-");
     let jar = runner_jar()?;
     // Named after this process, so a later run removes it once this
-    // process is gone (`remove_stale_dirs`); kept until then for its log.
+    // process is gone (`process::remove_stale_dirs`); kept until then for its log.
     let dir = std::env::temp_dir().join(match tls {
         None => format!("mkb-registry-{}", std::process::id()),
         Some(_) => format!(
@@ -471,41 +471,5 @@ fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
         }
         body.extend_from_slice(rest.get(..size)?);
         rest = rest.get(size..)?.strip_prefix(b"\r\n")?;
-    }
-}
-
-/// A subject as one path segment: RFC 3986 unreserved characters stay, the
-/// rest is percent-encoded (a subject may hold `/` or spaces).
-fn encode_segment(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Dirs of test processes that died without cleaning up.
-fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // `mkb-registry-<pid>` or `mkb-registry-<pid>-https-<n>`.
-        let Some(pid) = name
-            .strip_prefix("mkb-registry-")
-            .and_then(|p| p.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: signal 0 only asks whether the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0;
-        if !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
     }
 }
